@@ -1,0 +1,72 @@
+"""IP address and CIDR parsing with Kubernetes' tolerance.
+
+The Kubernetes API still holds addresses written with leading zeros
+(``172.30.0.041``) from before validation tightened; Python's ``ipaddress``
+refuses them, so IPv4 octets are normalised here first, as the API server's
+legacy parser does (decimal, leading zeros ignored).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+Family = Literal[4, 6]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _strip_octet_zeros(text: str) -> str:
+    if ":" in text:
+        return text
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        return text
+    return ".".join(str(int(p)) for p in parts)
+
+
+def parse_ip(text: str) -> IPAddress:
+    """Parse an address, accepting legacy leading zeros; raise ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected an IP address string, got {text!r}")
+    cleaned = text.strip()
+    try:
+        return ipaddress.ip_address(_strip_octet_zeros(cleaned))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid IP address") from None
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    """Parse a CIDR; host bits set is an error, as the API server would say."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a CIDR string, got {text!r}")
+    cleaned = text.strip()
+    if "/" not in cleaned:
+        raise ValueError(f"{text!r} is not a CIDR (missing /prefix)")
+    addr, _, prefix = cleaned.partition("/")
+    try:
+        return ipaddress.ip_network(f"{_strip_octet_zeros(addr)}/{prefix}", strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid CIDR: {exc}") from None
+
+
+def canonical_ip(text: str) -> str:
+    return str(parse_ip(text))
+
+
+def canonical_cidr(text: str) -> str:
+    return str(parse_cidr(text))
+
+
+def family_of(text: str) -> Family:
+    """Family of a canonical address or CIDR."""
+    return 6 if ":" in text else 4
+
+
+def ip_sort_key(text: str) -> tuple[int, int]:
+    """Numeric order, so that 10.0.0.9 sorts before 10.0.0.10."""
+    if "/" in text:
+        net = ipaddress.ip_network(text)
+        return (net.version, int(net.network_address) * 256 + net.prefixlen)
+    addr = ipaddress.ip_address(text)
+    return (addr.version, int(addr))

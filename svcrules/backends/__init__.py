@@ -1,0 +1,1 @@
+"""Rule backends: each turns the node plan into its own rule language."""

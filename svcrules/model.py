@@ -1,0 +1,359 @@
+"""The input schema: the parts of Kubernetes objects that svcrules reads.
+
+Models accept what the API server returns (unknown fields are ignored, defaults
+are the API's) and reject what cannot be programmed. Addresses are stored in
+canonical form so that every later stage can compare them as strings.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from svcrules.addr import canonical_cidr, canonical_ip, family_of
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+IP = Annotated[str, AfterValidator(canonical_ip)]
+CIDR = Annotated[str, BeforeValidator(_strip), AfterValidator(canonical_cidr)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+ProtocolField = Annotated[Protocol, BeforeValidator(_upper)]
+
+
+class K8sModel(BaseModel):
+    """Kubernetes spelling (camelCase), unknown fields ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+class ObjectMeta(K8sModel):
+    name: Annotated[str, Field(min_length=1)]
+    namespace: str = "default"
+    labels: dict[str, str] = {}
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _none_labels(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class ServicePort(K8sModel):
+    name: str = ""
+    protocol: ProtocolField = "TCP"
+    port: Port
+    target_port: int | str | None = None
+    node_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _none_name(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class ClientIPConfig(K8sModel):
+    timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 10800
+
+
+class SessionAffinityConfig(K8sModel):
+    client_ip: ClientIPConfig | None = Field(default=None, alias="clientIP")
+
+
+class ServiceSpec(K8sModel):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
+    cluster_ip: str | None = Field(default=None, alias="clusterIP")
+    cluster_ips: list[str] = Field(default=[], alias="clusterIPs")
+    ip_families: list[Literal["IPv4", "IPv6"]] = []
+    ports: list[ServicePort] = []
+    external_ips: list[IP] = Field(default=[], alias="externalIPs")
+    load_balancer_source_ranges: list[CIDR] = []
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    session_affinity_config: SessionAffinityConfig | None = None
+    health_check_node_port: int | None = None
+    selector: dict[str, str] | None = None
+    publish_not_ready_addresses: bool = False
+    traffic_distribution: str | None = None
+
+    @field_validator(
+        "cluster_ips",
+        "ports",
+        "external_ips",
+        "load_balancer_source_ranges",
+        "ip_families",
+        mode="before",
+    )
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("external_traffic_policy", mode="before")
+    @classmethod
+    def _legacy_etp(cls, value: Any) -> Any:
+        # "Global" is the pre-1.20 spelling of "Cluster"; the API still accepts it.
+        return "Cluster" if value in (None, "Global") else value
+
+    @field_validator("internal_traffic_policy", "session_affinity", mode="before")
+    @classmethod
+    def _none_default(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return "Cluster" if info.field_name == "internal_traffic_policy" else "None"
+        return value
+
+    @field_validator("cluster_ip", mode="after")
+    @classmethod
+    def _check_cluster_ip(cls, value: str | None) -> str | None:
+        if value in (None, "", "None"):
+            return value
+        return canonical_ip(value)
+
+    @field_validator("cluster_ips", mode="after")
+    @classmethod
+    def _check_cluster_ips(cls, value: list[str]) -> list[str]:
+        if value == ["None"]:
+            return value
+        out = [canonical_ip(v) for v in value]
+        families = [family_of(v) for v in out]
+        if len(set(families)) != len(families):
+            raise ValueError("at most one cluster IP per family")
+        return out
+
+    def all_cluster_ips(self) -> list[str]:
+        """clusterIPs if set (it includes clusterIP), else the legacy single field."""
+        if self.cluster_ips:
+            return [] if self.cluster_ips == ["None"] else list(self.cluster_ips)
+        if self.cluster_ip in (None, "", "None"):
+            return []
+        return [self.cluster_ip]
+
+    def is_headless(self) -> bool:
+        return self.cluster_ip == "None" or self.cluster_ips == ["None"]
+
+    def affinity_timeout(self) -> int | None:
+        if self.session_affinity != "ClientIP":
+            return None
+        cfg = self.session_affinity_config
+        if cfg is None or cfg.client_ip is None:
+            return 10800
+        return cfg.client_ip.timeout_seconds
+
+
+class LoadBalancerIngress(K8sModel):
+    ip: IP | None = None
+    hostname: str | None = None
+    ip_mode: Literal["VIP", "Proxy"] | None = None
+
+
+class LoadBalancerStatus(K8sModel):
+    ingress: list[LoadBalancerIngress] = []
+
+    @field_validator("ingress", mode="before")
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+class ServiceStatus(K8sModel):
+    load_balancer: LoadBalancerStatus = LoadBalancerStatus()
+
+
+class Service(K8sModel):
+    api_version: Literal["v1"] = "v1"
+    kind: Literal["Service"] = "Service"
+    metadata: ObjectMeta
+    spec: ServiceSpec = ServiceSpec()
+    status: ServiceStatus = ServiceStatus()
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> Service:
+        if self.spec.type == "ExternalName" or self.is_skipped_by_label():
+            return self
+        seen: set[tuple[int, str]] = set()
+        for i, port in enumerate(self.spec.ports):
+            key = (port.port, port.protocol)
+            if key in seen:
+                raise ValueError(
+                    f"spec.ports[{i}]: duplicate port {port.port}/{port.protocol}"
+                )
+            seen.add(key)
+            if len(self.spec.ports) > 1 and not port.name:
+                raise ValueError(f"spec.ports[{i}].name: required when a Service has several ports")
+        return self
+
+    def is_skipped_by_label(self) -> bool:
+        labels = self.metadata.labels
+        return (
+            "service.kubernetes.io/service-proxy-name" in labels
+            or "service.kubernetes.io/headless" in labels
+        )
+
+
+class EndpointConditions(K8sModel):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+
+class ForZone(K8sModel):
+    name: str
+
+
+class ForNode(K8sModel):
+    name: str
+
+
+class EndpointHints(K8sModel):
+    for_zones: list[ForZone] = []
+    for_nodes: list[ForNode] = []
+
+    @field_validator("for_zones", "for_nodes", mode="before")
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+class Endpoint(K8sModel):
+    addresses: list[str] = Field(min_length=1)
+    conditions: EndpointConditions = EndpointConditions()
+    node_name: str | None = None
+    zone: str | None = None
+    hints: EndpointHints | None = None
+
+
+class EndpointPort(K8sModel):
+    name: str = ""
+    protocol: ProtocolField = "TCP"
+    port: Port | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _none_name(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class EndpointSlice(K8sModel):
+    api_version: Literal["discovery.k8s.io/v1"] = "discovery.k8s.io/v1"
+    kind: Literal["EndpointSlice"] = "EndpointSlice"
+    metadata: ObjectMeta
+    address_type: Literal["IPv4", "IPv6", "FQDN"]
+    endpoints: list[Endpoint] = []
+    ports: list[EndpointPort] = []
+
+    @field_validator("endpoints", "ports", mode="before")
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @model_validator(mode="after")
+    def _check_addresses(self) -> EndpointSlice:
+        if self.address_type == "FQDN":
+            return self
+        want = 4 if self.address_type == "IPv4" else 6
+        for i, ep in enumerate(self.endpoints):
+            for j, address in enumerate(ep.addresses):
+                try:
+                    canonical = canonical_ip(address)
+                except ValueError as exc:
+                    raise ValueError(f"endpoints[{i}].addresses[{j}]: {exc}") from None
+                if family_of(canonical) != want:
+                    raise ValueError(
+                        f"endpoints[{i}].addresses[{j}]: {address!r} is not an "
+                        f"{self.address_type} address (addressType is {self.address_type})"
+                    )
+        return self
+
+    def service_name(self) -> str | None:
+        return self.metadata.labels.get("kubernetes.io/service-name")
+
+
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class NodeConfigSpec(K8sModel):
+    node_ips: list[IP] = Field(default=[], alias="nodeIPs")
+    cluster_cidrs: list[CIDR] = Field(default=[], alias="clusterCIDRs")
+    service_cidrs: list[CIDR] = Field(default=[], alias="serviceCIDRs")
+    node_port_addresses: list[str] = ["primary"]
+    masquerade_all: bool = False
+    masquerade_bit: Annotated[int, Field(ge=0, le=31)] = 14
+    zone: str = ""
+    table_name: str = "svcrules"
+
+    @field_validator(
+        "node_ips", "cluster_cidrs", "service_cidrs", "node_port_addresses", mode="before"
+    )
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("node_ips", mode="after")
+    @classmethod
+    def _one_per_family(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one node IP is needed (the node's primary address)")
+        families = [family_of(v) for v in value]
+        if len(set(families)) != len(families):
+            raise ValueError("at most one node IP per family")
+        return value
+
+    @field_validator("node_port_addresses", mode="after")
+    @classmethod
+    def _check_nodeport_addresses(cls, value: list[str]) -> list[str]:
+        if not value:
+            return ["primary"]
+        out = []
+        for item in value:
+            item = item.strip()
+            out.append("primary" if item == "primary" else canonical_cidr(item))
+        if "primary" in out and len(out) > 1:
+            raise ValueError("'primary' cannot be combined with CIDRs")
+        return out
+
+    @field_validator("table_name", mode="after")
+    @classmethod
+    def _check_table_name(cls, value: str) -> str:
+        if not _TABLE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid table name "
+                "(a letter, then letters, digits, '_' or '-', at most 64)"
+            )
+        return value
+
+
+class NodeConfigMeta(K8sModel):
+    name: Annotated[str, Field(min_length=1)]
+
+
+class NodeConfig(K8sModel):
+    api_version: Literal["svcrules.io/v1alpha1"] = "svcrules.io/v1alpha1"
+    kind: Literal["NodeConfig"] = "NodeConfig"
+    metadata: NodeConfigMeta
+    spec: NodeConfigSpec
+
+    def node_ip(self, family: int) -> str | None:
+        for ip in self.spec.node_ips:
+            if family_of(ip) == family:
+                return ip
+        return None

@@ -1,0 +1,112 @@
+"""The node plan: what every Service port becomes on this node, per family.
+
+This is where the decisions of SEMANTICS.md live, free of any rule syntax, so
+that each backend renders the same decisions and ``explain`` can show them.
+Everything is frozen and sorted; nothing here depends on input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from svcrules.addr import Family
+
+
+class Route(str, Enum):
+    """What a new connection to a frontend experiences."""
+
+    CLUSTER = "cluster"  # DNAT to one of the cluster endpoints
+    LOCAL = "local"  # DNAT to one of this node's endpoints
+    REJECT = "reject"  # no usable endpoint anywhere
+    DROP = "drop"  # policy Local and no local endpoint
+
+
+class Masquerade(str, Enum):
+    """When connections to a frontend are source-NATed to the node."""
+
+    ALWAYS = "always"
+    NON_POD = "non-pod"  # sources outside clusterCIDRs
+    NEVER = "never"
+    NODE_ONLY = "node-only"  # eTP Local: only the node's own addresses (short-circuit)
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    ip: str
+    port: int
+    node: str = ""
+    terminating: bool = False
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """One Service port in one family, with every decision made."""
+
+    namespace: str
+    name: str
+    port_name: str
+    protocol: str  # TCP / UDP / SCTP
+    port: int
+    family: Family
+    cluster_ip: str
+    node_port: int | None
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    firewall: bool  # loadBalancerSourceRanges set: LB IPs are source-filtered
+    source_ranges: tuple[str, ...]  # allowed sources in this family
+    allow_lb_self: bool  # a range holds a node IP: LB IPs may be sources too
+    cluster_backends: tuple[Backend, ...]
+    local_backends: tuple[Backend, ...]
+    internal_route: Route
+    internal_masquerade: Masquerade
+    external_route: Route
+    external_masquerade: Masquerade
+    pod_shortcut: bool  # eTP Local: pod sources go to cluster endpoints unmasqueraded
+    affinity_timeout: int | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> str:
+        """Unique, stable identity: namespace/name:port-name/protocol (per family)."""
+        return f"{self.namespace}/{self.name}:{self.port_name or self.port}/{self.protocol}"
+
+    @property
+    def has_external(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.lb_ips)
+
+    def uses_cluster_backends(self) -> bool:
+        return (
+            self.internal_route is Route.CLUSTER
+            or self.external_route is Route.CLUSTER
+            or (self.has_external and self.external_route in (Route.LOCAL, Route.DROP))
+        )
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    family: Family
+    table: str
+    node_ip: str | None
+    pod_cidrs: tuple[str, ...]
+    service_cidrs: tuple[str, ...]
+    nodeport_mode: str  # "primary", "cidrs" or "all"
+    nodeport_cidrs: tuple[str, ...]
+    masquerade_bit: int
+    ports: tuple[PortPlan, ...]
+
+    @property
+    def masquerade_mark(self) -> int:
+        return 1 << self.masquerade_bit
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node_name: str
+    zone: str
+    table: str
+    families: tuple[FamilyPlan, ...]  # IPv4 first, then IPv6

@@ -1,0 +1,292 @@
+"""Turn loaded objects into the node plan (see plan.py for why it exists).
+
+Every rule of SEMANTICS.md sections 2-8 that decides what a connection
+experiences is made here, once, for all backends.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from svcrules.addr import Family, family_of, ip_sort_key, parse_cidr, parse_ip
+from svcrules.errors import InputError, Problem
+from svcrules.load import Inputs
+from svcrules.model import Endpoint, EndpointSlice, NodeConfig, Service, ServicePort
+from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
+
+
+def programmed_services(services: Iterable[Service]) -> list[Service]:
+    """Services that get rules at all (section 2), in canonical order."""
+    out = [
+        s
+        for s in services
+        if s.spec.type != "ExternalName"
+        and not s.spec.is_headless()
+        and not s.is_skipped_by_label()
+        and s.spec.all_cluster_ips()
+    ]
+    return sorted(out, key=lambda s: (s.metadata.namespace, s.metadata.name))
+
+
+def _slices_by_service(slices: Iterable[EndpointSlice]) -> dict[tuple[str, str, int], list[EndpointSlice]]:
+    out: dict[tuple[str, str, int], list[EndpointSlice]] = defaultdict(list)
+    for sl in slices:
+        svc = sl.service_name()
+        if svc is None or sl.address_type == "FQDN":
+            continue
+        fam = 4 if sl.address_type == "IPv4" else 6
+        out[(sl.metadata.namespace, svc, fam)].append(sl)
+    return out
+
+
+def _is_ready(ep: Endpoint) -> bool:
+    return ep.conditions.ready is not False
+
+
+def _is_serving_terminating(ep: Endpoint) -> bool:
+    c = ep.conditions
+    serving = c.serving if c.serving is not None else _is_ready(ep)
+    return bool(serving) and c.terminating is True
+
+
+def _merge_endpoints(
+    slices: list[EndpointSlice], port: ServicePort
+) -> list[tuple[Backend, Endpoint]]:
+    """Endpoints of all slices for one Service port; a duplicate ip:port appears once,
+    preferring the copy that is not terminating."""
+    chosen: dict[tuple[str, int], tuple[Backend, Endpoint]] = {}
+    ordered = sorted(slices, key=lambda s: s.metadata.name)
+    for sl in ordered:
+        ep_port = next(
+            (p.port for p in sl.ports if p.name == port.name and p.protocol == port.protocol),
+            None,
+        )
+        if ep_port is None:
+            continue
+        for ep in sl.endpoints:
+            ip = str(parse_ip(ep.addresses[0]))
+            backend = Backend(
+                ip=ip,
+                port=ep_port,
+                node=ep.node_name or "",
+                terminating=ep.conditions.terminating is True,
+            )
+            key = (ip, ep_port)
+            old = chosen.get(key)
+            if old is None or (old[0].terminating and not backend.terminating):
+                chosen[key] = (backend, ep)
+    return [chosen[k] for k in sorted(chosen, key=lambda k: (ip_sort_key(k[0]), k[1]))]
+
+
+def _usable(pairs: list[tuple[Backend, Endpoint]]) -> list[tuple[Backend, Endpoint]]:
+    """Ready endpoints, or if none, the serving-and-terminating ones (section 3)."""
+    ready = [p for p in pairs if _is_ready(p[1])]
+    return ready if ready else [p for p in pairs if _is_serving_terminating(p[1])]
+
+
+def _apply_hints(
+    ready: list[tuple[Backend, Endpoint]], node: str, zone: str
+) -> list[tuple[Backend, Endpoint]]:
+    """Narrow to endpoints hinted for this node or zone, when every one carries hints."""
+    if not ready:
+        return ready
+    hints = [p[1].hints for p in ready]
+    if all(h is not None and h.for_nodes for h in hints):
+        mine = [p for p in ready if any(n.name == node for n in p[1].hints.for_nodes)]  # type: ignore[union-attr]
+        if mine:
+            return mine
+    if zone and all(h is not None and h.for_zones for h in hints):
+        mine = [p for p in ready if any(z.name == zone for z in p[1].hints.for_zones)]  # type: ignore[union-attr]
+        if mine:
+            return mine
+    return ready
+
+
+def _cluster_backends(
+    pairs: list[tuple[Backend, Endpoint]], node: str, zone: str
+) -> tuple[Backend, ...]:
+    ready = [p for p in pairs if _is_ready(p[1])]
+    if ready:
+        return tuple(b for b, _ in _apply_hints(ready, node, zone))
+    return tuple(b for b, _ in pairs if _is_serving_terminating(_))
+
+
+def _local_backends(pairs: list[tuple[Backend, Endpoint]], node: str) -> tuple[Backend, ...]:
+    local = [p for p in pairs if p[1].node_name == node]
+    return tuple(b for b, _ in _usable(local))
+
+
+def _in_family(items: Iterable[str], family: Family) -> tuple[str, ...]:
+    return tuple(sorted({i for i in items if family_of(i) == family}, key=ip_sort_key))
+
+
+def _plan_port(
+    svc: Service,
+    port: ServicePort,
+    family: Family,
+    cluster_ip: str,
+    pairs: list[tuple[Backend, Endpoint]],
+    node: NodeConfig,
+    pod_cidrs: tuple[str, ...],
+) -> PortPlan:
+    spec = svc.spec
+    cluster = _cluster_backends(pairs, node.metadata.name, node.spec.zone)
+    local = _local_backends(pairs, node.metadata.name)
+    external_ips = _in_family(spec.external_ips, family)
+    lb_ips: tuple[str, ...] = ()
+    if spec.type == "LoadBalancer":
+        lb_ips = _in_family(
+            (i.ip for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy"),
+            family,
+        )
+    node_port = port.node_port if spec.type in ("NodePort", "LoadBalancer") else None
+    node_port = node_port or None
+    firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
+    ranges = _in_family(spec.load_balancer_source_ranges, family)
+    node_ip = node.node_ip(family)
+    allow_self = bool(
+        node_ip and any(parse_ip(node_ip) in parse_cidr(r) for r in ranges)
+    )
+    notes: list[str] = []
+
+    if not cluster:
+        internal_route = external_route = Route.REJECT
+        notes.append("no usable endpoint: every frontend rejects")
+    else:
+        if spec.internal_traffic_policy == "Local":
+            internal_route = Route.LOCAL if local else Route.DROP
+            if not local:
+                notes.append("internalTrafficPolicy Local and no local endpoint: ClusterIP drops")
+        else:
+            internal_route = Route.CLUSTER
+        if spec.external_traffic_policy == "Local":
+            external_route = Route.LOCAL if local else Route.DROP
+            if not local:
+                notes.append("externalTrafficPolicy Local and no local endpoint: outside traffic drops")
+        else:
+            external_route = Route.CLUSTER
+
+    if node.spec.masquerade_all:
+        internal_masq = Masquerade.ALWAYS
+    elif pod_cidrs:
+        internal_masq = Masquerade.NON_POD
+    else:
+        internal_masq = Masquerade.NEVER
+    etp_local = spec.external_traffic_policy == "Local"
+    external_masq = Masquerade.NODE_ONLY if etp_local else Masquerade.ALWAYS
+
+    return PortPlan(
+        namespace=svc.metadata.namespace,
+        name=svc.metadata.name,
+        port_name=port.name,
+        protocol=port.protocol,
+        port=port.port,
+        family=family,
+        cluster_ip=cluster_ip,
+        node_port=node_port,
+        external_ips=external_ips,
+        lb_ips=lb_ips,
+        firewall=firewall,
+        source_ranges=ranges if firewall else (),
+        allow_lb_self=allow_self and firewall,
+        cluster_backends=cluster,
+        local_backends=local,
+        internal_route=internal_route,
+        internal_masquerade=internal_masq,
+        external_route=external_route,
+        external_masquerade=external_masq,
+        pod_shortcut=etp_local and bool(pod_cidrs),
+        affinity_timeout=spec.affinity_timeout(),
+        notes=tuple(notes),
+    )
+
+
+def _check_claims(inputs: Inputs, ports: list[tuple[Service, int, PortPlan]]) -> None:
+    """Two Services cannot own the same IP:port/protocol or NodePort (say which two)."""
+    problems: list[Problem] = []
+    owners: dict[tuple[str, ...], tuple[Service, str]] = {}
+
+    def claim(key: tuple[str, ...], svc: Service, what: str, field: str) -> None:
+        old = owners.get(key)
+        if old is None:
+            owners[key] = (svc, what)
+            return
+        if old[0] is svc:
+            return
+        other = old[0]
+        where = inputs.origin(other)
+        problems.append(
+            Problem(
+                inputs.origin(svc),
+                field,
+                f"{what} is already claimed by Service "
+                f"{other.metadata.namespace}/{other.metadata.name}"
+                + (f" ({where})" if where else ""),
+            )
+        )
+
+    for svc, idx, p in ports:
+        proto = p.protocol
+        claim((p.cluster_ip, str(p.port), proto), svc, f"{p.cluster_ip}:{p.port}/{proto}",
+              f"spec.ports[{idx}]")
+        for ip in (*p.external_ips, *p.lb_ips):
+            claim((ip, str(p.port), proto), svc, f"{ip}:{p.port}/{proto}", f"spec.ports[{idx}]")
+        if p.node_port:
+            claim(("nodePort", str(p.node_port), proto), svc,
+                  f"nodePort {p.node_port}/{proto}", f"spec.ports[{idx}].nodePort")
+    if problems:
+        raise InputError(problems)
+
+
+def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
+    """Build the node plan; raise InputError for conflicts between objects."""
+    slices = _slices_by_service(inputs.slices)
+    families: list[FamilyPlan] = []
+    all_ports: list[tuple[Service, int, PortPlan]] = []
+    for family in (4, 6):
+        fam: Family = 4 if family == 4 else 6
+        pod_cidrs = _in_family(node.spec.cluster_cidrs, fam)
+        ports: list[PortPlan] = []
+        for svc in programmed_services(inputs.services):
+            cluster_ip = next(
+                (ip for ip in svc.spec.all_cluster_ips() if family_of(ip) == fam), None
+            )
+            if cluster_ip is None:
+                continue
+            svc_slices = slices.get((svc.metadata.namespace, svc.metadata.name, fam), [])
+            for idx, port in enumerate(svc.spec.ports):
+                pairs = _merge_endpoints(svc_slices, port)
+                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs)
+                ports.append(plan)
+                all_ports.append((svc, idx, plan))
+        ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
+        npa = node.spec.node_port_addresses
+        if npa == ["primary"]:
+            mode, cidrs = "primary", ()
+        else:
+            fam_cidrs = _in_family(npa, fam)
+            if any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
+                mode, cidrs = "all", ()
+            else:
+                mode, cidrs = "cidrs", fam_cidrs
+        families.append(
+            FamilyPlan(
+                family=fam,
+                table=node.spec.table_name,
+                node_ip=node.node_ip(fam),
+                pod_cidrs=pod_cidrs,
+                service_cidrs=_in_family(node.spec.service_cidrs, fam),
+                nodeport_mode=mode,
+                nodeport_cidrs=cidrs,
+                masquerade_bit=node.spec.masquerade_bit,
+                ports=tuple(ports),
+            )
+        )
+    _check_claims(inputs, all_ports)
+    return NodePlan(
+        node_name=node.metadata.name,
+        zone=node.spec.zone,
+        table=node.spec.table_name,
+        families=tuple(families),
+    )
