@@ -23,7 +23,7 @@ class Origin:
     def __str__(self) -> str:
         where = f"{self.path}: document {self.document}"
         if self.item is not None:
-            where += f" item {self.item}"
+            where += f" items[{self.item}]"
         label = " ".join(p for p in (self.kind, self.ref) if p)
         return f"{where} ({label})" if label else where
 

@@ -104,8 +104,10 @@ def validation_problems(exc: ValidationError, origin: Origin) -> list[Problem]:
         loc = _field_path(tuple(err["loc"]))
         if err["type"] == "missing":
             msg = "required field is missing"
-        elif err["type"] in ("literal_error", "enum"):
-            msg = f"{err['input']!r} is not allowed: {msg.lower()}"
+        elif "input" in err and isinstance(err["input"], str | int | float | bool) and (
+            repr(err["input"]) not in msg
+        ):
+            msg = f"{err['input']!r}: {msg[:1].lower()}{msg[1:]}"
         problems.append(Problem(origin, loc, msg))
     return problems
 

@@ -19,7 +19,7 @@ from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, R
 from svcrules.render import render
 
 SLOT_BITS = 12  # endpoints per slot block; larger selections take several blocks
-BLOCK_BITS = 20  # 2**20 blocks in the 32-bit slot space
+BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bit
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _allocate(requests: list[tuple[str, int]]) -> dict[str, int]:
                 used.update(span)
                 out[key] = first << SLOT_BITS
                 break
-        else:  # pragma: no cover - 2**20 blocks cannot all be taken by real input
+        else:  # pragma: no cover - 2**19 blocks cannot all be taken by real input
             raise RuntimeError("backend slot space exhausted")
     return out
 

@@ -246,7 +246,13 @@ def probe_once(req: dict[str, Any]) -> dict[str, Any]:
                     break
                 buf += chunk
         else:
-            sock.send(b"probe\n")
+            try:
+                sock.send(b"probe\n")
+            except PermissionError:
+                # Dropped or rejected by the local ruleset's output hook. A
+                # reject queues an ICMP error on the socket, so let recv()
+                # tell "refused" (error) from "timeout" (plain drop).
+                result["detail"] = "send: EPERM from local netfilter; "
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             buf = sock.recv(2048)
         if not buf.strip():
@@ -256,7 +262,7 @@ def probe_once(req: dict[str, Any]) -> dict[str, Any]:
             result.update(outcome="ok", backend=name, seen_src=peer, port=lport)
     except Exception as exc:  # noqa: BLE001 - every failure is a probe outcome
         result["outcome"] = _classify(exc)
-        result["detail"] = f"{type(exc).__name__}: {exc}"
+        result["detail"] += f"{type(exc).__name__}: {exc}"
     finally:
         if sock is not None:
             sock.close()

@@ -1,0 +1,96 @@
+"""Fixtures for kernel tests: a real nftables ruleset in throw-away namespaces.
+
+Scope: one :class:`Lab` per test session (``kernel_lab``), because building
+it costs a few hundred milliseconds plus ~10 agent processes, while returning
+to a clean state is cheap: the function-scoped ``lab`` fixture calls
+``Lab.reset()`` (flush the node's ruleset and conntrack table) before every
+test.  Tests that change the topology itself (routes, links, sysctls) must not
+use the shared lab; they use ``lab_factory`` to get a private one.
+
+Without root / ip / nft / conntrack / working network namespaces the tests are
+skipped, or fail when ``SVCRULES_REQUIRE_KERNEL=1`` (CI sets it so that a
+broken environment cannot pass silently).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from .lab import DEFAULT_PORTS, Lab, kernel_problem
+
+KERNEL_DIR = Path(__file__).resolve().parent
+REQUIRE_ENV = "SVCRULES_REQUIRE_KERNEL"
+
+_skip_reasons: list[str] = []
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_problem() -> str | None:
+    return kernel_problem()
+
+
+def require_kernel() -> None:
+    """Skip (or, with SVCRULES_REQUIRE_KERNEL=1, fail) unless the lab can run here."""
+    problem = _cached_problem()
+    if problem is None:
+        return
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {problem}", pytrace=False)
+    if problem not in _skip_reasons:
+        _skip_reasons.append(problem)
+    pytest.skip(f"kernel tests skipped: {problem}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kernel: needs root, ip, nft, conntrack and network namespaces (tests/kernel)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # This hook sees the whole session's items, so only mark our own.
+    for item in items:
+        if KERNEL_DIR in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.kernel)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Skip reasons are hidden without -rs; say it plainly once.
+    for reason in _skip_reasons:
+        terminalreporter.write_line(f"kernel tests skipped: {reason}", yellow=True)
+
+
+@pytest.fixture(scope="session")
+def kernel_lab() -> Iterator[Lab]:
+    """The shared lab; prefer ``lab``, which also resets it."""
+    require_kernel()
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def lab(kernel_lab: Lab) -> Lab:
+    """The shared lab with an empty ruleset and conntrack table."""
+    kernel_lab.reset()
+    return kernel_lab
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[Callable[..., Lab]]:
+    """Private labs for tests that modify the topology; closed at teardown."""
+    require_kernel()
+    made: list[Lab] = []
+
+    def make(pods: int = 1, ports: Sequence[int] = DEFAULT_PORTS) -> Lab:
+        lab = Lab(pods=pods, ports=ports)
+        made.append(lab)
+        return lab.start()
+
+    yield make
+    for lab in made:
+        lab.close()
