@@ -1,0 +1,74 @@
+"""Properties of every compiled ruleset, over random valid clusters."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import svcrules
+from svcrules.backends.nftables import layout
+from tests.k8s import Obj, compile_objs, dump
+from tests.strategies import clusters
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(clusters(), st.randoms(use_true_random=False))
+def test_order_and_file_split_do_not_matter(objs: list[Obj], rnd: object, ) -> None:
+    base = compile_objs(objs).nft
+    shuffled = list(objs)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert compile_objs(shuffled).nft == base
+    # Split across two "files" read in sequence.
+    half = len(shuffled) // 2
+    text = dump(shuffled[:half]) + "---\n" + dump(shuffled[half:])
+    again = svcrules.compile_paths(["-"], stdin=io.StringIO(text)).nft
+    assert again == base
+
+
+def _table_blocks(nft: str) -> list[str]:
+    return re.findall(r"^table ip6? \S+ \{\n.*?^\}", nft, flags=re.S | re.M)
+
+
+@SETTINGS
+@given(clusters())
+def test_every_reference_exists_and_no_element_repeats(objs: list[Obj]) -> None:
+    ruleset = compile_objs(objs)
+    for block in _table_blocks(ruleset.nft):
+        chains = set(re.findall(r"^\tchain (\S+) \{", block, flags=re.M))
+        sets = set(re.findall(r"^\t(?:set|map) (\S+) \{", block, flags=re.M))
+        for target in re.findall(r"\b(?:goto|jump) ([^\s,}]+)", block):
+            assert target in chains, f"goto/jump to missing chain {target}"
+        for ref in re.findall(r"@([A-Za-z0-9_.-]+)", block):
+            assert ref in sets, f"reference to missing set {ref}"
+        for body in re.findall(r"elements = \{\n(.*?)\n\t\t\}", block, flags=re.S):
+            keys = [line.strip().rstrip(",").split(" : ")[0] for line in body.splitlines()]
+            assert len(keys) == len(set(keys)), f"duplicate element keys in {keys}"
+    for table in layout(ruleset.plan):
+        slots = [s for s, _ in table.backends] + [s for s, _ in table.affinity_slots]
+        assert len(slots) == len(set(slots)), "two endpoints share a backend slot"
+        assert all(0 <= s < 2**31 for s in slots)
+
+
+def test_output_does_not_depend_on_hash_seed(tmp_path: Path) -> None:
+    fixtures = Path(__file__).resolve().parents[2] / "fixtures"
+    outs = set()
+    for seed in ("0", "1", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        run = subprocess.run(
+            [sys.executable, "-c", "import sys, svcrules; "
+             "sys.stdout.write(svcrules.compile_paths(sys.argv[1:]).nft)",
+             str(fixtures / "demo"), str(fixtures / "policies" / "services.yaml")],
+            capture_output=True, text=True, env=env, check=True,
+        )
+        outs.add(run.stdout)
+    assert len(outs) == 1
