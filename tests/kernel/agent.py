@@ -20,9 +20,12 @@ Roles:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
+import os
 import random
+import select
 import selectors
 import socket
 import struct
@@ -122,13 +125,11 @@ def serve(name: str, ports: list[int]) -> None:
     """Single-threaded selector loop: answers are tiny, so no worker threads."""
     sel = selectors.DefaultSelector()
     for sock, port, kind in _listeners(ports):
-        sel.register(sock, selectors.EVENT_READ, (port, kind))
+        sel.register(sock, selectors.EVENT_READ, (sock, port, kind))
     print("ready", flush=True)
     while True:
         for key, _events in sel.select():
-            port, kind = key.data
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
+            sock, port, kind = key.data
             if kind == "tcp":
                 _answer_tcp(sock, name, port)
             else:
@@ -176,12 +177,12 @@ def _new_socket(req: dict[str, Any]) -> tuple[socket.socket, int]:
     for _attempt in range(200):
         s = socket.socket(family, stype)
         try:
-            if stype == socket.SOCK_DGRAM:
-                # Report ICMP host/net unreachable too, not only port unreachable.
-                if family == socket.AF_INET:
-                    s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-                else:
-                    s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            # UDP: report ICMP host/net unreachable too, not only port
+            # unreachable. TCP: see _tcp_connect.
+            if family == socket.AF_INET:
+                s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            else:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
             if sport is not None:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, sport))
@@ -196,12 +197,55 @@ def _new_socket(req: dict[str, Any]) -> tuple[socket.socket, int]:
     raise OSError(errno.EADDRINUSE, "no free source port")
 
 
+def _queued_errno(sock: socket.socket) -> int:
+    """First errno on the socket's error queue (IP_RECVERR), or 0."""
+    try:
+        _data, ancdata, _flags, _addr = sock.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    for level, ctype, cdata in ancdata:
+        if (level, ctype) in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+            return int(struct.unpack("=I", cdata[:4])[0])
+    return 0
+
+
+def _tcp_connect(sock: socket.socket, addr: tuple[str, int], deadline: float) -> None:
+    """Non-blocking connect that also sees ICMP errors the kernel only queues.
+
+    On a veth the ICMP error for a SYN can come back while connect() still
+    holds the socket lock; the kernel then only records a "soft" error (seen
+    at the SYN retransmit, ~1 s later) and counts LockDroppedIcmps. With
+    IP_RECVERR the error is also put on the error queue, which poll() reports
+    at once, so a reject is "refused"/"unreachable" right away."""
+    sock.setblocking(False)
+    rc = sock.connect_ex(addr)
+    if rc not in (0, errno.EINPROGRESS, errno.EAGAIN):
+        raise OSError(rc, os.strerror(rc))
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT | select.POLLERR)
+    while rc != 0:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out connecting")
+        events = poller.poll(max(1, int(left * 1000)))
+        if not events:
+            continue
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or _queued_errno(sock)
+        if err:
+            raise OSError(err, os.strerror(err))
+        if events[0][1] & select.POLLOUT:
+            rc = 0
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+
+
 def _classify(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
-    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+    # EACCES: ICMPv6 administratively prohibited / reject-route / policy-fail.
+    unreachable = (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES)
+    if isinstance(exc, OSError) and exc.errno in unreachable:
         return "unreachable"
     return "error"
 
@@ -232,9 +276,8 @@ def probe_once(req: dict[str, Any]) -> dict[str, Any]:
     try:
         sock, sport = _new_socket(req)
         result["sport"] = sport
-        sock.settimeout(timeout)
-        sock.connect((dst, port))
         if proto == "tcp":
+            _tcp_connect(sock, (dst, port), deadline)
             buf = b""
             while not buf.endswith(b"\n"):
                 left = deadline - time.monotonic()
@@ -246,6 +289,7 @@ def probe_once(req: dict[str, Any]) -> dict[str, Any]:
                     break
                 buf += chunk
         else:
+            sock.connect((dst, port))
             try:
                 sock.send(b"probe\n")
             except PermissionError:
@@ -260,7 +304,7 @@ def probe_once(req: dict[str, Any]) -> dict[str, Any]:
         else:
             name, peer, lport = _parse_answer(buf)
             result.update(outcome="ok", backend=name, seen_src=peer, port=lport)
-    except Exception as exc:  # noqa: BLE001 - every failure is a probe outcome
+    except Exception as exc:  # every failure is a probe outcome
         result["outcome"] = _classify(exc)
         result["detail"] += f"{type(exc).__name__}: {exc}"
     finally:
@@ -294,7 +338,7 @@ def client() -> None:
             continue
         try:
             resp = handle_request(json.loads(line))
-        except Exception as exc:  # noqa: BLE001 - report bad requests, keep running
+        except Exception as exc:  # report bad requests, keep running
             resp = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(resp) + "\n")
         sys.stdout.flush()
@@ -310,15 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.role == "serve":
         ports = [int(p) for p in args.ports.split(",") if p.strip()]
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             serve(args.name, ports)
-        except KeyboardInterrupt:
-            pass
     else:
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             client()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

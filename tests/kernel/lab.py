@@ -21,6 +21,7 @@ ever waits for ARP or neighbour discovery.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -151,7 +152,7 @@ def run_parallel(cmds: Sequence[tuple[Sequence[str], str | None]], timeout: floa
     ]
     errors = []
     for cmd, stdin, proc in procs:
-        out, err = proc.communicate(stdin, timeout=timeout)
+        _out, err = proc.communicate(stdin, timeout=timeout)
         if proc.returncode != 0:
             errors.append(f"command failed (rc={proc.returncode}): {' '.join(cmd)}\n{err.strip()}")
     if errors:
@@ -183,7 +184,7 @@ def kernel_problem() -> str | None:
         return "kernel tests need root (network namespaces, nft)"
     for tool in ("ip", "nft", "conntrack"):
         if shutil.which(tool) is None:
-            return f"kernel tests need `{tool}` on PATH (apt-get install iproute2 nftables conntrack)"
+            return f"kernel tests need `{tool}` on PATH (Debian: iproute2, nftables, conntrack)"
     name = f"svk{os.getpid()}-{secrets.token_hex(2)}-probe"
     try:
         try:
@@ -191,7 +192,8 @@ def kernel_problem() -> str | None:
         except (LabError, subprocess.SubprocessError, OSError) as exc:
             return f"cannot create a network namespace: {exc}"
         try:
-            run(["ip", "-n", name, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"], timeout=10)
+            veth = ["link", "add", "probe0", "type", "veth", "peer", "name", "probe1"]
+            run(["ip", "-n", name, *veth], timeout=10)
             run(["ip", "netns", "exec", name, "nft", "list", "ruleset"], timeout=10)
         except (LabError, subprocess.SubprocessError, OSError) as exc:
             return f"network namespace is not usable for the lab: {exc}"
@@ -224,7 +226,9 @@ def _cleanup(prefix: str, agents: list[_Agent], logdir: str) -> None:
 class _Agent:
     """One agent.py process in a lab namespace."""
 
-    def __init__(self, lab_ns: str, netns: str, role: str, args: Sequence[str], logdir: str) -> None:
+    def __init__(
+        self, lab_ns: str, netns: str, role: str, args: Sequence[str], logdir: str
+    ) -> None:
         self.ns = lab_ns
         self.role = role
         self.log_path = Path(logdir) / f"{lab_ns}-{role}-{secrets.token_hex(3)}.log"
@@ -259,9 +263,8 @@ class _Agent:
             chunk = os.read(fd, 65536)
             if not chunk:
                 self.proc.wait(timeout=5)
-                raise LabError(
-                    f"agent {self.role} in {self.ns} exited (rc={self.proc.returncode}):\n{self.log()}"
-                )
+                rc = self.proc.returncode
+                raise LabError(f"agent {self.role} in {self.ns} exited (rc={rc}):\n{self.log()}")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line
@@ -283,14 +286,10 @@ class _Agent:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
@@ -418,7 +417,10 @@ class Lab:
         return self._closed
 
     def _build(self) -> None:
-        run(["ip", "-batch", "-"], input="".join(f"netns add {self.netns(m)}\n" for m in self.members))
+        run(
+            ["ip", "-batch", "-"],
+            input="".join(f"netns add {self.netns(m)}\n" for m in self.members),
+        )
 
         sysctl_cmds: list[tuple[Sequence[str], str | None]] = []
         for m in self.members:
@@ -430,15 +432,18 @@ class Lab:
         # dummy0 is a "dummy" device; kernels without CONFIG_DUMMY get an ifb
         # device instead, which behaves the same here (NOARP, drops what is
         # sent to it).
-        if run(["ip", "-n", self.netns("node"), "link", "add", "dummy0", "type", "dummy"], check=False).returncode:
+        node_ip = ["ip", "-n", self.netns("node")]
+        if run([*node_ip, "link", "add", "dummy0", "type", "dummy"], check=False).returncode:
             self.dummy_kind = "ifb"
-            run(["ip", "-n", self.netns("node"), "link", "add", "dummy0", "type", "ifb"])
+            run([*node_ip, "link", "add", "dummy0", "type", "ifb"])
 
         run(["ip", "-n", self.netns("node"), "-batch", "-"], input=self._node_batch())
         batches: list[tuple[Sequence[str], str | None]] = [
             (["ip", "-n", self.netns("client"), "-batch", "-"], self._client_batch())
         ]
-        batches += [(["ip", "-n", self.netns(p), "-batch", "-"], self._pod_batch(p)) for p in self.pod_names]
+        batches += [
+            (["ip", "-n", self.netns(p), "-batch", "-"], self._pod_batch(p)) for p in self.pod_names
+        ]
         run_parallel(batches)
 
         ports = ",".join(str(p) for p in self.ports)
@@ -540,7 +545,12 @@ class Lab:
             raise LabError("lab is not running (use start() or a with-block)")
 
     def exec(
-        self, ns: str, *cmd: str, input: str | None = None, check: bool = True, timeout: float = 30.0
+        self,
+        ns: str,
+        *cmd: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 30.0,
     ) -> subprocess.CompletedProcess[str]:
         """Run any command inside a lab namespace."""
         self._check_open()
@@ -564,12 +574,16 @@ class Lab:
         if dead:
             raise LabError(f"lab agents died: {', '.join(dead)}")
 
-    def serve(self, ns: str, name: str | None = None, ports: Sequence[int] = DEFAULT_PORTS) -> Server:
+    def serve(
+        self, ns: str, name: str | None = None, ports: Sequence[int] = DEFAULT_PORTS
+    ) -> Server:
         """Start an extra server (e.g. on the node for host-network endpoints,
         or on the client as an outside backend). Stopped by close() at the latest."""
         self._check_open()
         name = name or ns
-        agent = self._spawn(ns, "serve", ["--name", name, "--ports", ",".join(str(p) for p in ports)])
+        agent = self._spawn(
+            ns, "serve", ["--name", name, "--ports", ",".join(str(p) for p in ports)]
+        )
         try:
             self._wait_ready(agent, time.monotonic() + 10)
         except LabError:
@@ -639,9 +653,7 @@ class Lab:
         Not called automatically: a run in another PID namespace sharing
         /run/netns would look dead from here."""
         stale = [
-            n
-            for n in list_netns()
-            if (m := _STALE_RE.match(n)) and not _pid_alive(int(m.group(1)))
+            n for n in list_netns() if (m := _STALE_RE.match(n)) and not _pid_alive(int(m.group(1)))
         ]
         delete_netns(stale)
         return stale

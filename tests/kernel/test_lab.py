@@ -60,6 +60,24 @@ def _all_ok(results: list[Result], backend: str, seen_src: str, port: int) -> No
         assert (r.backend, r.seen_src, r.port) == (backend, seen_src, port), r
 
 
+def _expect(
+    lab: Lab,
+    src: str,
+    dst: str,
+    port: int,
+    proto: str,
+    backend: str,
+    *,
+    answer_port: int | None = None,
+    seen_src: str | None = None,
+    count: int = 3,
+) -> None:
+    """Probe and require every attempt to reach ``backend`` from src's own address."""
+    family = 6 if ":" in dst else 4
+    res = lab.probe(src, dst, port, proto, count=count)
+    _all_ok(res, backend, seen_src or lab.ip(src, family), answer_port or port)
+
+
 # ------------------------------------------------------------ plain routing
 
 
@@ -67,22 +85,21 @@ def _all_ok(results: list[Result], backend: str, seen_src: str, port: int) -> No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pods_reach_each_other_directly(lab: Lab, family: int, proto: str) -> None:
     for src, dst in (("pod1", "pod2"), ("pod2", "pod1"), ("pod3", "pod4"), ("pod4", "pod3")):
-        res = lab.probe(src, lab.ip(dst, family), 8080, proto, count=5)
-        _all_ok(res, dst, lab.ip(src, family), 8080)
+        _expect(lab, src, lab.ip(dst, family), 8080, proto, dst, count=5)
 
 
 @pytest.mark.parametrize("proto", PROTOS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_client_and_node_reach_pods_directly(lab: Lab, family: int, proto: str) -> None:
     for pod in lab.pod_names:
-        _all_ok(lab.probe("client", lab.ip(pod, family), 9090, proto, count=3), pod, lab.ip("client", family), 9090)
-        _all_ok(lab.probe("node", lab.ip(pod, family), 5353, proto, count=3), pod, lab.ip("node", family), 5353)
+        _expect(lab, "client", lab.ip(pod, family), 9090, proto, pod)
+        _expect(lab, "node", lab.ip(pod, family), 5353, proto, pod)
 
 
 def test_every_configured_port_answers(lab: Lab) -> None:
     for port in lab.ports:
         for proto in PROTOS:
-            _all_ok(lab.probe("client", lab.pod_ip4("pod1"), port, proto, count=2), "pod1", lab.client_ip4, port)
+            _expect(lab, "client", lab.pod_ip4("pod1"), port, proto, "pod1", count=2)
 
 
 def test_server_handles_many_quick_connections(lab: Lab) -> None:
@@ -96,14 +113,14 @@ def test_server_handles_many_quick_connections(lab: Lab) -> None:
 def test_pods_reach_client_and_node_addresses(lab: Lab, family: int) -> None:
     client_srv = lab.serve("client", name="outside", ports=[7001])
     node_srv = lab.serve("node", name="nodehost", ports=[7002])
+    dummy = lab.node_dummy_ip4 if family == 4 else lab.node_dummy_ip6
     try:
         for proto in PROTOS:
-            _all_ok(lab.probe("pod1", lab.ip("client", family), 7001, proto, count=2), "outside", lab.ip("pod1", family), 7001)
-            _all_ok(lab.probe("pod2", lab.ip("node", family), 7002, proto, count=2), "nodehost", lab.ip("pod2", family), 7002)
-            dummy = lab.node_dummy_ip4 if family == 4 else lab.node_dummy_ip6
-            # The second local address of the node, reached via the node's uplink.
-            _all_ok(lab.probe("client", dummy, 7002, proto, count=2), "nodehost", lab.ip("client", family), 7002)
-            _all_ok(lab.probe("pod3", dummy, 7002, proto, count=2), "nodehost", lab.ip("pod3", family), 7002)
+            _expect(lab, "pod1", lab.ip("client", family), 7001, proto, "outside")
+            _expect(lab, "pod2", lab.ip("node", family), 7002, proto, "nodehost")
+            # The node's second local address (dummy0), via the uplink and via a pod link.
+            _expect(lab, "client", dummy, 7002, proto, "nodehost")
+            _expect(lab, "pod3", dummy, 7002, proto, "nodehost")
     finally:
         client_srv.stop()
         node_srv.stop()
@@ -130,11 +147,10 @@ def test_closed_port_is_refused_by_the_pod(lab: Lab) -> None:
 
 def test_hand_written_ruleset(lab: Lab) -> None:
     lab.load(LABTEST_RULESET)
-    pod1 = lab.pod_ip4("pod1")
     assert "dnat to 198.51.100.11:8080" in lab.nft("list", "table", "ip", "labtest")
 
     for proto in PROTOS:
-        _all_ok(lab.probe("client", "203.0.113.10", 80, proto, count=10), "pod1", lab.client_ip4, 8080)
+        _expect(lab, "client", "203.0.113.10", 80, proto, "pod1", answer_port=8080, count=10)
 
         refused = lab.probe("client", "203.0.113.10", 81, proto, count=5)
         assert Lab.outcomes(refused) == {"refused": 5}, refused
@@ -146,15 +162,16 @@ def test_hand_written_ruleset(lab: Lab) -> None:
         assert time.monotonic() - t0 >= 0.9
 
     # The service address is reachable from pods too, with the pod's own source.
-    _all_ok(lab.probe("pod2", "203.0.113.10", 80, "tcp", count=3), "pod1", lab.pod_ip4("pod2"), 8080)
+    _expect(lab, "pod2", "203.0.113.10", 80, "tcp", "pod1", answer_port=8080)
     # Unrelated destinations are untouched by the ruleset.
-    _all_ok(lab.probe("client", pod1, 8081, "tcp", count=2), "pod1", lab.client_ip4, 8081)
+    _expect(lab, "client", lab.pod_ip4("pod1"), 8081, "tcp", "pod1")
 
 
 @pytest.mark.parametrize("proto", PROTOS)
 def test_node_originated_connection_uses_nat_output(lab: Lab, proto: str) -> None:
     lab.load(LABTEST_RULESET)
-    _all_ok(lab.probe("node", "203.0.113.10", 80, proto, count=5), "pod1", lab.node_ip4, 8080)
+    # The node's own connections get the node IP as source (route src), like a real node.
+    _expect(lab, "node", "203.0.113.10", 80, proto, "pod1", answer_port=8080, count=5)
     refused = lab.probe("node", "203.0.113.10", 81, proto, count=2)
     assert Lab.outcomes(refused) == {"refused": 2}, refused
 
@@ -163,7 +180,7 @@ def test_node_originated_connection_uses_nat_output(lab: Lab, proto: str) -> Non
 @pytest.mark.parametrize("proto", PROTOS)
 def test_ipv6_dnat(lab: Lab, src: str, proto: str) -> None:
     lab.load(LABTEST6_RULESET)
-    _all_ok(lab.probe(src, "2001:db8:3::10", 80, proto, count=5), "pod2", lab.ip(src, 6), 8080)
+    _expect(lab, src, "2001:db8:3::10", 80, proto, "pod2", answer_port=8080, count=5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,7 +221,9 @@ def test_tcp_reset_is_refused(lab: Lab) -> None:
 
 def test_bind_and_fixed_source_port(lab: Lab) -> None:
     lab.load(LABTEST_RULESET)
-    res = lab.probe("node", "203.0.113.10", 80, "udp", count=3, bind=lab.node_dummy_ip4, sport=45678)
+    res = lab.probe(
+        "node", "203.0.113.10", 80, "udp", count=3, bind=lab.node_dummy_ip4, sport=45678
+    )
     _all_ok(res, "pod1", lab.node_dummy_ip4, 8080)
     assert {r.sport for r in res} == {45678}
 
@@ -240,12 +259,20 @@ def test_node_sysctls(lab: Lab) -> None:
     assert get("net.ipv6.icmp.ratelimit") == "0"
 
 
+def _host_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
 def test_close_removes_everything(lab_factory: Callable[..., Lab]) -> None:
-    host_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    ours = {"eth0", "dummy0", "vpod1", "vpod2", "probe0", "probe1"}
+    before = _host_links() & ours
     private = lab_factory(pods=2)
     prefix = private.prefix
-    assert sorted(n for n in list_netns() if n.startswith(prefix)) == sorted(private.netns(m) for m in private.members)
-    _all_ok(private.probe("pod1", private.pod_ip4("pod2"), 8080, count=2), "pod2", private.pod_ip4("pod1"), 8080)
+    assert sorted(n for n in list_netns() if n.startswith(prefix)) == sorted(
+        private.netns(m) for m in private.members
+    )
+    _expect(private, "pod1", private.pod_ip4("pod2"), 8080, "tcp", "pod2")
     agents = [a.proc for a in private._agents]
     private.close()
     private.close()  # idempotent
@@ -253,9 +280,8 @@ def test_close_removes_everything(lab_factory: Callable[..., Lab]) -> None:
     assert all(p.poll() is not None for p in agents)
     with pytest.raises(LabError):
         private.probe("pod1", "198.51.100.12", 8080)
-    # The host's interfaces were never touched.
-    after = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
-    assert after == host_links
+    # No lab interface ever showed up in the host namespace.
+    assert _host_links() & ours == before
 
 
 def test_failed_start_leaves_nothing(lab_factory: Callable[..., Lab]) -> None:
