@@ -7,7 +7,7 @@ Errors go to stderr, one line per problem; stdout only ever holds results.
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -33,14 +33,16 @@ app = typer.Typer(
 )
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     nft = "nft"
     json = "json"
 
 
 Paths = Annotated[
     list[str] | None,
-    typer.Argument(help="Files, directories or '-' (stdin) holding the objects.", show_default=False),
+    typer.Argument(
+        help="Files, directories or '-' (stdin) holding the objects.", show_default=False
+    ),
 ]
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", help="File holding the NodeConfig.")
@@ -155,8 +157,16 @@ def compile_cmd(
 ) -> None:
     """Print the ruleset. Loading it with 'nft -f' creates or replaces the owned
     tables (ip/ip6 svcrules) in one transaction and touches nothing else."""
-    ov = _overrides(node_name, node_ip, cluster_cidr, service_cidr, nodeport_address,
-                    masquerade_all, zone, table_name)
+    ov = _overrides(
+        node_name,
+        node_ip,
+        cluster_cidr,
+        service_cidr,
+        nodeport_address,
+        masquerade_all,
+        zone,
+        table_name,
+    )
     ruleset = _compile(paths, config, ov)
     if explain:
         from svcrules.explain import explain_text
@@ -183,8 +193,16 @@ def explain_cmd(
     chosen, masquerading, and why a frontend rejects or drops."""
     from svcrules.explain import explain_text
 
-    ov = _overrides(node_name, node_ip, cluster_cidr, service_cidr, nodeport_address,
-                    masquerade_all, zone, table_name)
+    ov = _overrides(
+        node_name,
+        node_ip,
+        cluster_cidr,
+        service_cidr,
+        nodeport_address,
+        masquerade_all,
+        zone,
+        table_name,
+    )
     sys.stdout.write(explain_text(_compile(paths, config, ov).plan))
 
 
@@ -214,8 +232,16 @@ def check_cmd(
     unified diff when not. For CI pipelines that review generated rules."""
     from svcrules.golden import compare
 
-    ov = _overrides(node_name, node_ip, cluster_cidr, service_cidr, nodeport_address,
-                    masquerade_all, zone, table_name)
+    ov = _overrides(
+        node_name,
+        node_ip,
+        cluster_cidr,
+        service_cidr,
+        nodeport_address,
+        masquerade_all,
+        zone,
+        table_name,
+    )
     ruleset = _compile(paths, config, ov)
     text = ruleset.json if fmt is Format.json else ruleset.nft
     if update:
@@ -224,8 +250,10 @@ def check_cmd(
         print(f"svcrules: wrote {golden}", file=sys.stderr)
         return
     if not golden.is_file():
-        print(f"svcrules: error: {golden}: no such golden file (create it with --update)",
-              file=sys.stderr)
+        print(
+            f"svcrules: error: {golden}: no such golden file (create it with --update)",
+            file=sys.stderr,
+        )
         raise typer.Exit(2)
     diff = compare(golden, text)
     if diff is None:

@@ -32,7 +32,7 @@ class Ruleset:
         return render_json(self.plan)
 
 
-def compile(inputs: Inputs, node: NodeConfig) -> Ruleset:  # noqa: A001 - the product's verb
+def compile(inputs: Inputs, node: NodeConfig) -> Ruleset:
     """Compile loaded objects for one node."""
     return Ruleset(resolve(inputs, node))
 

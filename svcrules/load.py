@@ -58,9 +58,7 @@ def _expand(paths: Iterable[str]) -> Iterator[str]:
             continue
         p = Path(raw)
         if p.is_dir():
-            found = sorted(
-                str(f) for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES
-            )
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
             yield from found
         else:
             yield raw
@@ -104,8 +102,10 @@ def validation_problems(exc: ValidationError, origin: Origin) -> list[Problem]:
         loc = _field_path(tuple(err["loc"]))
         if err["type"] == "missing":
             msg = "required field is missing"
-        elif "input" in err and isinstance(err["input"], str | int | float | bool) and (
-            repr(err["input"]) not in msg
+        elif (
+            "input" in err
+            and isinstance(err["input"], str | int | float | bool)
+            and (repr(err["input"]) not in msg)
         ):
             msg = f"{err['input']!r}: {msg[:1].lower()}{msg[1:]}"
         problems.append(Problem(origin, loc, msg))

@@ -194,9 +194,7 @@ class Service(K8sModel):
         for i, port in enumerate(self.spec.ports):
             key = (port.port, port.protocol)
             if key in seen:
-                raise ValueError(
-                    f"spec.ports[{i}]: duplicate port {port.port}/{port.protocol}"
-                )
+                raise ValueError(f"spec.ports[{i}]: duplicate port {port.port}/{port.protocol}")
             seen.add(key)
             if len(self.spec.ports) > 1 and not port.name:
                 raise ValueError(f"spec.ports[{i}].name: required when a Service has several ports")

@@ -8,12 +8,12 @@ Everything is frozen and sorted; nothing here depends on input order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from svcrules.addr import Family
 
 
-class Route(str, Enum):
+class Route(StrEnum):
     """What a new connection to a frontend experiences."""
 
     CLUSTER = "cluster"  # DNAT to one of the cluster endpoints
@@ -22,7 +22,7 @@ class Route(str, Enum):
     DROP = "drop"  # policy Local and no local endpoint
 
 
-class Masquerade(str, Enum):
+class Masquerade(StrEnum):
     """When connections to a frontend are source-NATed to the node."""
 
     ALWAYS = "always"

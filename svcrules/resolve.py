@@ -29,7 +29,9 @@ def programmed_services(services: Iterable[Service]) -> list[Service]:
     return sorted(out, key=lambda s: (s.metadata.namespace, s.metadata.name))
 
 
-def _slices_by_service(slices: Iterable[EndpointSlice]) -> dict[tuple[str, str, int], list[EndpointSlice]]:
+def _slices_by_service(
+    slices: Iterable[EndpointSlice],
+) -> dict[tuple[str, str, int], list[EndpointSlice]]:
     out: dict[tuple[str, str, int], list[EndpointSlice]] = defaultdict(list)
     for sl in slices:
         svc = sl.service_name()
@@ -145,9 +147,7 @@ def _plan_port(
     firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
     ranges = _in_family(spec.load_balancer_source_ranges, family)
     node_ip = node.node_ip(family)
-    allow_self = bool(
-        node_ip and any(parse_ip(node_ip) in parse_cidr(r) for r in ranges)
-    )
+    allow_self = bool(node_ip and any(parse_ip(node_ip) in parse_cidr(r) for r in ranges))
     notes: list[str] = []
 
     if not cluster:
@@ -163,7 +163,9 @@ def _plan_port(
         if spec.external_traffic_policy == "Local":
             external_route = Route.LOCAL if local else Route.DROP
             if not local:
-                notes.append("externalTrafficPolicy Local and no local endpoint: outside traffic drops")
+                notes.append(
+                    "externalTrafficPolicy Local and no local endpoint: outside traffic drops"
+                )
         else:
             external_route = Route.CLUSTER
 
@@ -228,13 +230,21 @@ def _check_claims(inputs: Inputs, ports: list[tuple[Service, int, PortPlan]]) ->
 
     for svc, idx, p in ports:
         proto = p.protocol
-        claim((p.cluster_ip, str(p.port), proto), svc, f"{p.cluster_ip}:{p.port}/{proto}",
-              f"spec.ports[{idx}]")
+        claim(
+            (p.cluster_ip, str(p.port), proto),
+            svc,
+            f"{p.cluster_ip}:{p.port}/{proto}",
+            f"spec.ports[{idx}]",
+        )
         for ip in (*p.external_ips, *p.lb_ips):
             claim((ip, str(p.port), proto), svc, f"{ip}:{p.port}/{proto}", f"spec.ports[{idx}]")
         if p.node_port:
-            claim(("nodePort", str(p.node_port), proto), svc,
-                  f"nodePort {p.node_port}/{proto}", f"spec.ports[{idx}].nodePort")
+            claim(
+                ("nodePort", str(p.node_port), proto),
+                svc,
+                f"nodePort {p.node_port}/{proto}",
+                f"spec.ports[{idx}].nodePort",
+            )
     if problems:
         raise InputError(problems)
 
@@ -262,8 +272,9 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
                 all_ports.append((svc, idx, plan))
         ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
         npa = node.spec.node_port_addresses
+        cidrs: tuple[str, ...] = ()
         if npa == ["primary"]:
-            mode, cidrs = "primary", ()
+            mode = "primary"
         else:
             fam_cidrs = _in_family(npa, fam)
             if any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):

@@ -95,7 +95,9 @@ def endpoint_slice(
         },
         "addressType": family,
         "endpoints": endpoints,
-        "ports": ports if ports is not None else [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": ports
+        if ports is not None
+        else [{"name": "http", "port": 8080, "protocol": "TCP"}],
     }
 
 
@@ -125,4 +127,6 @@ def inputs(objs: list[Obj], path: str = "test.yaml") -> Inputs:
 
 def compile_objs(objs: list[Obj], **overrides: Any) -> svcrules.Ruleset:
     """Compile objects (a NodeConfig among them) as the CLI would read them."""
-    return svcrules.compile_paths(["-"], overrides=Overrides(**overrides), stdin=io.StringIO(dump(objs)))
+    return svcrules.compile_paths(
+        ["-"], overrides=Overrides(**overrides), stdin=io.StringIO(dump(objs))
+    )

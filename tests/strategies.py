@@ -16,8 +16,9 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
     """A NodeConfig plus Services and EndpointSlices that compile without error."""
     n = draw(st.integers(min_value=0, max_value=max_services))
     cluster_ips = draw(st.lists(st.integers(2, 120), min_size=n, max_size=n, unique=True))
-    node_ports = iter(draw(st.lists(st.integers(30000, 32767), min_size=3 * n, max_size=3 * n,
-                                    unique=True)))
+    node_ports = iter(
+        draw(st.lists(st.integers(30000, 32767), min_size=3 * n, max_size=3 * n, unique=True))
+    )
     extra_ips = iter(range(130, 250))
     objs: list[Obj] = [
         node_config(
@@ -34,9 +35,14 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
         ips = [f"203.0.113.{last}"] + ([f"2001:db8:3::{last:x}"] if dual else [])
         kind = draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"]))
         nports = draw(st.integers(1, 3))
-        keys = draw(st.lists(st.tuples(st.sampled_from([53, 80, 443, 8080]),
-                                       st.sampled_from(PROTOCOLS)),
-                             min_size=nports, max_size=nports, unique=True))
+        keys = draw(
+            st.lists(
+                st.tuples(st.sampled_from([53, 80, 443, 8080]), st.sampled_from(PROTOCOLS)),
+                min_size=nports,
+                max_size=nports,
+                unique=True,
+            )
+        )
         ports: list[Obj] = []
         for j, (port, proto) in enumerate(keys):
             p: Obj = {"name": f"p{j}", "port": port, "protocol": proto}
@@ -56,7 +62,8 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
             lb = [f"198.18.1.{next(extra_ips)}"]
             if draw(st.booleans()):
                 spec["loadBalancerSourceRanges"] = draw(
-                    st.sampled_from([["192.0.2.0/24"], ["10.0.0.0/8", "2001:db8::/32"]]))
+                    st.sampled_from([["192.0.2.0/24"], ["10.0.0.0/8", "2001:db8::/32"]])
+                )
         objs.append(service(name, ips, ports=ports, type=kind, lb_ips=lb, **spec))
         for fam, prefix in (("IPv4", "198.51.100."), ("IPv6", "2001:db8:2::")):
             if fam == "IPv6" and not dual:
@@ -65,14 +72,18 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
             eps = []
             for h in hosts:
                 state = draw(st.sampled_from(["ready", "unset", "terminating", "gone"]))
-                eps.append(endpoint(
-                    f"{prefix}{h}" if fam == "IPv4" else f"{prefix}{h:x}",
-                    node=draw(st.sampled_from(["node-a", "node-b", None])),
-                    ready={"ready": True, "unset": None}.get(state, False),
-                    serving=state == "terminating",
-                    terminating=state in ("terminating", "gone"),
-                ))
-            ep_ports = [{"name": p["name"], "port": 9000 + k, "protocol": p["protocol"]}
-                        for k, p in enumerate(ports)]
+                eps.append(
+                    endpoint(
+                        f"{prefix}{h}" if fam == "IPv4" else f"{prefix}{h:x}",
+                        node=draw(st.sampled_from(["node-a", "node-b", None])),
+                        ready={"ready": True, "unset": None}.get(state, False),
+                        serving=state == "terminating",
+                        terminating=state in ("terminating", "gone"),
+                    )
+                )
+            ep_ports = [
+                {"name": p["name"], "port": 9000 + k, "protocol": p["protocol"]}
+                for k, p in enumerate(ports)
+            ]
             objs.append(endpoint_slice(name, eps, ports=ep_ports, family=fam))
     return objs

@@ -178,7 +178,9 @@ def layout_family(plan: FamilyPlan) -> Table:
         else:
             verdict = f"goto {ext}"
             if p.external_route is Route.CLUSTER:
-                table.chains.append(Chain(ext, label, proto, "all", "", "", selection(p, "cluster")))
+                table.chains.append(
+                    Chain(ext, label, proto, "all", "", "", selection(p, "cluster"))
+                )
             else:
                 table.chains.append(
                     Chain(
@@ -191,7 +193,9 @@ def layout_family(plan: FamilyPlan) -> Table:
                         selection(p, "local") if p.external_route is Route.LOCAL else None,
                     )
                 )
-                table.chains.append(Chain(clu, label, proto, "none", "", "", selection(p, "cluster")))
+                table.chains.append(
+                    Chain(clu, label, proto, "none", "", "", selection(p, "cluster"))
+                )
         for ip in (*p.lb_ips, *p.external_ips):
             table.service_ips.append((ip, proto, p.port, verdict))
         if p.node_port:

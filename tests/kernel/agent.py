@@ -121,14 +121,23 @@ def _answer_udp(sock: socket.socket, name: str, port: int) -> None:
             print(f"sendmsg error to {peer}: {exc}", file=sys.stderr, flush=True)
 
 
-def serve(name: str, ports: list[int]) -> None:
-    """Single-threaded selector loop: answers are tiny, so no worker threads."""
+def serve(name: str, ports: list[int], watch_stdin: bool = False) -> None:
+    """Single-threaded selector loop: answers are tiny, so no worker threads.
+
+    With ``watch_stdin`` the server exits when stdin reaches EOF, i.e. when
+    the lab process that holds the other end of the pipe dies, however it dies."""
     sel = selectors.DefaultSelector()
     for sock, port, kind in _listeners(ports):
         sel.register(sock, selectors.EVENT_READ, (sock, port, kind))
+    if watch_stdin:
+        sel.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
     print("ready", flush=True)
     while True:
         for key, _events in sel.select():
+            if key.data is None:
+                if not os.read(sys.stdin.fileno(), 4096):
+                    return
+                continue
             sock, port, kind = key.data
             if kind == "tcp":
                 _answer_tcp(sock, name, port)
@@ -350,12 +359,13 @@ def main(argv: list[str] | None = None) -> None:
     p_serve = sub.add_parser("serve")
     p_serve.add_argument("--name", required=True)
     p_serve.add_argument("--ports", required=True, help="comma separated")
+    p_serve.add_argument("--watch-stdin", action="store_true", help="exit on EOF on stdin")
     sub.add_parser("client")
     args = parser.parse_args(argv)
     if args.role == "serve":
         ports = [int(p) for p in args.ports.split(",") if p.strip()]
         with contextlib.suppress(KeyboardInterrupt):
-            serve(args.name, ports)
+            serve(args.name, ports, args.watch_stdin)
     else:
         with contextlib.suppress(KeyboardInterrupt):
             client()

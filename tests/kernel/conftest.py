@@ -69,6 +69,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def kernel_lab() -> Iterator[Lab]:
     """The shared lab; prefer ``lab``, which also resets it."""
     require_kernel()
+    Lab.cleanup_stale()  # namespaces of runs that were SIGKILLed / SIGTERMed
     with Lab() as lab:
         yield lab
 

@@ -202,6 +202,28 @@ def kernel_problem() -> str | None:
     return None
 
 
+def _netns_in_use(names: Iterable[str]) -> set[str]:
+    """Named namespaces that some visible process still lives in."""
+    inodes: dict[tuple[int, int], str] = {}
+    for name in names:
+        try:
+            st = os.stat(f"/run/netns/{name}")
+        except OSError:
+            continue
+        inodes[(st.st_dev, st.st_ino)] = name
+    used: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in inodes:
+            used.add(inodes[(st.st_dev, st.st_ino)])
+    return used
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -235,7 +257,8 @@ class _Agent:
         self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the agent
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
             ["ip", "netns", "exec", netns, sys.executable, str(AGENT), role, *args],
-            stdin=subprocess.PIPE if role == "client" else subprocess.DEVNULL,
+            # Both roles exit on EOF on stdin, so they die with the lab process.
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             bufsize=0,
@@ -447,7 +470,7 @@ class Lab:
         run_parallel(batches)
 
         ports = ",".join(str(p) for p in self.ports)
-        servers = [self._spawn(p, "serve", ["--name", p, "--ports", ports]) for p in self.pod_names]
+        servers = [self._spawn_server(p, p, ports) for p in self.pod_names]
         for m in ["client", "node", *self.pod_names]:
             self._clients[m] = self._spawn(m, "client", [])
         deadline = time.monotonic() + 20
@@ -532,6 +555,9 @@ class Lab:
         self._agents.append(agent)
         return agent
 
+    def _spawn_server(self, ns: str, name: str, ports: str) -> _Agent:
+        return self._spawn(ns, "serve", ["--name", name, "--ports", ports, "--watch-stdin"])
+
     @staticmethod
     def _wait_ready(agent: _Agent, deadline: float) -> None:
         line = agent.readline(deadline)
@@ -581,9 +607,7 @@ class Lab:
         or on the client as an outside backend). Stopped by close() at the latest."""
         self._check_open()
         name = name or ns
-        agent = self._spawn(
-            ns, "serve", ["--name", name, "--ports", ",".join(str(p) for p in ports)]
-        )
+        agent = self._spawn_server(ns, name, ",".join(str(p) for p in ports))
         try:
             self._wait_ready(agent, time.monotonic() + 10)
         except LabError:
@@ -648,12 +672,15 @@ class Lab:
 
     @staticmethod
     def cleanup_stale() -> list[str]:
-        """Delete lab namespaces left by crashed runs (their pid is gone).
+        """Delete lab namespaces left by killed runs; return their names.
 
-        Not called automatically: a run in another PID namespace sharing
-        /run/netns would look dead from here."""
-        stale = [
+        Stale means: the pid in the prefix is gone and no visible process is
+        inside the namespace (agents exit on EOF when their lab dies). The
+        second condition protects a live run in another PID namespace that
+        shares /run/netns."""
+        dead = [
             n for n in list_netns() if (m := _STALE_RE.match(n)) and not _pid_alive(int(m.group(1)))
         ]
+        stale = sorted(set(dead) - _netns_in_use(dead))
         delete_netns(stale)
         return stale

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 
 import svcrules
 from svcrules.backends.nftables_json import render_json
@@ -141,7 +141,9 @@ def canonical(objects: list[Obj]) -> list[str]:
 
 
 def assert_equivalent(ns: str, ruleset: svcrules.Ruleset) -> None:
-    rendered = json.loads(ruleset.json)
+    text = render_json(ruleset.plan)
+    assert ruleset.json == text
+    rendered = json.loads(text)
     meta = rendered["nftables"][0]
     assert meta == {"metainfo": {"json_schema_version": 1}}
     want = canonical(rendered["nftables"])
@@ -332,7 +334,9 @@ def test_case(netns: str, case: str) -> None:
 )
 @given(clusters())
 def test_random_clusters(netns: str, objs: list[Obj]) -> None:
-    assert_equivalent(netns, compile_objs(objs))
+    ruleset = compile_objs(objs)
+    note(ruleset.nft)
+    assert_equivalent(netns, ruleset)
 
 
 def test_complete_listing_only_adds_what_the_text_listing_shows() -> None:
@@ -344,3 +348,14 @@ def test_complete_listing_only_adds_what_the_text_listing_shows() -> None:
     ]
     text = "table ip t {\n\tset s {\n\t\ttype ipv4_addr\n\t}\n\n\tchain c {\n\t}\n}\n"
     assert complete_listing(listed, text) == listed
+
+    text = (
+        'table ip t {\n\tcomment "tc"\n\tset s {\n\t\ttype ipv4_addr\n\t\tsize 65535\n'
+        '\t\tflags dynamic,timeout\n\t\ttimeout 1m\n\t}\n\n\tchain c {\n\t\tcomment "cc"\n'
+        "\t}\n}\n"
+    )
+    listed[1]["set"]["flags"] = ["timeout"]
+    done = complete_listing(listed, text)
+    assert done[0]["table"]["comment"] == "tc"
+    assert done[1]["set"]["flags"] == ["timeout", "dynamic"]
+    assert list(done[2]["chain"]) == ["family", "table", "name", "handle", "comment"]

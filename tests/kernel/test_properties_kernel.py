@@ -14,8 +14,11 @@ from tests.strategies import clusters
 from .lab import Lab
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(objs=clusters())
 def test_random_clusters_load_and_reload_to_the_same_state(lab: Lab, objs: list[Obj]) -> None:
     text = compile_objs(objs).nft

@@ -54,8 +54,7 @@ def eps(*pods: str, node: str = "node-a", **kw: Any) -> list[Obj]:
     return [endpoint(POD[p], node=node, **kw) for p in pods]
 
 
-def web(type: str = "ClusterIP", port: int = 80, node_port: int | None = None,
-        **spec: Any) -> Obj:
+def web(type: str = "ClusterIP", port: int = 80, node_port: int | None = None, **spec: Any) -> Obj:
     p: Obj = {"name": "http", "port": port, "protocol": "TCP"}
     if node_port:
         p["nodePort"] = node_port
@@ -123,11 +122,18 @@ def test_hairpin_is_always_masqueraded(lab: Lab) -> None:
 
 
 def test_udp_and_tcp_on_one_port_number_are_independent(lab: Lab) -> None:
-    svc = service("dns", CIP, ports=[{"name": "tcp", "port": 53, "protocol": "TCP"},
-                                     {"name": "udp", "port": 53, "protocol": "UDP"}])
+    svc = service(
+        "dns",
+        CIP,
+        ports=[
+            {"name": "tcp", "port": 53, "protocol": "TCP"},
+            {"name": "udp", "port": 53, "protocol": "UDP"},
+        ],
+    )
     sl1 = endpoint_slice("dns", eps("pod2"), ports=[{"name": "tcp", "port": 8080}], name="a")
-    sl2 = endpoint_slice("dns", eps("pod3"),
-                         ports=[{"name": "udp", "port": 5353, "protocol": "UDP"}], name="b")
+    sl2 = endpoint_slice(
+        "dns", eps("pod3"), ports=[{"name": "udp", "port": 5353, "protocol": "UDP"}], name="b"
+    )
     load(lab, svc, sl1, sl2)
     tcp = ok(lab.probe("client", CIP, 53, "tcp", count=6))
     udp = ok(lab.probe("client", CIP, 53, "udp", count=6))
@@ -136,12 +142,26 @@ def test_udp_and_tcp_on_one_port_number_are_independent(lab: Lab) -> None:
 
 
 def test_multi_port_and_named_target_port_per_endpoint(lab: Lab) -> None:
-    svc = service("web", CIP, ports=[{"name": "http", "port": 80, "targetPort": "http"},
-                                     {"name": "metrics", "port": 81, "targetPort": 9090}])
-    a = endpoint_slice("web", eps("pod1"), ports=[{"name": "http", "port": 8080},
-                                                 {"name": "metrics", "port": 9090}], name="a")
-    b = endpoint_slice("web", eps("pod2"), ports=[{"name": "http", "port": 8081},
-                                                 {"name": "metrics", "port": 9090}], name="b")
+    svc = service(
+        "web",
+        CIP,
+        ports=[
+            {"name": "http", "port": 80, "targetPort": "http"},
+            {"name": "metrics", "port": 81, "targetPort": 9090},
+        ],
+    )
+    a = endpoint_slice(
+        "web",
+        eps("pod1"),
+        ports=[{"name": "http", "port": 8080}, {"name": "metrics", "port": 9090}],
+        name="a",
+    )
+    b = endpoint_slice(
+        "web",
+        eps("pod2"),
+        ports=[{"name": "http", "port": 8081}, {"name": "metrics", "port": 9090}],
+        name="b",
+    )
     load(lab, svc, a, b)
     res = ok(lab.probe("client", CIP, 80, count=N))
     assert {(r.backend, r.port) for r in res} == {("pod1", 8080), ("pod2", 8081)}
@@ -161,8 +181,11 @@ def test_terminating_fallback_and_never_unserving(lab: Lab) -> None:
 
 
 def test_topology_hints_narrow_to_this_zone(lab: Lab) -> None:
-    hinted = [endpoint(POD["pod1"], for_zones=["z1"]), endpoint(POD["pod2"], for_zones=["z2"]),
-              endpoint(POD["pod3"], for_zones=["z1"])]
+    hinted = [
+        endpoint(POD["pod1"], for_zones=["z1"]),
+        endpoint(POD["pod2"], for_zones=["z2"]),
+        endpoint(POD["pod3"], for_zones=["z1"]),
+    ]
     load(lab, web(), web_slice(hinted), node=cfg(zone="z1"))
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=N))) == {"pod1", "pod3"}
     load(lab, web(), web_slice(hinted), node=cfg(zone="z9"))
@@ -174,8 +197,14 @@ def test_topology_hints_narrow_to_this_zone(lab: Lab) -> None:
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_no_endpoints_rejects_on_every_frontend(lab: Lab, proto: str) -> None:
-    svc = service("web", CIP, type="LoadBalancer", lb_ips=[LB], externalIPs=[EXT],
-                  ports=[{"name": "p", "port": 80, "protocol": proto.upper(), "nodePort": 30080}])
+    svc = service(
+        "web",
+        CIP,
+        type="LoadBalancer",
+        lb_ips=[LB],
+        externalIPs=[EXT],
+        ports=[{"name": "p", "port": 80, "protocol": proto.upper(), "nodePort": 30080}],
+    )
     load(lab, svc)
     for dst, port in ((CIP, 80), (LB, 80), (EXT, 80), (NODE, 30080)):
         refused(lab.probe("client", dst, port, proto, count=3))
@@ -208,15 +237,23 @@ def test_nodeport_on_primary_address_only_by_default(lab: Lab) -> None:
 
 
 def test_nodeport_on_all_local_addresses(lab: Lab) -> None:
-    load(lab, web("NodePort", node_port=30080), web_slice(eps("pod2")),
-         node=cfg(nodePortAddresses=["0.0.0.0/0", "::/0"]))
+    load(
+        lab,
+        web("NodePort", node_port=30080),
+        web_slice(eps("pod2")),
+        node=cfg(nodePortAddresses=["0.0.0.0/0", "::/0"]),
+    )
     for addr in (NODE, lab.node_dummy_ip4):
         assert lab.backends(ok(lab.probe("client", addr, 30080, count=3))) == {"pod2"}
 
 
 def test_nodeport_on_cidr_selected_addresses(lab: Lab) -> None:
-    load(lab, web("NodePort", node_port=30080), web_slice(eps("pod2")),
-         node=cfg(nodePortAddresses=["198.18.0.0/15"]))
+    load(
+        lab,
+        web("NodePort", node_port=30080),
+        web_slice(eps("pod2")),
+        node=cfg(nodePortAddresses=["198.18.0.0/15"]),
+    )
     assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip4, 30080, count=3))) == {"pod2"}
     refused(lab.probe("client", NODE, 30080, count=3))
 
@@ -242,8 +279,13 @@ def test_load_balancer_without_node_port(lab: Lab) -> None:
 
 
 def test_source_ranges_filter_lb_ips_only(lab: Lab) -> None:
-    svc = web("LoadBalancer", node_port=30080, lb_ips=[LB], externalIPs=[EXT],
-              loadBalancerSourceRanges=["192.0.2.96/28"])
+    svc = web(
+        "LoadBalancer",
+        node_port=30080,
+        lb_ips=[LB],
+        externalIPs=[EXT],
+        loadBalancerSourceRanges=["192.0.2.96/28"],
+    )
     load(lab, svc, web_slice(eps("pod2")))
     assert lab.backends(ok(lab.probe("client", LB, 80, count=3))) == {"pod2"}
     dropped(lab.probe("pod1", LB, 80, count=2, timeout=0.5, concurrency=2))
@@ -328,8 +370,9 @@ def test_dual_stack(lab: Lab) -> None:
     svc = service("web", [CIP, CIP6], ports=[{"name": "http", "port": 80}], type="NodePort")
     svc["spec"]["ports"][0]["nodePort"] = 30080
     v4 = endpoint_slice("web", eps("pod2"), ports=[{"name": "http", "port": 8080}])
-    v6 = endpoint_slice("web", [endpoint(POD6["pod3"])], ports=[{"name": "http", "port": 8080}],
-                        family="IPv6")
+    v6 = endpoint_slice(
+        "web", [endpoint(POD6["pod3"])], ports=[{"name": "http", "port": 8080}], family="IPv6"
+    )
     v4only = service("old", "203.0.113.20")
     load(lab, svc, v4, v6, v4only)
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
@@ -357,8 +400,7 @@ def test_client_ip_affinity_sticks_across_frontends(lab: Lab) -> None:
 
 
 def test_affinity_timeout_and_unusable_endpoint(lab: Lab) -> None:
-    svc = web(sessionAffinity="ClientIP",
-              sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}})
+    svc = web(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}})
     text = load(lab, svc, web_slice(eps("pod2", "pod3")))
     pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=6)))
     assert len(pinned) == 1
@@ -366,6 +408,7 @@ def test_affinity_timeout_and_unusable_endpoint(lab: Lab) -> None:
     listed = "".join(lab.nft("list", "set", "ip", "svcrules", s) for s in sets)
     assert CLIENT in listed, "the choice is remembered in the kernel"
     import time
+
     time.sleep(2.2)
     listed = "".join(lab.nft("list", "set", "ip", "svcrules", s) for s in sets)
     assert CLIENT not in listed, "and forgotten after timeoutSeconds"
@@ -401,8 +444,13 @@ table ip nat {
 def test_reload_replaces_own_tables_and_touches_nothing_else(lab: Lab) -> None:
     lab.load(FOREIGN)
     foreign = lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
-    old = load(lab, service("old", "203.0.113.20"),
-               endpoint_slice("old", eps("pod4")), web(), web_slice(eps("pod2")))
+    old = load(
+        lab,
+        service("old", "203.0.113.20"),
+        endpoint_slice("old", eps("pod4")),
+        web(),
+        web_slice(eps("pod2")),
+    )
     new = compile_objs([cfg(), web(), web_slice(eps("pod3"))]).nft
     for _ in range(3):
         lab.load(new)
@@ -418,10 +466,17 @@ def test_reload_replaces_own_tables_and_touches_nothing_else(lab: Lab) -> None:
 
 def test_sctp_rules_load(lab: Lab) -> None:
     """This kernel has no SCTP sockets, so SCTP is proven by loading and listing."""
-    svc = service("s", CIP, ports=[{"name": "s", "port": 80, "protocol": "SCTP",
-                                    "nodePort": 30080}], type="NodePort")
-    load(lab, svc, endpoint_slice("s", eps("pod2"),
-                                  ports=[{"name": "s", "port": 8080, "protocol": "SCTP"}]))
+    svc = service(
+        "s",
+        CIP,
+        ports=[{"name": "s", "port": 80, "protocol": "SCTP", "nodePort": 30080}],
+        type="NodePort",
+    )
+    load(
+        lab,
+        svc,
+        endpoint_slice("s", eps("pod2"), ports=[{"name": "s", "port": 8080, "protocol": "SCTP"}]),
+    )
     listed = lab.nft("list", "table", "ip", "svcrules")
     assert f"{CIP} . sctp . 80" in listed and "sctp . 30080" in listed
     assert "meta l4proto sctp dnat ip to numgen random mod 1" in listed

@@ -22,8 +22,11 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
 
 def test_multi_document_yaml_json_lists_and_directories(tmp_path: Path) -> None:
     _write(tmp_path, "a/svc.yaml", dump([service("web", "203.0.113.10")]))
-    items = {"apiVersion": "v1", "kind": "List",
-             "items": [endpoint_slice("web", [endpoint("198.51.100.11")])]}
+    items = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [endpoint_slice("web", [endpoint("198.51.100.11")])],
+    }
     _write(tmp_path, "b/slices.json", json.dumps(items))
     _write(tmp_path, "b/ignored.txt", "not read")
     _write(tmp_path, "c/node.yml", dump([node_config()]))
@@ -34,18 +37,25 @@ def test_multi_document_yaml_json_lists_and_directories(tmp_path: Path) -> None:
 
 
 def test_other_kinds_are_ignored_and_stdin_works() -> None:
-    text = dump([
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}},
-        {"apiVersion": "v1", "kind": "ServiceList", "items": [service("a", "203.0.113.1")]},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}},
-    ])
+    text = dump(
+        [
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}},
+            {"apiVersion": "v1", "kind": "ServiceList", "items": [service("a", "203.0.113.1")]},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}},
+        ]
+    )
     got = load_paths(["-"], stdin=io.StringIO(text))
     assert [s.metadata.name for s in got.services] == ["a"]
 
 
 def test_leading_zeros_and_whitespace_are_canonicalised() -> None:
-    svc = service("a", "172.30.0.041", type="LoadBalancer",
-                  loadBalancerSourceRanges=[" 10.0.0.0/8 "], externalIPs=["192.000.002.010"])
+    svc = service(
+        "a",
+        "172.30.0.041",
+        type="LoadBalancer",
+        loadBalancerSourceRanges=[" 10.0.0.0/8 "],
+        externalIPs=["192.000.002.010"],
+    )
     got = load_paths(["-"], stdin=io.StringIO(dump([svc])))
     spec = got.services[0].spec
     assert spec.all_cluster_ips() == ["172.30.0.41"]
@@ -54,8 +64,12 @@ def test_leading_zeros_and_whitespace_are_canonicalised() -> None:
 
 
 def test_all_errors_reported_with_file_document_and_field(tmp_path: Path) -> None:
-    bad_port = service("web", "203.0.113.10", namespace="shop",
-                       ports=[{"name": "a", "port": 0}, {"name": "b", "port": 81, "protocol": "ICMP"}])
+    bad_port = service(
+        "web",
+        "203.0.113.10",
+        namespace="shop",
+        ports=[{"name": "a", "port": 0}, {"name": "b", "port": 81, "protocol": "ICMP"}],
+    )
     bad_ip = service("db", "203.0.113.300", namespace="shop")
     path = _write(tmp_path, "in.yaml", dump([bad_port, bad_ip]))
     with pytest.raises(InputError) as exc:
@@ -68,12 +82,17 @@ def test_all_errors_reported_with_file_document_and_field(tmp_path: Path) -> Non
 
 
 def test_list_items_are_named_in_errors(tmp_path: Path) -> None:
-    lst = {"apiVersion": "v1", "kind": "List", "items": [
-        service("ok", "203.0.113.1"), endpoint_slice("x", [{"addresses": ["nope"]}])]}
+    lst = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [service("ok", "203.0.113.1"), endpoint_slice("x", [{"addresses": ["nope"]}])],
+    }
     path = _write(tmp_path, "l.json", json.dumps(lst))
     with pytest.raises(InputError) as exc:
         load_paths([path])
-    assert str(exc.value).startswith(f"{path}: document 1 items[1] (EndpointSlice default/x-ipv4): ")
+    assert str(exc.value).startswith(
+        f"{path}: document 1 items[1] (EndpointSlice default/x-ipv4): "
+    )
 
 
 def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
@@ -83,7 +102,7 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
 
 
 def test_missing_file() -> None:
-    with pytest.raises(InputError, match="nope.yaml: cannot read"):
+    with pytest.raises(InputError, match=r"nope\.yaml: cannot read"):
         load_paths(["/nonexistent/nope.yaml"])
 
 

@@ -17,13 +17,15 @@ from svcrules.backends.nftables import layout
 from tests.k8s import Obj, compile_objs, dump
 from tests.strategies import clusters
 
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
 @given(clusters(), st.randoms(use_true_random=False))
-def test_order_and_file_split_do_not_matter(objs: list[Obj], rnd: object, ) -> None:
+def test_order_and_file_split_do_not_matter(
+    objs: list[Obj],
+    rnd: object,
+) -> None:
     base = compile_objs(objs).nft
     shuffled = list(objs)
     rnd.shuffle(shuffled)  # type: ignore[attr-defined]
@@ -65,10 +67,17 @@ def test_output_does_not_depend_on_hash_seed(tmp_path: Path) -> None:
     for seed in ("0", "1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         run = subprocess.run(
-            [sys.executable, "-c", "import sys, svcrules; "
-             "sys.stdout.write(svcrules.compile_paths(sys.argv[1:]).nft)",
-             str(fixtures / "demo"), str(fixtures / "policies" / "services.yaml")],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                sys.executable,
+                "-c",
+                "import sys, svcrules; sys.stdout.write(svcrules.compile_paths(sys.argv[1:]).nft)",
+                str(fixtures / "demo"),
+                str(fixtures / "policies" / "services.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         )
         outs.add(run.stdout)
     assert len(outs) == 1

@@ -55,9 +55,14 @@ def test_ready_then_serving_terminating_fallback() -> None:
 
 
 def test_unset_ready_counts_as_ready_and_duplicates_prefer_non_terminating() -> None:
-    s1 = endpoint_slice("a", [endpoint("198.51.100.11", ready=None),
-                              endpoint("198.51.100.12", ready=False, serving=True,
-                                       terminating=True)], name="a-1")
+    s1 = endpoint_slice(
+        "a",
+        [
+            endpoint("198.51.100.11", ready=None),
+            endpoint("198.51.100.12", ready=False, serving=True, terminating=True),
+        ],
+        name="a-1",
+    )
     s2 = endpoint_slice("a", [endpoint("198.51.100.12", ready=True)], name="a-2")
     p = one([service("a", "203.0.113.1"), s1, s2])
     assert ips(p) == ["198.51.100.11", "198.51.100.12"]
@@ -66,15 +71,23 @@ def test_unset_ready_counts_as_ready_and_duplicates_prefer_non_terminating() -> 
 
 def test_named_target_port_resolves_per_endpoint() -> None:
     svc = service("a", "203.0.113.1", ports=[{"name": "web", "port": 80, "targetPort": "http"}])
-    s1 = endpoint_slice("a", [endpoint("198.51.100.11")], ports=[{"name": "web", "port": 8080}],
-                        name="a-1")
-    s2 = endpoint_slice("a", [endpoint("198.51.100.12")], ports=[{"name": "web", "port": 9090}],
-                        name="a-2")
-    s3 = endpoint_slice("a", [endpoint("198.51.100.13")],
-                        ports=[{"name": "web", "port": 7070, "protocol": "UDP"}], name="a-3")
+    s1 = endpoint_slice(
+        "a", [endpoint("198.51.100.11")], ports=[{"name": "web", "port": 8080}], name="a-1"
+    )
+    s2 = endpoint_slice(
+        "a", [endpoint("198.51.100.12")], ports=[{"name": "web", "port": 9090}], name="a-2"
+    )
+    s3 = endpoint_slice(
+        "a",
+        [endpoint("198.51.100.13")],
+        ports=[{"name": "web", "port": 7070, "protocol": "UDP"}],
+        name="a-3",
+    )
     p = one([svc, s1, s2, s3])
     assert [(b.ip, b.port) for b in p.cluster_backends] == [
-        ("198.51.100.11", 8080), ("198.51.100.12", 9090)]
+        ("198.51.100.11", 8080),
+        ("198.51.100.12", 9090),
+    ]
 
 
 def test_topology_hints() -> None:
@@ -88,16 +101,23 @@ def test_topology_hints() -> None:
     partial = [endpoint("198.51.100.11", for_zones=["z1"]), endpoint("198.51.100.12")]
     objs = [service("a", "203.0.113.1"), endpoint_slice("a", partial)]
     assert ips(one(objs, zone="z1")) == ["198.51.100.11", "198.51.100.12"]  # not all hinted
-    by_node = [endpoint("198.51.100.11", for_nodes=["node-b"]),
-               endpoint("198.51.100.12", for_nodes=["node-a"])]
+    by_node = [
+        endpoint("198.51.100.11", for_nodes=["node-b"]),
+        endpoint("198.51.100.12", for_nodes=["node-a"]),
+    ]
     objs = [service("a", "203.0.113.1"), endpoint_slice("a", by_node)]
     assert ips(one(objs)) == ["198.51.100.12"]
 
 
 def test_internal_traffic_policy_local() -> None:
     eps = [endpoint("198.51.100.11", node="node-b"), endpoint("198.51.100.12", node="node-a")]
-    svc = service("a", "203.0.113.1", type="NodePort", internalTrafficPolicy="Local",
-                  ports=[{"name": "http", "port": 80, "nodePort": 30080}])
+    svc = service(
+        "a",
+        "203.0.113.1",
+        type="NodePort",
+        internalTrafficPolicy="Local",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+    )
     p = one([svc, endpoint_slice("a", eps)])
     assert p.internal_route is Route.LOCAL and ips(p, local=True) == ["198.51.100.12"]
     assert p.external_route is Route.CLUSTER  # iTP never affects external traffic
@@ -106,10 +126,17 @@ def test_internal_traffic_policy_local() -> None:
 
 
 def test_external_traffic_policy_local() -> None:
-    eps = [endpoint("198.51.100.11", node="node-b"),
-           endpoint("198.51.100.12", node="node-a", ready=False, serving=True, terminating=True)]
-    svc = service("a", "203.0.113.1", type="NodePort", externalTrafficPolicy="Local",
-                  ports=[{"name": "http", "port": 80, "nodePort": 30080}])
+    eps = [
+        endpoint("198.51.100.11", node="node-b"),
+        endpoint("198.51.100.12", node="node-a", ready=False, serving=True, terminating=True),
+    ]
+    svc = service(
+        "a",
+        "203.0.113.1",
+        type="NodePort",
+        externalTrafficPolicy="Local",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+    )
     p = one([svc, endpoint_slice("a", eps)])
     assert p.external_route is Route.LOCAL and ips(p, local=True) == ["198.51.100.12"]
     assert p.external_masquerade is Masquerade.NODE_ONLY and p.pod_shortcut
@@ -123,16 +150,22 @@ def test_external_traffic_policy_local() -> None:
 
 
 def test_masquerade_all() -> None:
-    p = one([service("a", "203.0.113.1"), endpoint_slice("a", [endpoint("198.51.100.11")])],
-            masquerade_all=True)
+    p = one(
+        [service("a", "203.0.113.1"), endpoint_slice("a", [endpoint("198.51.100.11")])],
+        masquerade_all=True,
+    )
     assert p.internal_masquerade is Masquerade.ALWAYS
 
 
 def test_load_balancer_frontends_and_source_ranges() -> None:
-    svc = service("a", "203.0.113.1", type="LoadBalancer",
-                  ports=[{"name": "http", "port": 80, "nodePort": 0}],
-                  loadBalancerSourceRanges=["192.0.2.0/24", "2001:db8:9::/48"],
-                  lb_ips=["203.0.113.200", "2001:db8:3::200"])
+    svc = service(
+        "a",
+        "203.0.113.1",
+        type="LoadBalancer",
+        ports=[{"name": "http", "port": 80, "nodePort": 0}],
+        loadBalancerSourceRanges=["192.0.2.0/24", "2001:db8:9::/48"],
+        lb_ips=["203.0.113.200", "2001:db8:3::200"],
+    )
     svc["status"]["loadBalancer"]["ingress"].append({"ip": "203.0.113.201", "ipMode": "Proxy"})
     p = one([svc, endpoint_slice("a", [endpoint("198.51.100.11")])])
     assert p.lb_ips == ("203.0.113.200",) and p.node_port is None
@@ -141,21 +174,36 @@ def test_load_balancer_frontends_and_source_ranges() -> None:
 
 
 def test_dual_stack_filters_every_address_by_family() -> None:
-    svc = service("a", ["203.0.113.1", "2001:db8:3::1"], externalIPs=["203.0.113.9", "2001:db8:3::9"])
-    objs = [svc, endpoint_slice("a", [endpoint("198.51.100.11")]),
-            endpoint_slice("a", [endpoint("2001:db8:2::11")], family="IPv6")]
+    svc = service(
+        "a", ["203.0.113.1", "2001:db8:3::1"], externalIPs=["203.0.113.9", "2001:db8:3::9"]
+    )
+    objs = [
+        svc,
+        endpoint_slice("a", [endpoint("198.51.100.11")]),
+        endpoint_slice("a", [endpoint("2001:db8:2::11")], family="IPv6"),
+    ]
     v4, v6 = plan_of(objs)[0], plan_of(objs, family=6)[0]
-    assert (v4.cluster_ip, v4.external_ips, ips(v4)) == ("203.0.113.1", ("203.0.113.9",),
-                                                         ["198.51.100.11"])
-    assert (v6.cluster_ip, v6.external_ips, ips(v6)) == ("2001:db8:3::1", ("2001:db8:3::9",),
-                                                         ["2001:db8:2::11"])
+    assert (v4.cluster_ip, v4.external_ips, ips(v4)) == (
+        "203.0.113.1",
+        ("203.0.113.9",),
+        ["198.51.100.11"],
+    )
+    assert (v6.cluster_ip, v6.external_ips, ips(v6)) == (
+        "2001:db8:3::1",
+        ("2001:db8:3::9",),
+        ["2001:db8:2::11"],
+    )
     v4_only = service("b", "203.0.113.2")
     assert plan_of([v4_only], family=6) == []
 
 
 def test_session_affinity_timeout() -> None:
-    svc = service("a", "203.0.113.1", sessionAffinity="ClientIP",
-                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    svc = service(
+        "a",
+        "203.0.113.1",
+        sessionAffinity="ClientIP",
+        sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+    )
     assert one([svc]).affinity_timeout == 60
     assert one([service("a", "203.0.113.1", sessionAffinity="ClientIP")]).affinity_timeout == 10800
 
@@ -173,8 +221,11 @@ def test_two_services_claiming_one_frontend(field: str) -> None:
         b = service("b", "203.0.113.1", namespace="y")
     else:
         b["spec"]["externalIPs"] = ["203.0.113.1"]
-    with pytest.raises(InputError, match=r"Service y/b\): spec.ports\[0\]: 203.0.113.1:80/TCP is "
-                                         r"already claimed by Service x/a"):
+    with pytest.raises(
+        InputError,
+        match=r"Service y/b\): spec.ports\[0\]: 203.0.113.1:80/TCP is "
+        r"already claimed by Service x/a",
+    ):
         compile_objs([NODE, a, b])
 
 
@@ -182,12 +233,14 @@ def test_two_services_claiming_one_node_port() -> None:
     np = [{"name": "http", "port": 80, "nodePort": 30080}]
     a = service("a", "203.0.113.1", type="NodePort", ports=np)
     b = service("b", "203.0.113.2", type="NodePort", ports=np)
-    with pytest.raises(InputError, match="nodePort 30080/TCP is already claimed by Service default/a"):
+    with pytest.raises(
+        InputError, match="nodePort 30080/TCP is already claimed by Service default/a"
+    ):
         compile_objs([NODE, a, b])
 
 
 def test_missing_node_config_says_what_is_needed() -> None:
-    with pytest.raises(InputError, match="metadata.name and spec.nodeIPs"):
+    with pytest.raises(InputError, match=r"metadata\.name and spec\.nodeIPs"):
         compile_objs([service("a", "203.0.113.1")])
     r = compile_objs([service("a", "203.0.113.1")], node_name="n1", node_ips=["192.0.2.7"])
     assert r.plan.node_name == "n1" and r.plan.families[0].node_ip == "192.0.2.7"

@@ -1,0 +1,5 @@
+"""``python -m svcrules`` runs the command line."""
+
+from svcrules.cli import main
+
+main()
