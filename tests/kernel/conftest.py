@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -65,13 +67,26 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"kernel tests skipped: {reason}", yellow=True)
 
 
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def kernel_lab() -> Iterator[Lab]:
     """The shared lab; prefer ``lab``, which also resets it."""
     require_kernel()
     Lab.cleanup_stale()  # namespaces of runs that were SIGKILLed / SIGTERMed
-    with Lab() as lab:
-        yield lab
+    # A SIGTERM (e.g. a CI timeout) would otherwise skip every teardown and
+    # leave the namespaces behind; turn it into a KeyboardInterrupt.
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with Lab() as lab:
+            yield lab
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -197,9 +197,7 @@ CASES: dict[str, list[Obj]] = {
         *_web(),
     ],
     "nodeport-addresses-cidrs": [
-        node_config(
-            nodePortAddresses=["192.0.2.0/24", "10.1.2.3/32", "2001:db8:1::/64"], **CIDRS
-        ),
+        node_config(nodePortAddresses=["192.0.2.0/24", "10.1.2.3/32", "2001:db8:1::/64"], **CIDRS),
         *_web(),
     ],
     "etp-local-without-cluster-cidrs": [
@@ -316,6 +314,41 @@ CASES: dict[str, list[Obj]] = {
         ),
     ],
 }
+
+
+# What each case must exercise, in the text ruleset ("!" = must be absent), so
+# that a change in the builders or the plan cannot quietly empty a case.
+FEATURES: dict[str, tuple[str, ...]] = {
+    "masquerade-all": ("set pod-cidrs", "!saddr != @pod-cidrs jump", "set service-cidrs"),
+    "nodeport-addresses-all": ("ip daddr != 127.0.0.0/8", "ip6 daddr != ::1", "!nodeport-ips"),
+    "nodeport-addresses-v4-all-only": (
+        "ip daddr != 127.0.0.0/8",
+        "fib daddr type local ip6 daddr @nodeport-ips",
+    ),
+    "nodeport-addresses-cidrs": ("fib daddr type local ip daddr @nodeport-ips", "10.1.2.3/32"),
+    "etp-local-without-cluster-cidrs": (
+        "!set pod-cidrs",
+        "fib saddr type local goto clu-",
+        "\t\tdrop\n",
+        "198.18.0.10 . tcp . 80 : goto ext-",
+    ),
+    "no-endpoints": ("tcp . 30021 : goto no-endpoints", "198.18.0.21 . tcp . 80 : goto no-end"),
+    "itp-local": ("203.0.113.30 . tcp . 80 : drop", "2001:db8:3::1f . tcp . 80 : goto svc-"),
+    "source-ranges": ("udp . 53 . 10.0.0.0/8", "198.18.1.40/32", "2001:db8:ff::40/128"),
+    "affinity": ("timeout 60s", "meta l4proto sctp dnat ip to 198.51.100.5", "vmap @affinity-"),
+    "ipv6-only": ("2001:db8:2::60 . 8080", "2001:db8:fe::60 . udp . 53", "tcp . 30060 : goto"),
+}
+
+
+def test_cases_exercise_what_they_claim() -> None:
+    assert sorted(FEATURES) == sorted(CASES)
+    for case, features in FEATURES.items():
+        nft = compile_objs(CASES[case]).nft
+        for feature in features:
+            if feature.startswith("!"):
+                assert feature[1:] not in nft, f"{case}: {feature[1:]!r} should be absent"
+            else:
+                assert feature in nft, f"{case}: {feature!r} missing"
 
 
 def test_demo_fixture(netns: str) -> None:
