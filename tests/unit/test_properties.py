@@ -56,7 +56,9 @@ def test_every_reference_exists_and_no_element_repeats(objs: list[Obj]) -> None:
             keys = [line.strip().rstrip(",").split(" : ")[0] for line in body.splitlines()]
             assert len(keys) == len(set(keys)), f"duplicate element keys in {keys}"
     # Section 9: svcrules never opens the node; the admin's firewall decides.
-    accepts = [ln for ln in ruleset.nft.splitlines() if "accept" in ln and "policy accept" not in ln]
+    accepts = [
+        ln for ln in ruleset.nft.splitlines() if "accept" in ln and "policy accept" not in ln
+    ]
     assert not accepts, accepts
     for table in layout(ruleset.plan):
         slots = [s for s, _ in table.backends] + [s for s, _ in table.affinity_slots]
