@@ -70,3 +70,13 @@ def ip_sort_key(text: str) -> tuple[int, int]:
         return (net.version, int(net.network_address) * 256 + net.prefixlen)
     addr = ipaddress.ip_address(text)
     return (addr.version, int(addr))
+
+
+def collapse_cidrs(cidrs: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Merge overlapping and adjacent CIDRs of one family: nft interval sets refuse
+    overlapping elements, and users do write 10.0.0.0/8 next to 10.1.2.3/32."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    v4 = [n for n in nets if n.version == 4]
+    v6 = [n for n in nets if n.version == 6]
+    merged = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
+    return tuple(str(n) for n in merged)

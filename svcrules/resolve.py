@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from svcrules.addr import Family, family_of, ip_sort_key, parse_cidr, parse_ip
+from svcrules.addr import Family, collapse_cidrs, family_of, ip_sort_key, parse_cidr, parse_ip
 from svcrules.errors import InputError, Problem
 from svcrules.load import Inputs
 from svcrules.model import Endpoint, EndpointSlice, NodeConfig, Service, ServicePort
@@ -123,6 +123,10 @@ def _in_family(items: Iterable[str], family: Family) -> tuple[str, ...]:
     return tuple(sorted({i for i in items if family_of(i) == family}, key=ip_sort_key))
 
 
+def _cidrs_in_family(items: Iterable[str], family: Family) -> tuple[str, ...]:
+    return collapse_cidrs(_in_family(items, family))
+
+
 def _plan_port(
     svc: Service,
     port: ServicePort,
@@ -145,7 +149,7 @@ def _plan_port(
     node_port = port.node_port if spec.type in ("NodePort", "LoadBalancer") else None
     node_port = node_port or None
     firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
-    ranges = _in_family(spec.load_balancer_source_ranges, family)
+    ranges = _cidrs_in_family(spec.load_balancer_source_ranges, family)
     node_ip = node.node_ip(family)
     allow_self = bool(node_ip and any(parse_ip(node_ip) in parse_cidr(r) for r in ranges))
     notes: list[str] = []
@@ -256,7 +260,7 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
     all_ports: list[tuple[Service, int, PortPlan]] = []
     for family in (4, 6):
         fam: Family = 4 if family == 4 else 6
-        pod_cidrs = _in_family(node.spec.cluster_cidrs, fam)
+        pod_cidrs = _cidrs_in_family(node.spec.cluster_cidrs, fam)
         ports: list[PortPlan] = []
         for svc in programmed_services(inputs.services):
             cluster_ip = next(
@@ -276,7 +280,7 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
         if npa == ["primary"]:
             mode = "primary"
         else:
-            fam_cidrs = _in_family(npa, fam)
+            fam_cidrs = _cidrs_in_family(npa, fam)
             if any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
                 mode, cidrs = "all", ()
             else:
@@ -287,7 +291,7 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
                 table=node.spec.table_name,
                 node_ip=node.node_ip(fam),
                 pod_cidrs=pod_cidrs,
-                service_cidrs=_in_family(node.spec.service_cidrs, fam),
+                service_cidrs=_cidrs_in_family(node.spec.service_cidrs, fam),
                 nodeport_mode=mode,
                 nodeport_cidrs=cidrs,
                 masquerade_bit=node.spec.masquerade_bit,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from svcrules.addr import ip_sort_key
+from svcrules.addr import collapse_cidrs, ip_sort_key
 from svcrules.names import chain_name, comment, digest
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
 from svcrules.render import render
@@ -206,7 +206,7 @@ def layout_family(plan: FamilyPlan) -> Table:
                 allowed = list(p.source_ranges)
                 if p.allow_lb_self:
                     allowed.append(f"{ip}/{32 if plan.family == 4 else 128}")
-                for cidr in allowed:
+                for cidr in collapse_cidrs(allowed):
                     table.fw_allow.append((ip, proto, p.port, cidr))
 
     table.chains.sort(key=lambda c: c.name)

@@ -32,7 +32,7 @@ BASE_CHAINS = (
     ("nat-output", "output", -100),
     ("nat-postrouting", "postrouting", 100),
 )
-DEFAULT_SET_SIZE = 65535  # nft gives sets that rules update this size; the kernel holds it
+DEFAULT_SET_SIZE = 65535  # nft 1.0.6 gives dynamic sets this size; the kernel then holds it
 
 
 # -- expressions ---------------------------------------------------------------
@@ -126,8 +126,7 @@ def _set(
     timeout: int | None = None,
 ) -> Obj:
     """A named set (or map when ``data`` is given), keys in nft's listing order."""
-    body: Obj = {"family": f.fam, "name": name, "table": f.t.name, "type": key}
-    body["comment"] = comment
+    body: Obj = {"family": f.fam, "name": name, "table": f.t.name, "type": key, "comment": comment}
     if data is not None:
         body["map"] = data
     if size is not None:

@@ -241,6 +241,8 @@ def _cleanup(prefix: str, agents: list[_Agent], logdir: str) -> None:
     agents.clear()
     try:
         delete_netns(n for n in list_netns() if n.startswith(prefix))
+    except (LabError, OSError, subprocess.SubprocessError) as exc:
+        print(f"svcrules lab: could not delete namespaces {prefix}*: {exc}", file=sys.stderr)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
 
@@ -299,7 +301,13 @@ class _Agent:
                 self.proc.stdin.write((json.dumps(req) + "\n").encode())
             except BrokenPipeError as exc:
                 raise LabError(f"agent client in {self.ns} is gone:\n{self.log()}") from exc
-            resp: dict[str, Any] = json.loads(self.readline(deadline))
+            try:
+                resp: dict[str, Any] = json.loads(self.readline(deadline))
+            except LabError:
+                # A late answer would be read as the answer to the next
+                # request: this agent is unusable now (the lab respawns it).
+                self.kill()
+                raise
         if "error" in resp:
             raise LabError(f"agent client in {self.ns} rejected {req}: {resp['error']}")
         return resp
@@ -349,6 +357,7 @@ class Lab:
         self.startup_seconds = 0.0
         self._agents: list[_Agent] = []
         self._clients: dict[str, _Agent] = {}
+        self._servers: list[_Agent] = []
         self._logdir = tempfile.mkdtemp(prefix=self.prefix)
         self._started = False
         self._closed = False
@@ -470,15 +479,31 @@ class Lab:
         run_parallel(batches)
 
         ports = ",".join(str(p) for p in self.ports)
-        servers = [self._spawn_server(p, p, ports) for p in self.pod_names]
+        servers = self._servers = [self._spawn_server(p, p, ports) for p in self.pod_names]
         for m in ["client", "node", *self.pod_names]:
             self._clients[m] = self._spawn(m, "client", [])
         deadline = time.monotonic() + 20
         for agent in servers:
             self._wait_ready(agent, deadline)
-        # A trivial request proves each client agent is up (and warms it).
         for agent in self._clients.values():
-            agent.request({"dst": "127.0.0.1", "port": 9, "count": 0}, deadline)
+            self._ping(agent, deadline)
+
+    @staticmethod
+    def _ping(agent: _Agent, deadline: float) -> None:
+        """A request for zero connections: proves the client agent is up."""
+        agent.request({"dst": "127.0.0.1", "port": 9, "count": 0}, deadline)
+
+    def _client(self, ns: str) -> _Agent:
+        """The client agent of ``ns``, respawned if it died (or was killed
+        after a request timed out) so one bad probe cannot break later tests."""
+        if ns not in self._clients:
+            raise KeyError(f"no client agent in {ns!r}; have {sorted(self._clients)}")
+        agent = self._clients[ns]
+        if not agent.alive():
+            agent.kill()
+            agent = self._clients[ns] = self._spawn(ns, "client", [])
+            self._ping(agent, time.monotonic() + 10)
+        return agent
 
     def _in(self, ns: str, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns(ns), *cmd]
@@ -596,9 +621,11 @@ class Lab:
         """Empty the node's ruleset and conntrack table so tests are independent."""
         self.nft("flush", "ruleset")
         self.exec("node", "conntrack", "-F")
-        dead = [f"{a.role}@{a.ns}" for a in self._clients.values() if not a.alive()]
+        for ns in self._clients:
+            self._client(ns)
+        dead = [a.ns for a in self._servers if not a.alive()]
         if dead:
-            raise LabError(f"lab agents died: {', '.join(dead)}")
+            raise LabError(f"lab servers died in {', '.join(dead)}")
 
     def serve(
         self, ns: str, name: str | None = None, ports: Sequence[int] = DEFAULT_PORTS
@@ -637,8 +664,6 @@ class Lab:
         self._check_open()
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be tcp or udp, not {proto!r}")
-        if src not in self._clients:
-            raise KeyError(f"no client agent in {src!r}; have {sorted(self._clients)}")
         req = {
             "dst": dst,
             "port": port,
@@ -651,7 +676,7 @@ class Lab:
         }
         rounds = -(-count // max(1, concurrency))
         deadline = time.monotonic() + rounds * (timeout + 1.0) + 10.0
-        resp = self._clients[src].request(req, deadline)
+        resp = self._client(src).request(req, deadline)
         return [Result(**r) for r in resp["results"]]
 
     # ----------------------------------------------------------------- helpers

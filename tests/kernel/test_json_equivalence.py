@@ -59,11 +59,28 @@ def _run(ns: str, *args: str, stdin: str | None = None) -> str:
     return proc.stdout
 
 
+NETNS_PREFIX = "svjson-"
+
+
+def _delete_stale_namespaces() -> None:
+    """Remove namespaces of earlier runs of this module that were killed mid-way."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    for name in re.findall(rf"^({NETNS_PREFIX}(\d+))\b", listed.stdout, flags=re.M):
+        ns, pid = name
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
     """One throw-away namespace for the module; each check flushes its ruleset first."""
     require_kernel()
-    name = f"svjson-{os.getpid()}"
+    _delete_stale_namespaces()
+    name = f"{NETNS_PREFIX}{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
     try:
         yield name

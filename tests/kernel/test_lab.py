@@ -259,6 +259,14 @@ def test_node_sysctls(lab: Lab) -> None:
     assert get("net.ipv6.icmp.ratelimit") == "0"
 
 
+def test_dead_client_agent_is_respawned(lab: Lab) -> None:
+    victim = lab._clients["pod4"].proc
+    victim.kill()
+    victim.wait()
+    _expect(lab, "pod4", lab.pod_ip4("pod1"), 8080, "tcp", "pod1")
+    assert lab._clients["pod4"].proc is not victim
+
+
 def _host_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}

@@ -480,3 +480,20 @@ def test_sctp_rules_load(lab: Lab) -> None:
     listed = lab.nft("list", "table", "ip", "svcrules")
     assert f"{CIP} . sctp . 80" in listed and "sctp . 30080" in listed
     assert "meta l4proto sctp dnat ip to numgen random mod 1" in listed
+
+
+def test_overlapping_ranges_load(lab: Lab) -> None:
+    """Overlapping CIDRs are merged: nft interval sets refuse overlapping elements."""
+    svc = web(
+        "LoadBalancer",
+        node_port=30080,
+        lb_ips=[LB],
+        loadBalancerSourceRanges=["0.0.0.0/0", "192.0.2.0/24"],
+    )
+    node = cfg(
+        nodePortAddresses=["198.18.0.0/15", "198.18.0.1/32"],
+        clusterCIDRs=["198.51.100.0/24", "198.51.100.128/25"],
+    )
+    load(lab, svc, web_slice(eps("pod2")), node=node)
+    assert lab.backends(ok(lab.probe("client", LB, 80, count=3))) == {"pod2"}
+    assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip4, 30080, count=3))) == {"pod2"}
