@@ -11,6 +11,8 @@ Only this module and templates/nftables/ know nft.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 from svcrules.addr import collapse_cidrs, ip_sort_key
@@ -228,6 +230,26 @@ def layout(plan: NodePlan) -> list[Table]:
     return [layout_family(f) for f in plan.families]
 
 
+FINGERPRINT_PLACEHOLDER = "@@fingerprint@@"
+_FINGERPRINT = re.compile(r'return comment "svcrules ([0-9a-f]{32})"')
+
+
 def render_nft(plan: NodePlan) -> str:
-    """The nft script that atomically creates or replaces svcrules' own tables."""
-    return render("nftables/ruleset.nft.j2", tables=layout(plan), plan=plan)
+    """The nft script that atomically creates or replaces svcrules' own tables.
+
+    Each table's ``state`` chain carries a digest of the whole script, so that a
+    later run learns what the kernel holds by reading one rule, not the tables."""
+    text = render(
+        "nftables/ruleset.nft.j2",
+        tables=layout(plan),
+        plan=plan,
+        fingerprint=FINGERPRINT_PLACEHOLDER,
+    )
+    digest_ = hashlib.sha256(text.encode()).hexdigest()[:32]
+    return text.replace(FINGERPRINT_PLACEHOLDER, digest_)
+
+
+def fingerprint_of(text: str) -> str | None:
+    """The fingerprint inside a rendered script or a listing of a state chain."""
+    m = _FINGERPRINT.search(text)
+    return m.group(1) if m else None

@@ -20,7 +20,7 @@ import ipaddress
 import json
 from typing import TypeAlias
 
-from svcrules.backends.nftables import Chain, Table, layout
+from svcrules.backends.nftables import Chain, Table, fingerprint_of, layout, render_nft
 from svcrules.plan import NodePlan
 
 Json: TypeAlias = bool | int | str | list["Json"] | dict[str, "Json"] | None
@@ -32,6 +32,7 @@ BASE_CHAINS = (
     ("nat-output", "output", -100),
     ("nat-postrouting", "postrouting", 100),
 )
+STATE_COMMENT = "never jumped to: its rule names what svcrules last wrote"
 DEFAULT_SET_SIZE = 65535  # nft 1.0.6 gives dynamic sets this size; the kernel then holds it
 
 
@@ -368,6 +369,8 @@ def _chains_and_rules(f: _Family) -> tuple[list[Obj], list[tuple[str, list[Json]
     )
     chains.append(_chain(f, "no-endpoints"))
     rules.append(("no-endpoints", [f.reject]))
+    chains.append(_chain(f, "state", STATE_COMMENT))
+    rules.append(("state", [{"return": None}]))
 
     for a in t.affinity:
         name = f"aep-{a.name}"
@@ -388,22 +391,27 @@ def _node_comment(node_name: str) -> str:
     return "svcrules: Services of node " + node_name.replace('"', "").replace("\n", " ")
 
 
-def table_objects(t: Table, plan: NodePlan) -> list[Obj]:
+def table_objects(t: Table, plan: NodePlan, fingerprint: str) -> list[Obj]:
     """One table in listing order: the table, its sets and maps, chains, rules."""
     f = _Family(t)
     table: Obj = {"family": t.family, "name": t.name, "comment": _node_comment(plan.node_name)}
     chains, rules = _chains_and_rules(f)
     out: list[Obj] = [{"table": table}, *_sets(f), *chains]
     for chain, expr in rules:
-        out.append({"rule": {"family": t.family, "table": t.name, "chain": chain, "expr": expr}})
+        rule: Obj = {"family": t.family, "table": t.name, "chain": chain}
+        if chain == "state":
+            rule["comment"] = f"svcrules {fingerprint}"  # nft lists it before expr
+        rule["expr"] = expr
+        out.append({"rule": rule})
     return out
 
 
 def ruleset_objects(plan: NodePlan) -> Obj:
     """The whole document as Python objects (what :func:`render_json` serialises)."""
+    fingerprint = fingerprint_of(render_nft(plan)) or ""
     objects: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
     for t in layout(plan):
-        objects.extend(table_objects(t, plan))
+        objects.extend(table_objects(t, plan, fingerprint))
     return {"nftables": objects}
 
 

@@ -8,7 +8,7 @@ test.  Tests that change the topology itself (routes, links, sysctls) must not
 use the shared lab; they use ``lab_factory`` to get a private one.
 
 Without root / ip / nft / conntrack / working network namespaces the tests are
-skipped, or fail when ``SVCRULES_REQUIRE_KERNEL=1`` (CI sets it so that a
+skipped, or fail when ``SVCRULES_REQUIRE_KERNEL=1`` (set it in CI so that a
 broken environment cannot pass silently).
 """
 

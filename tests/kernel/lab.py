@@ -708,4 +708,8 @@ class Lab:
         ]
         stale = sorted(set(dead) - _netns_in_use(dead))
         delete_netns(stale)
+        for logdir in Path(tempfile.gettempdir()).glob("svk*-*-*"):
+            m = _STALE_RE.match(logdir.name)
+            if m and logdir.is_dir() and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(logdir, ignore_errors=True)
         return stale
