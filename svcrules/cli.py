@@ -264,3 +264,7 @@ def check_cmd(
 
 def main() -> None:
     app()
+
+
+# The commands that touch the kernel live in their own module; importing it registers them.
+from svcrules import cli_kernel  # noqa: E402, F401

@@ -5,7 +5,7 @@ named maps hold the data that grows with the cluster (frontends, backends),
 and each Service port adds only one or two short chains without anonymous
 sets, because the number of sets drives nft's load time, not the number of
 elements. Backend choice is ``numgen random mod N offset BASE`` into one
-shared ``backends`` map; each endpoint selection owns a block of slots.
+shared ``backends-<protocol>`` map; each endpoint selection owns a block of slots.
 Only this module and templates/nftables/ know nft.
 """
 
@@ -20,6 +20,7 @@ from svcrules.names import chain_name, comment, digest
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
 from svcrules.render import render
 
+PROTOCOLS = ("tcp", "udp", "sctp")
 SLOT_BITS = 12  # endpoints per slot block; larger selections take several blocks
 BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bit
 
@@ -68,7 +69,11 @@ class Table:
     cluster_ips: list[str] = field(default_factory=list)
     fw_frontends: list[tuple[str, str, int]] = field(default_factory=list)
     fw_allow: list[tuple[str, str, int, str]] = field(default_factory=list)
-    backends: list[tuple[int, Backend]] = field(default_factory=list)
+    # protocol -> (slot, endpoint); one map per protocol: nft 1.0.6 refuses an
+    # incremental "meta l4proto udp dnat ... map @m" when m's data is typed "th dport".
+    backends: dict[str, list[tuple[int, Backend]]] = field(
+        default_factory=lambda: {p: [] for p in PROTOCOLS}
+    )
     affinity_slots: list[tuple[int, str]] = field(default_factory=list)
     hairpin: list[str] = field(default_factory=list)
 
@@ -133,7 +138,7 @@ def layout_family(plan: FamilyPlan) -> Table:
         for i, b in enumerate(backends):
             hairpin.add(b.ip)
             if p.affinity_timeout is None:
-                table.backends.append((base + i, b))
+                table.backends[_proto(p)].append((base + i, b))
                 continue
             name = digest(p.key, b.ip, str(b.port))
             names.append(name)
@@ -220,7 +225,8 @@ def layout_family(plan: FamilyPlan) -> Table:
     table.fw_allow = sorted(
         set(table.fw_allow), key=lambda e: (ip_sort_key(e[0]), e[1], e[2], ip_sort_key(e[3]))
     )
-    table.backends.sort(key=lambda e: e[0])
+    for entries in table.backends.values():
+        entries.sort(key=lambda e: e[0])
     table.affinity_slots.sort()
     table.hairpin = sorted(hairpin, key=ip_sort_key)
     return table

@@ -218,16 +218,17 @@ def _sets(f: _Family) -> list[Obj]:
         )
     )
     # typeof numgen ... : lists as an integer key (nft 1.0.6).
-    out.append(
-        _set(
-            f,
-            "backends",
-            "integer",
-            "slot : endpoint address . port",
-            [[slot, _concat(b.ip, b.port)] for slot, b in t.backends],
-            data=f"{a} . inet_service",
+    for proto, entries in t.backends.items():
+        out.append(
+            _set(
+                f,
+                f"backends-{proto}",
+                "integer",
+                "slot : endpoint address . port",
+                [[slot, _concat(b.ip, b.port)] for slot, b in entries],
+                data=f"{a} . inet_service",
+            )
         )
-    )
     out.append(
         _set(
             f,
@@ -298,7 +299,9 @@ def _service_chain_rules(f: _Family, c: Chain) -> list[list[Json]]:
         dnat: Obj = {
             "dnat": {
                 "family": f.fam,
-                "addr": {"map": {"key": _numgen(s.count, s.base), "data": _ref("backends")}},
+                "addr": {
+                    "map": {"key": _numgen(s.count, s.base), "data": _ref(f"backends-{c.protocol}")}
+                },
             }
         }
         rules.append([_match(_meta("l4proto"), c.protocol), dnat])

@@ -1,0 +1,353 @@
+"""``diff``, ``apply``, ``sync`` and ``cleanup``: the commands that touch the kernel.
+
+Exit codes follow ``kubectl diff``: 0 no change, 1 changes (``diff`` only),
+2 bad input or a refused transaction.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from svcrules.cli import (
+    ClusterCIDR,
+    ConfigOpt,
+    MasqAll,
+    NodeIP,
+    NodeName,
+    NodePortAddr,
+    Paths,
+    ServiceCIDR,
+    TableName,
+    Zone,
+    _compile,
+    _overrides,
+    app,
+)
+from svcrules.compiler import Ruleset
+from svcrules.config import Overrides
+from svcrules.errors import SvcrulesError
+from svcrules.kernel import Backend, open_backend
+from svcrules.lock import LockBusy, exclusive
+from svcrules.logs import LOG, setup
+from svcrules.metrics import SyncMetrics, write_metrics
+from svcrules.reconcile import Change, cleanup, execute, plan_change
+from svcrules.report import stats, summary
+from svcrules.state import DEFAULT_STATE_DIR, StateStore
+
+
+class NftChoice(StrEnum):
+    auto = "auto"
+    libnftables = "libnftables"
+    nft = "nft"
+
+
+class DiffOutput(StrEnum):
+    summary = "summary"
+    nft = "nft"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+StateDir = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir",
+        envvar="SVCRULES_STATE_DIR",
+        help="Where the last applied script and its fingerprint are kept.",
+    ),
+]
+NftOpt = Annotated[
+    NftChoice,
+    typer.Option(
+        "--nft",
+        help="Kernel interface: libnftables, the nft command, or auto (libnftables, else nft).",
+    ),
+]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Read the owned tables back in full and compare, "
+        "instead of trusting the fingerprint alone.",
+    ),
+]
+
+
+def _die(exc: SvcrulesError) -> NoReturn:
+    for line in str(exc).splitlines():
+        print(f"svcrules: error: {line}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _prepare(
+    paths: list[str] | None, config: str | None, ov: Overrides, state_dir: Path, nft: NftChoice
+) -> tuple[Ruleset, Backend, StateStore]:
+    ruleset = _compile(paths, config, ov)
+    try:
+        backend = open_backend(nft.value)
+    except SvcrulesError as exc:
+        _die(exc)
+    return ruleset, backend, StateStore(state_dir, ruleset.plan.table)
+
+
+@app.command("diff")
+def diff_cmd(
+    paths: Paths = None,
+    config: ConfigOpt = None,
+    output: Annotated[
+        DiffOutput,
+        typer.Option(
+            "--output", help="A readable summary, or the exact nft transaction apply would send."
+        ),
+    ] = DiffOutput.summary,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+    nft: NftOpt = NftChoice.auto,
+    verify: Verify = False,
+    node_name: NodeName = None,
+    node_ip: NodeIP = None,
+    cluster_cidr: ClusterCIDR = None,
+    service_cidr: ServiceCIDR = None,
+    nodeport_address: NodePortAddr = None,
+    masquerade_all: MasqAll = None,
+    zone: Zone = None,
+    table_name: TableName = None,
+) -> None:
+    """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
+    ov = _overrides(
+        node_name,
+        node_ip,
+        cluster_cidr,
+        service_cidr,
+        nodeport_address,
+        masquerade_all,
+        zone,
+        table_name,
+    )
+    ruleset, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    try:
+        change = plan_change(ruleset, backend, store, verify)
+    except SvcrulesError as exc:
+        _die(exc)
+    sys.stdout.write(change.script if output is DiffOutput.nft else summary(change))
+    raise typer.Exit(1 if change.changed else 0)
+
+
+@app.command("apply")
+def apply_cmd(
+    paths: Paths = None,
+    config: ConfigOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the transaction with nft's check mode and print the plan; change nothing.",
+        ),
+    ] = False,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+    nft: NftOpt = NftChoice.auto,
+    verify: Verify = False,
+    node_name: NodeName = None,
+    node_ip: NodeIP = None,
+    cluster_cidr: ClusterCIDR = None,
+    service_cidr: ServiceCIDR = None,
+    nodeport_address: NodePortAddr = None,
+    masquerade_all: MasqAll = None,
+    zone: Zone = None,
+    table_name: TableName = None,
+) -> None:
+    """Bring the kernel to the compiled ruleset in one atomic transaction holding only
+    what changed (the first run, or tables changed behind svcrules' back, get a full
+    replacement). A refused transaction leaves the previous rules in place."""
+    ov = _overrides(
+        node_name,
+        node_ip,
+        cluster_cidr,
+        service_cidr,
+        nodeport_address,
+        masquerade_all,
+        zone,
+        table_name,
+    )
+    ruleset, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    try:
+        change = plan_change(ruleset, backend, store, verify)
+        if dry_run:
+            if change.changed:
+                backend.run(change.script, check_only=True)
+            sys.stdout.write(summary(change))
+            return
+        execute(change, backend, store, ruleset.plan.table)
+    except SvcrulesError as exc:
+        _die(exc)
+    sys.stdout.write(summary(change))
+    for problem in change.problems:
+        print(f"svcrules: warning: {problem}", file=sys.stderr)
+
+
+def _sync_once(
+    paths: list[str] | None,
+    config: str | None,
+    ov: Overrides,
+    state_dir: Path,
+    nft: NftChoice,
+    verify: bool,
+    metrics_file: Path | None,
+    started: float,
+) -> Change:
+    ruleset, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    change: Change | None = None
+    try:
+        change = plan_change(ruleset, backend, store, verify)
+        execute(change, backend, store, ruleset.plan.table)
+    except SvcrulesError:
+        _, meta = store.load()
+        meta.failures += 1
+        store.save(None, meta)
+        if metrics_file:
+            _metrics(
+                metrics_file, ruleset, change, False, started, meta.failures, meta.last_success
+            )
+        raise
+    if metrics_file:
+        _metrics(
+            metrics_file,
+            ruleset,
+            change,
+            True,
+            started,
+            change.new_meta.failures,
+            change.new_meta.last_success,
+        )
+    return change
+
+
+def _metrics(
+    path: Path,
+    ruleset: Ruleset,
+    change: Change | None,
+    ok: bool,
+    started: float,
+    failures: int,
+    last_success: float,
+) -> None:
+    s = stats(ruleset)
+    write_metrics(
+        path,
+        SyncMetrics(
+            table=ruleset.plan.table,
+            success=ok,
+            last_success=last_success,
+            duration=time.monotonic() - started,
+            operations=change.operations if change and ok else 0,
+            mode=change.mode if change and ok else "none",
+            services=s.services,
+            service_ports=s.service_ports,
+            endpoints=s.endpoints,
+            chains=s.chains,
+            rules=s.rules,
+            elements=s.elements,
+            failures=failures,
+        ),
+    )
+
+
+@app.command("sync")
+def sync_cmd(
+    paths: Paths = None,
+    config: ConfigOpt = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="When another run holds the lock: wait for it (default), or exit 0 at once.",
+        ),
+    ] = True,
+    lock_timeout: Annotated[
+        float, typer.Option("--lock-timeout", help="Seconds to wait for the lock.")
+    ] = 60.0,
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics-file", help="Write Prometheus text-format metrics here (atomically)."
+        ),
+    ] = None,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="stderr logs as text or JSON lines.")
+    ] = LogFormat.text,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+    nft: NftOpt = NftChoice.auto,
+    verify: Verify = False,
+    node_name: NodeName = None,
+    node_ip: NodeIP = None,
+    cluster_cidr: ClusterCIDR = None,
+    service_cidr: ServiceCIDR = None,
+    nodeport_address: NodePortAddr = None,
+    masquerade_all: MasqAll = None,
+    zone: Zone = None,
+    table_name: TableName = None,
+) -> None:
+    """'apply' for cron and timers: an exclusive lock, silence when nothing changed,
+    one log line when something did, optional metrics."""
+    setup(log_format.value)
+    started = time.monotonic()
+    ov = _overrides(
+        node_name,
+        node_ip,
+        cluster_cidr,
+        service_cidr,
+        nodeport_address,
+        masquerade_all,
+        zone,
+        table_name,
+    )
+    try:
+        with exclusive(state_dir / "lock", wait, lock_timeout):
+            change = _sync_once(paths, config, ov, state_dir, nft, verify, metrics_file, started)
+    except LockBusy as exc:
+        LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
+        return
+    except SvcrulesError as exc:
+        LOG.error("sync failed: %s", exc, extra={"fields": {"event": "failed"}})
+        raise typer.Exit(2) from None
+    for problem in change.problems:
+        LOG.warning("%s", problem)
+    if change.changed:
+        fields = {
+            "event": "applied",
+            "mode": change.mode,
+            "operations": change.operations,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        LOG.info(
+            "applied: %s, %d operations%s",
+            change.mode,
+            change.operations,
+            f" ({change.reason})" if change.reason else "",
+            extra={"fields": fields},
+        )
+
+
+@app.command("cleanup")
+def cleanup_cmd(
+    table_name: TableName = None,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+    nft: NftOpt = NftChoice.auto,
+) -> None:
+    """Delete svcrules' own tables (ip and ip6) and its saved state; nothing else."""
+    table = table_name or "svcrules"
+    try:
+        backend = open_backend(nft.value)
+        with exclusive(state_dir / "lock", True, 60.0):
+            gone = cleanup(backend, StateStore(state_dir, table), table)
+    except SvcrulesError as exc:
+        _die(exc)
+    print(f"removed: {', '.join(gone)}" if gone else "nothing to remove")

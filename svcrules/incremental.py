@@ -1,0 +1,210 @@
+"""Incremental updates: the smallest nft transaction from one script to another.
+
+Both sides are scripts rendered by svcrules (the last one applied is kept in
+the state directory), parsed back into objects: sets and maps with their
+elements, chains with their rules. The template stays the only writer of nft
+syntax; this module only cuts its output into objects and recombines lines.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+_TABLE = re.compile(r"^table (ip6?) (\S+) \{$")
+_OBJECT = re.compile(r"^\t(set|map|chain) (\S+) \{$")
+_HEADER = ("type ", "typeof ", "flags ", "timeout ", "size ", "comment ", "policy ")
+ELEMENT_CHUNK = 5000  # elements per add/delete command; keeps lines reasonable
+
+
+@dataclass(frozen=True)
+class NftObject:
+    kind: str  # "set", "map" or "chain"
+    name: str
+    header: tuple[str, ...]  # type/flags/timeout/comment lines, or a chain's hook line
+    items: tuple[str, ...]  # elements (sets, maps) or rules (chains)
+
+    def keys(self) -> dict[str, str]:
+        """Element key -> whole element (a map element is ``key : value``)."""
+        return {item.split(" : ", 1)[0]: item for item in self.items}
+
+    @property
+    def is_base_chain(self) -> bool:
+        return self.kind == "chain" and any(h.startswith("type ") for h in self.header)
+
+
+@dataclass
+class TableText:
+    family: str
+    name: str
+    comment: str
+    objects: dict[str, NftObject] = field(default_factory=dict)
+
+
+def parse_script(text: str) -> dict[tuple[str, str], TableText]:
+    """Cut a script rendered by svcrules into tables and objects."""
+    tables: dict[tuple[str, str], TableText] = {}
+    lines = iter(text.splitlines())
+    for line in lines:
+        m = _TABLE.match(line)
+        if m:
+            table = _parse_table(m.group(1), m.group(2), lines)
+            tables[(table.family, table.name)] = table
+    return tables
+
+
+def _parse_table(family: str, name: str, lines: Iterator[str]) -> TableText:
+    table = TableText(family, name, "")
+    for line in lines:
+        if line == "}":
+            return table
+        if line.startswith("\tcomment "):
+            table.comment = line.strip()
+            continue
+        m = _OBJECT.match(line)
+        if m:
+            obj = _parse_object(m.group(1), m.group(2), lines)
+            table.objects[obj.name] = obj
+    raise ValueError(f"unterminated table {family} {name}")
+
+
+def _parse_object(kind: str, name: str, lines: Iterator[str]) -> NftObject:
+    header: list[str] = []
+    items: list[str] = []
+    in_elements = False
+    for line in lines:
+        stripped = line.strip()
+        if line == "\t}":
+            return NftObject(kind, name, tuple(header), tuple(items))
+        if in_elements:
+            if stripped == "}":
+                in_elements = False
+            else:
+                items.append(stripped.rstrip(","))
+        elif stripped == "elements = {":
+            in_elements = True
+        elif kind != "chain" or stripped.startswith(_HEADER):
+            header.append(stripped)
+        else:
+            items.append(stripped)
+    raise ValueError(f"unterminated {kind} {name}")
+
+
+@dataclass
+class Transaction:
+    """nft commands in a safe order, and how much they change."""
+
+    commands: list[str] = field(default_factory=list)
+    deletions: list[str] = field(default_factory=list)  # run last; may be dropped on EBUSY
+    deleted: list[str] = field(default_factory=list)  # "family kind name" of each deletion
+    operations: int = 0
+    chains_added: int = 0
+    chains_changed: int = 0
+    chains_removed: int = 0
+    elements_added: int = 0
+    elements_removed: int = 0
+    sets_added: int = 0
+    sets_removed: int = 0
+
+    def script(self, with_deletions: bool = True) -> str:
+        cmds = self.commands + (self.deletions if with_deletions else [])
+        return "".join(f"{c}\n" for c in cmds)
+
+    @property
+    def empty(self) -> bool:
+        return not self.commands and not self.deletions
+
+
+class NeedsFullReplacement(Exception):
+    """The change is not expressible incrementally (layout or table settings changed)."""
+
+
+def _decl(obj: NftObject) -> str:
+    return " ".join(f"{h}" if h.endswith(";") else f"{h};" for h in obj.header)
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(items), ELEMENT_CHUNK):
+        yield items[i : i + ELEMENT_CHUNK]
+
+
+def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str]) -> None:
+    """Add to ``tx`` what turns ``old`` into ``new``; ``stale`` names objects known to
+    linger in the kernel (a delete refused earlier), as "family kind name"."""
+    if old.comment != new.comment:
+        raise NeedsFullReplacement("table settings changed")
+    where = f"{new.family} {new.name}"
+    adds_decl: list[str] = []
+    del_elems: list[str] = []
+    add_elems: list[str] = []
+    rules: list[str] = []
+    removals: list[str] = []
+    for name, obj in new.objects.items():
+        before = old.objects.get(name)
+        if before is not None and (before.kind != obj.kind or before.header != obj.header):
+            raise NeedsFullReplacement(f"{obj.kind} {name} changed its declaration")
+        if obj.kind == "chain":
+            if before is None:
+                if obj.is_base_chain:
+                    raise NeedsFullReplacement(f"new base chain {name}")
+                adds_decl.append(f"add chain {where} {name} {{ {_decl(obj)} }}")
+                tx.chains_added += 1
+            elif before.items == obj.items:
+                continue
+            else:
+                rules.append(f"flush chain {where} {name}")
+                tx.chains_changed += 1
+            rules.extend(f"add rule {where} {name} {rule}" for rule in obj.items)
+            tx.operations += 1 + len(obj.items)
+            continue
+        old_keys = before.keys() if before else {}
+        new_keys = obj.keys()
+        if before is None:
+            adds_decl.insert(0, f"add {obj.kind} {where} {name} {{ {_decl(obj)} }}")
+            tx.sets_added += 1
+            tx.operations += 1
+        gone = [k for k, v in old_keys.items() if new_keys.get(k) != v]
+        fresh = [v for k, v in new_keys.items() if old_keys.get(k) != v]
+        for chunk in _chunks(gone):
+            del_elems.append(f"delete element {where} {name} {{ {', '.join(chunk)} }}")
+        for chunk in _chunks(fresh):
+            add_elems.append(f"add element {where} {name} {{ {', '.join(chunk)} }}")
+        tx.elements_removed += len(gone)
+        tx.elements_added += len(fresh)
+        tx.operations += len(gone) + len(fresh)
+    removed = [o for n, o in old.objects.items() if n not in new.objects]
+    for entry in sorted(stale):
+        fam, kind, name = entry.split(" ")
+        if fam == new.family and name not in new.objects and name not in old.objects:
+            removed.append(NftObject(kind, name, (), ()))
+    for obj in removed:
+        if obj.is_base_chain:
+            raise NeedsFullReplacement(f"base chain {obj.name} removed")
+    for obj in removed:
+        if obj.kind == "chain":
+            rules.append(f"flush chain {where} {obj.name}")
+            removals.insert(0, f"delete chain {where} {obj.name}")
+            tx.deleted.append(f"{new.family} chain {obj.name}")
+            tx.chains_removed += 1
+            tx.operations += 2
+    for obj in removed:
+        if obj.kind != "chain":
+            removals.append(f"delete {obj.kind} {where} {obj.name}")
+            tx.deleted.append(f"{new.family} {obj.kind} {obj.name}")
+            tx.sets_removed += 1
+            tx.operations += 1
+    tx.commands.extend([*adds_decl, *del_elems, *add_elems, *rules])
+    tx.deletions.extend(removals)
+
+
+def diff_scripts(old: str, new: str, stale: set[str] | None = None) -> Transaction:
+    """The incremental transaction from script ``old`` to script ``new``."""
+    old_tables = parse_script(old)
+    new_tables = parse_script(new)
+    if set(old_tables) != set(new_tables):
+        raise NeedsFullReplacement("the set of owned tables changed")
+    tx = Transaction()
+    for key, table in new_tables.items():
+        diff_table(old_tables[key], table, tx, stale or set())
+    return tx

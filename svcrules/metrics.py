@@ -1,0 +1,92 @@
+"""Prometheus text-format metrics, written atomically for node_exporter's
+textfile collector (``--metrics-file``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class SyncMetrics:
+    table: str
+    success: bool
+    last_success: float
+    duration: float
+    operations: int
+    mode: str
+    services: int
+    service_ports: int
+    endpoints: int
+    chains: int
+    rules: int
+    elements: int
+    failures: int
+
+    def render(self) -> str:
+        label = f'{{table="{self.table}"}}'
+        rows = [
+            (
+                "last_success_timestamp_seconds",
+                "gauge",
+                "Unix time of the last successful sync.",
+                self.last_success,
+            ),
+            (
+                "last_sync_success",
+                "gauge",
+                "1 if the last sync succeeded, else 0.",
+                int(self.success),
+            ),
+            ("sync_duration_seconds", "gauge", "Wall time of the last sync.", self.duration),
+            (
+                "sync_operations",
+                "gauge",
+                "Operations sent to the kernel by the last sync (elements, rules, objects).",
+                self.operations,
+            ),
+            (
+                "sync_failures_total",
+                "counter",
+                "Failed syncs since the state was created.",
+                self.failures,
+            ),
+            ("services", "gauge", "Services programmed on this node.", self.services),
+            (
+                "service_ports",
+                "gauge",
+                "Service ports programmed (per family).",
+                self.service_ports,
+            ),
+            ("endpoints", "gauge", "Distinct endpoints (address, port) in use.", self.endpoints),
+            ("chains", "gauge", "Chains in the owned tables.", self.chains),
+            ("rules", "gauge", "Rules in the owned tables.", self.rules),
+            ("elements", "gauge", "Set and map elements in the owned tables.", self.elements),
+        ]
+        out = []
+        for name, kind, help_, value in rows:
+            out += [
+                f"# HELP svcrules_{name} {help_}",
+                f"# TYPE svcrules_{name} {kind}",
+                f"svcrules_{name}{label} {value:g}"
+                if isinstance(value, float)
+                else f"svcrules_{name}{label} {value}",
+            ]
+        modes = ("noop", "incremental", "full")
+        out += [
+            "# HELP svcrules_sync_mode How the last sync changed the kernel.",
+            "# TYPE svcrules_sync_mode gauge",
+        ]
+        out += [
+            f'svcrules_sync_mode{{table="{self.table}",mode="{m}"}} {int(m == self.mode)}'
+            for m in modes
+        ]
+        return "\n".join(out) + "\n"
+
+
+def write_metrics(path: str | Path, metrics: SyncMetrics) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(metrics.render(), encoding="utf-8")
+    tmp.replace(target)

@@ -1,0 +1,316 @@
+"""diff / apply / sync / cleanup against a real kernel (the lab's node namespace).
+
+svcrules runs inside the node namespace as a user would run it there, with its
+state directory in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.k8s import Obj, dump, endpoint_slice, service
+
+from .lab import Lab
+from .test_semantics import CIP, CLIENT, FOREIGN, NODE, cfg, dropped, eps, ok, refused
+
+CIP_B = "203.0.113.20"
+
+
+class Node:
+    """Runs the svcrules command in the lab's node namespace."""
+
+    def __init__(self, lab: Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.inputs = tmp / "inputs.yaml"
+
+    def write(self, *objs: Obj, node: Obj | None = None) -> None:
+        self.inputs.write_text(dump([node or cfg(), *objs]))
+
+    def cmd(self, verb: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", "svcrules", verb, *args, "--state-dir", str(self.state)]
+
+    def run(
+        self, verb: str, *args: str, with_inputs: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        extra = [str(self.inputs)] if with_inputs else []
+        return self.lab.exec("node", *self.cmd(verb, *extra, *args), check=False, timeout=120)
+
+    def apply(self, *objs: Obj, node: Obj | None = None, expect: int = 0) -> str:
+        self.write(*objs, node=node)
+        proc = self.run("apply")
+        assert proc.returncode == expect, proc.stderr
+        return proc.stdout
+
+    def transaction(self, *objs: Obj) -> str:
+        self.write(*objs)
+        proc = self.run("diff", "--output", "nft")
+        assert proc.returncode in (0, 1), proc.stderr
+        return proc.stdout
+
+
+@pytest.fixture
+def node(lab: Lab, tmp_path: Path) -> Node:
+    return Node(lab, tmp_path)
+
+
+def svc_a(*pods: str, **spec: Any) -> list[Obj]:
+    return [
+        service("a", CIP, **spec),
+        endpoint_slice("a", eps(*pods)),
+    ]
+
+
+def svc_b(*pods: str, port: int = 80) -> list[Obj]:
+    return [
+        service("b", CIP_B, ports=[{"name": "http", "port": port}]),
+        endpoint_slice("b", eps(*pods)),
+    ]
+
+
+def ops(summary: str) -> int:
+    line = next(ln for ln in summary.splitlines() if ln.startswith("Kernel:"))
+    return int(line.split(" operations")[0].split()[-1])
+
+
+def test_apply_noop_and_one_endpoint_change(lab: Lab, node: Node) -> None:
+    first = node.apply(*svc_a("pod2"), *svc_b("pod3"))
+    assert "full replacement (no saved state" in first
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=4))) == {"pod2"}
+    again = node.apply(*svc_a("pod2"), *svc_b("pod3"))
+    assert "Kernel: no change (0 operations)" in again
+    assert node.transaction(*svc_a("pod2"), *svc_b("pod3")) == ""
+    tx = node.transaction(*svc_a("pod4"), *svc_b("pod3"))
+    touched = {line.split()[4] for line in tx.splitlines()}
+    assert touched == {"backends-tcp", "hairpin", "state"}, tx
+    summary = node.apply(*svc_a("pod4"), *svc_b("pod3"))
+    assert "incremental update" in summary and ops(summary) <= 8
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=6))) == {"pod4"}
+    assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod3"}
+    proc = node.run("diff")
+    assert proc.returncode == 0 and "no change" in proc.stdout
+
+
+def test_add_remove_service_and_change_port(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"))
+    summary = node.apply(*svc_a("pod2"), *svc_b("pod3"))
+    assert "1 added" in summary and "incremental" in summary
+    assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod3"}
+    summary = node.apply(*svc_a("pod2"), *svc_b("pod3", port=81))
+    assert "incremental" in summary
+    refused(lab.probe("client", CIP_B, 80, count=2))
+    assert lab.backends(ok(lab.probe("client", CIP_B, 81, count=3))) == {"pod3"}
+    summary = node.apply(*svc_a("pod2"))
+    assert "1 removed" in summary and "chains +0 ~2 -1" in summary
+    dropped(lab.probe("client", CIP_B, 81, count=2, timeout=0.5, concurrency=2))
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
+    listed = lab.nft("list", "table", "ip", "svcrules")
+    assert "default/b" not in listed
+
+
+def test_flip_traffic_policies(lab: Lab, node: Node) -> None:
+    objs = lambda **spec: [  # noqa: E731
+        service(
+            "a",
+            CIP,
+            type="NodePort",
+            ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+            **spec,
+        ),
+        endpoint_slice("a", eps("pod2") + eps("pod3", node="node-b")),
+    ]
+    node.apply(*objs())
+    res = ok(lab.probe("client", NODE, 30080, count=24))
+    assert lab.backends(res) == {"pod2", "pod3"}
+    assert "incremental" in node.apply(*objs(externalTrafficPolicy="Local"))
+    res = ok(lab.probe("client", NODE, 30080, count=10))
+    assert lab.backends(res) == {"pod2"} and {r.seen_src for r in res} == {CLIENT}
+    assert "incremental" in node.apply(*objs(internalTrafficPolicy="Local"))
+    assert lab.backends(ok(lab.probe("pod1", CIP, 80, count=10))) == {"pod2"}
+    assert lab.backends(ok(lab.probe("client", NODE, 30080, count=24))) == {"pod2", "pod3"}
+
+
+def test_applies_to_b_never_disturb_a(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2", "pod3"), *svc_b("pod4"))
+    failures: list[object] = []
+    done = threading.Event()
+    count = 0
+
+    def loop() -> None:
+        nonlocal count
+        while not done.is_set():
+            for r in lab.probe("client", CIP, 80, count=5, timeout=2.0):
+                count += 1
+                if r.outcome != "ok" or r.backend not in ("pod2", "pod3"):
+                    failures.append(r)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        for i in range(50):
+            pods = ("pod4",) if i % 2 else ("pod1", "pod4")
+            summary = node.apply(*svc_a("pod2", "pod3"), *svc_b(*pods))
+            assert "incremental" in summary
+    finally:
+        done.set()
+        t.join()
+    assert count > 50 and not failures, failures[:3]
+
+
+def test_refused_transaction_leaves_previous_rules(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"))
+    tx = node.transaction(*svc_a("pod2"), *svc_b("pod3"))
+    slot = next(ln for ln in tx.splitlines() if "add element ip svcrules backends-tcp" in ln)
+    key = slot.split("{ ")[1].split(" :")[0]
+    # Someone else put a different value at the slot the update will add: EEXIST.
+    lab.nft(
+        "add",
+        "element",
+        "ip",
+        "svcrules",
+        "backends-tcp",
+        "{",
+        key,
+        ":",
+        "192.0.2.77",
+        ".",
+        "1",
+        "}",
+    )
+    before = lab.nft("list", "ruleset")
+    node.write(*svc_a("pod2"), *svc_b("pod3"))
+    proc = node.run("apply")
+    assert proc.returncode == 2 and "File exists" in proc.stderr and proc.stdout == ""
+    assert lab.nft("list", "ruleset") == before
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
+    # The next run with --verify notices nothing wrong structurally except the extra
+    # element, and a full replacement repairs everything.
+    proc = node.run("apply", "--verify")
+    assert proc.returncode == 0 and "full replacement (verification found drift" in proc.stdout
+    assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod3"}
+
+
+def test_drift_and_cleanup_leave_other_tables_alone(lab: Lab, node: Node) -> None:
+    lab.load(FOREIGN)
+    foreign = lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
+    node.apply(*svc_a("pod2"))
+    lab.nft("delete", "table", "ip6", "svcrules")  # someone removed a table
+    summary = node.apply(*svc_a("pod2"))
+    assert "full replacement (the kernel's tables differ" in summary
+    assert "table ip6 svcrules" in lab.nft("list", "tables")
+    node.write(*svc_a("pod3"))
+    assert node.lab.exec("node", *node.cmd("sync", str(node.inputs))).returncode == 0
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod3"}
+    proc = node.run("cleanup", with_inputs=False)
+    assert proc.returncode == 0 and "ip svcrules, ip6 svcrules" in proc.stdout
+    tables = lab.nft("list", "tables")
+    assert "svcrules" not in tables
+    after = lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
+    assert after == foreign
+    assert not (node.state / "svcrules.nft").exists()
+    assert "first run" in node.apply(*svc_a("pod2"))
+
+
+def test_dry_run_changes_nothing(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"))
+    before = lab.nft("list", "ruleset")
+    node.write(*svc_a("pod3"))
+    proc = node.run("apply", "--dry-run")
+    assert proc.returncode == 0 and "incremental update" in proc.stdout
+    assert lab.nft("list", "ruleset") == before
+
+
+def test_two_syncs_at_once(lab: Lab, node: Node) -> None:
+    node.write(*svc_a("pod2", "pod3"), *svc_b("pod4"))
+    procs = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", lab.netns("node"), *node.cmd("sync", str(node.inputs))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("Traceback" not in err for _, err in outs)
+    assert sum("applied: full" in err for _, err in outs) == 1, outs
+    proc = node.run("diff")
+    assert proc.returncode == 0, proc.stdout
+    tables = lab.nft("list", "tables")
+    assert tables.count("table ip svcrules") == 1
+
+
+def test_sync_is_quiet_and_writes_metrics(lab: Lab, node: Node) -> None:
+    metrics = node.tmp / "svcrules.prom"
+    node.write(*svc_a("pod2"))
+    proc = node.run("sync", "--metrics-file", str(metrics), "--log-format", "json")
+    assert proc.returncode == 0 and '"event": "applied"' in proc.stderr
+    text = metrics.read_text()
+    assert 'svcrules_service_ports{table="svcrules"} 1' in text
+    assert 'svcrules_sync_mode{table="svcrules",mode="full"} 1' in text
+    proc = node.run("sync", "--metrics-file", str(metrics))
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == ""
+    text = metrics.read_text()
+    assert 'svcrules_sync_operations{table="svcrules"} 0' in text
+    assert 'svcrules_last_sync_success{table="svcrules"} 1' in text
+
+
+def test_affinity_survives_an_apply_that_changes_another_service(lab: Lab, node: Node) -> None:
+    a = svc_a("pod1", "pod2", "pod3", sessionAffinity="ClientIP")
+    node.apply(*a, *svc_b("pod4"))
+    pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=8)))
+    assert len(pinned) == 1
+    for pods in (("pod1",), ("pod2", "pod4")):
+        assert "incremental" in node.apply(*a, *svc_b(*pods))
+        assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
+
+
+def test_udp_client_moves_off_a_removed_backend(lab: Lab, node: Node) -> None:
+    udp = [service("dns", CIP, ports=[{"name": "dns", "port": 53, "protocol": "UDP"}])]
+
+    def dns(*pods: str) -> list[Obj]:
+        return [
+            *udp,
+            endpoint_slice(
+                "dns", eps(*pods), ports=[{"name": "dns", "port": 5353, "protocol": "UDP"}]
+            ),
+        ]
+
+    node.apply(*dns("pod2", "pod3"))
+    # One long-lived UDP flow: a fixed source port keeps one conntrack entry.
+    first = ok(lab.probe("client", CIP, 53, "udp", count=3, sport=41053))
+    (backend,) = lab.backends(first)
+    other = ({"pod2", "pod3"} - {backend}).pop()
+    node.apply(*dns(other))
+    again = ok(lab.probe("client", CIP, 53, "udp", count=3, sport=41053))
+    assert lab.backends(again) == {other}
+
+
+def test_udp_client_rejected_before_endpoints_reaches_them_after(lab: Lab, node: Node) -> None:
+    """The same UDP flow, refused while the Service had no endpoint, is served after."""
+    udp = service("dns", CIP, ports=[{"name": "dns", "port": 53, "protocol": "UDP"}])
+    node.apply(udp)
+    refused(lab.probe("client", CIP, 53, "udp", count=2, sport=41054))
+    node.apply(
+        udp,
+        endpoint_slice(
+            "dns", eps("pod2"), ports=[{"name": "dns", "port": 5353, "protocol": "UDP"}]
+        ),
+    )
+    res = ok(lab.probe("client", CIP, 53, "udp", count=2, sport=41054))
+    assert lab.backends(res) == {"pod2"}
+
+
+def test_missing_node_config_is_exit_2_and_touches_nothing(lab: Lab, node: Node) -> None:
+    node.inputs.write_text(dump([service("a", CIP)]))
+    proc = node.run("apply")
+    assert proc.returncode == 2 and proc.stdout == "" and "NodeConfig" in proc.stderr
+    assert "svcrules" not in lab.nft("list", "tables")
