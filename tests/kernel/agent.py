@@ -318,6 +318,12 @@ def probe_once(req: dict[str, Any]) -> dict[str, Any]:
         result["detail"] += f"{type(exc).__name__}: {exc}"
     finally:
         if sock is not None:
+            if sock.type == socket.SOCK_STREAM:
+                # Close with a reset: neither side keeps the connection in TIME_WAIT.
+                # Thousands of probes would otherwise leave masqueraded 4-tuples in
+                # TIME_WAIT on the pods, where a later SYN reusing one is dropped
+                # (PAWS: per-connection timestamp offsets) and the probe times out.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
         result["elapsed"] = round(time.monotonic() - start, 6)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,7 @@ def test_applies_to_b_never_disturb_a(lab: Lab, node: Node) -> None:
     def loop() -> None:
         nonlocal count
         while not done.is_set():
+            time.sleep(0.01)
             for r in lab.probe("client", CIP, 80, count=5, timeout=2.0):
                 count += 1
                 if r.outcome != "ok" or r.backend not in ("pod2", "pod3"):
