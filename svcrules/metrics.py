@@ -69,7 +69,7 @@ class SyncMetrics:
             out += [
                 f"# HELP svcrules_{name} {help_}",
                 f"# TYPE svcrules_{name} {kind}",
-                f"svcrules_{name}{label} {value:g}"
+                f"svcrules_{name}{label} {value:.6f}"
                 if isinstance(value, float)
                 else f"svcrules_{name}{label} {value}",
             ]
