@@ -9,6 +9,8 @@ legacy parser does (decimal, leading zeros ignored).
 from __future__ import annotations
 
 import ipaddress
+import socket
+from functools import lru_cache
 from typing import Literal
 
 Family = Literal[4, 6]
@@ -50,7 +52,16 @@ def parse_cidr(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not a valid CIDR: {exc}") from None
 
 
+@lru_cache(maxsize=1 << 16)
 def canonical_ip(text: str) -> str:
+    """Canonical spelling; IPv4 in the usual form takes a fast path (large inputs
+    hold hundreds of thousands of endpoint addresses)."""
+    if isinstance(text, str) and "." in text and ":" not in text:
+        try:
+            if socket.inet_ntoa(socket.inet_pton(socket.AF_INET, text)) == text:
+                return text
+        except OSError:
+            pass  # leading zeros, whitespace or garbage: the careful path decides
     return str(parse_ip(text))
 
 

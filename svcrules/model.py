@@ -51,7 +51,7 @@ class K8sModel(BaseModel):
 class ObjectMeta(K8sModel):
     name: Annotated[str, Field(min_length=1)]
     namespace: str = "default"
-    labels: dict[str, str] = {}
+    labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -83,11 +83,11 @@ class SessionAffinityConfig(K8sModel):
 class ServiceSpec(K8sModel):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     cluster_ip: str | None = Field(default=None, alias="clusterIP")
-    cluster_ips: list[str] = Field(default=[], alias="clusterIPs")
-    ip_families: list[Literal["IPv4", "IPv6"]] = []
-    ports: list[ServicePort] = []
-    external_ips: list[IP] = Field(default=[], alias="externalIPs")
-    load_balancer_source_ranges: list[CIDR] = []
+    cluster_ips: list[str] = Field(default_factory=list, alias="clusterIPs")
+    ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list)
+    ports: list[ServicePort] = Field(default_factory=list)
+    external_ips: list[IP] = Field(default_factory=list, alias="externalIPs")
+    load_balancer_source_ranges: list[CIDR] = Field(default_factory=list)
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     session_affinity: Literal["None", "ClientIP"] = "None"
@@ -167,7 +167,7 @@ class LoadBalancerIngress(K8sModel):
 
 
 class LoadBalancerStatus(K8sModel):
-    ingress: list[LoadBalancerIngress] = []
+    ingress: list[LoadBalancerIngress] = Field(default_factory=list)
 
     @field_validator("ingress", mode="before")
     @classmethod
@@ -176,15 +176,15 @@ class LoadBalancerStatus(K8sModel):
 
 
 class ServiceStatus(K8sModel):
-    load_balancer: LoadBalancerStatus = LoadBalancerStatus()
+    load_balancer: LoadBalancerStatus = Field(default_factory=LoadBalancerStatus)
 
 
 class Service(K8sModel):
     api_version: Literal["v1"] = "v1"
     kind: Literal["Service"] = "Service"
     metadata: ObjectMeta
-    spec: ServiceSpec = ServiceSpec()
-    status: ServiceStatus = ServiceStatus()
+    spec: ServiceSpec = Field(default_factory=ServiceSpec)
+    status: ServiceStatus = Field(default_factory=ServiceStatus)
 
     @model_validator(mode="after")
     def _check_ports(self) -> Service:
@@ -223,8 +223,8 @@ class ForNode(K8sModel):
 
 
 class EndpointHints(K8sModel):
-    for_zones: list[ForZone] = []
-    for_nodes: list[ForNode] = []
+    for_zones: list[ForZone] = Field(default_factory=list)
+    for_nodes: list[ForNode] = Field(default_factory=list)
 
     @field_validator("for_zones", "for_nodes", mode="before")
     @classmethod
@@ -234,7 +234,7 @@ class EndpointHints(K8sModel):
 
 class Endpoint(K8sModel):
     addresses: list[str] = Field(min_length=1)
-    conditions: EndpointConditions = EndpointConditions()
+    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
     node_name: str | None = None
     zone: str | None = None
     hints: EndpointHints | None = None
@@ -256,8 +256,8 @@ class EndpointSlice(K8sModel):
     kind: Literal["EndpointSlice"] = "EndpointSlice"
     metadata: ObjectMeta
     address_type: Literal["IPv4", "IPv6", "FQDN"]
-    endpoints: list[Endpoint] = []
-    ports: list[EndpointPort] = []
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    ports: list[EndpointPort] = Field(default_factory=list)
 
     @field_validator("endpoints", "ports", mode="before")
     @classmethod
@@ -290,10 +290,10 @@ _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 class NodeConfigSpec(K8sModel):
-    node_ips: list[IP] = Field(default=[], alias="nodeIPs")
-    cluster_cidrs: list[CIDR] = Field(default=[], alias="clusterCIDRs")
-    service_cidrs: list[CIDR] = Field(default=[], alias="serviceCIDRs")
-    node_port_addresses: list[str] = ["primary"]
+    node_ips: list[IP] = Field(default_factory=list, alias="nodeIPs")
+    cluster_cidrs: list[CIDR] = Field(default_factory=list, alias="clusterCIDRs")
+    service_cidrs: list[CIDR] = Field(default_factory=list, alias="serviceCIDRs")
+    node_port_addresses: list[str] = Field(default_factory=lambda: ["primary"])
     masquerade_all: bool = False
     masquerade_bit: Annotated[int, Field(ge=0, le=31)] = 14
     zone: str = ""

@@ -1,0 +1,136 @@
+"""Synthetic clusters for benchmarks: N Services x E endpoints, deterministic per seed.
+
+The mix follows a typical cluster: 70 % ClusterIP, 15 % NodePort, 10 % LoadBalancer
+(with source ranges), 5 % ClusterIP with ClientIP affinity; about 10 % with two ports;
+some externalTrafficPolicy/internalTrafficPolicy Local. Written as one Kubernetes JSON
+List, as ``kubectl get services,endpointslices -A -o json`` prints it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+Obj = dict[str, Any]
+SERVICE_NET = ipaddress.ip_network("172.20.0.0/14")  # room for 250k ClusterIPs
+POD_NET = ipaddress.ip_network("10.128.0.0/9")
+LB_NET = ipaddress.ip_network("100.64.0.0/12")
+NODES = [f"node-{i}" for i in range(50)]  # the benchmarked node is node-0
+
+
+def node_config() -> Obj:
+    return {
+        "apiVersion": "svcrules.io/v1alpha1",
+        "kind": "NodeConfig",
+        "metadata": {"name": "node-0"},
+        "spec": {
+            "nodeIPs": ["192.0.2.1"],
+            "clusterCIDRs": [str(POD_NET)],
+            "serviceCIDRs": [str(SERVICE_NET)],
+        },
+    }
+
+
+def cluster(services: int, endpoints: int, seed: int = 1) -> list[Obj]:
+    """Service and EndpointSlice objects (no NodeConfig)."""
+    rnd = random.Random(seed)
+    objs: list[Obj] = []
+    node_ports = iter(range(30000, 32768))
+    pod_base = int(POD_NET.network_address)
+    for i in range(services):
+        ns = f"ns-{i % 200}"
+        name = f"svc-{i}"
+        roll = rnd.random()
+        kind = "ClusterIP"
+        if roll < 0.15:
+            kind = "NodePort"
+        elif roll < 0.25:
+            kind = "LoadBalancer"
+        affinity = 0.25 <= roll < 0.30
+        two_ports = rnd.random() < 0.10
+        ports: list[Obj] = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+        if two_ports:
+            ports.append({"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353})
+        if kind != "ClusterIP":
+            for p in ports:
+                p["nodePort"] = next(node_ports, 0) or None
+                if p["nodePort"] is None:
+                    del p["nodePort"]
+        spec: Obj = {
+            "type": kind,
+            "clusterIP": str(SERVICE_NET.network_address + 1 + i),
+            "clusterIPs": [str(SERVICE_NET.network_address + 1 + i)],
+            "ports": ports,
+            "selector": {"app": name},
+        }
+        if kind != "ClusterIP" and rnd.random() < 0.2:
+            spec["externalTrafficPolicy"] = "Local"
+        if rnd.random() < 0.05:
+            spec["internalTrafficPolicy"] = "Local"
+        if affinity:
+            spec["sessionAffinity"] = "ClientIP"
+        svc: Obj = {"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": ns}, "spec": spec}
+        if kind == "LoadBalancer":
+            lb = str(LB_NET.network_address + 1 + i)
+            spec["loadBalancerSourceRanges"] = ["192.0.2.0/24", "198.51.100.0/24"]
+            svc["status"] = {"loadBalancer": {"ingress": [{"ip": lb}]}}
+        objs.append(svc)
+        eps = []
+        for j in range(endpoints):
+            eps.append({
+                "addresses": [str(ipaddress.ip_address(pod_base + i * endpoints + j + 1))],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": rnd.choice(NODES),
+            })
+        objs.append({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-abcde", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "endpoints": eps,
+            "ports": [{"name": p["name"], "port": p["targetPort"], "protocol": p["protocol"]}
+                      for p in ports],
+        })
+    return objs
+
+
+def write(path: Path, objs: list[Obj]) -> None:
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+
+
+def with_changed_endpoint(objs: list[Obj], index: int = 0) -> list[Obj]:
+    """A copy in which one endpoint of one Service moved to another address."""
+    out = json.loads(json.dumps(objs))
+    slices = [o for o in out if o["kind"] == "EndpointSlice"]
+    ep = slices[index]["endpoints"][0]
+    ip = ipaddress.ip_address(ep["addresses"][0])
+    ep["addresses"] = [str(ip + (1 << 22))]
+    return out
+
+
+def with_added_service(objs: list[Obj], endpoints: int) -> list[Obj]:
+    n = sum(1 for o in objs if o["kind"] == "Service")
+    extra = cluster(n + 1, endpoints, seed=99)[-2:]
+    extra[0]["metadata"]["name"] = extra[1]["metadata"]["labels"][
+        "kubernetes.io/service-name"] = "svc-added"
+    extra[0]["spec"]["type"] = "ClusterIP"
+    extra[0]["spec"].pop("externalTrafficPolicy", None)
+    for p in extra[0]["spec"]["ports"]:
+        p.pop("nodePort", None)
+    extra[0].pop("status", None)
+    extra[0]["spec"].pop("loadBalancerSourceRanges", None)
+    return [*objs, *extra]
+
+
+def with_percent_changed(objs: list[Obj], percent: float = 1.0) -> list[Obj]:
+    out = json.loads(json.dumps(objs))
+    slices = [o for o in out if o["kind"] == "EndpointSlice"]
+    step = max(1, int(100 / percent))
+    for sl in slices[::step]:
+        ip = ipaddress.ip_address(sl["endpoints"][0]["addresses"][0])
+        sl["endpoints"][0]["addresses"] = [str(ip + (1 << 22))]
+    return out
