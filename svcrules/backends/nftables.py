@@ -5,7 +5,7 @@ named maps hold the data that grows with the cluster (frontends, backends),
 and each Service port adds only one or two short chains without anonymous
 sets, because the number of sets drives nft's load time, not the number of
 elements. Backend choice is ``numgen random mod N offset BASE`` into one
-shared ``backends-<protocol>`` map; each endpoint selection owns a block of slots.
+shared ``backends-<protocol>-<bucket>`` map; each endpoint selection owns a block of slots.
 Only this module and templates/nftables/ know nft.
 """
 
@@ -21,6 +21,11 @@ from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, R
 from svcrules.render import render
 
 PROTOCOLS = ("tcp", "udp", "sctp")
+# Backend maps are split into buckets by slot block. The kernel walks every element of
+# a map each time a new chain binds to it (nf_tables_bind_set), so one map of 100,000
+# endpoints referenced from 13,000 chains cost 100 s to load; 1,024 buckets bring each
+# walk down to about a hundred elements.
+BUCKETS = 1024
 SLOT_BITS = 12  # endpoints per slot block; larger selections take several blocks
 BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bit
 
@@ -33,7 +38,8 @@ class Selection:
     count: int
     base: int
     backends: tuple[Backend, ...]
-    affinity: tuple[str, ...]  # per backend: the "aep" chain and "aff" set suffix
+    affinity: tuple[tuple[str, int], ...]  # per backend: "aep" chain suffix, affinity id
+    map: str  # the backends (or affinity-endpoints) map holding this selection's slots
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class Chain:
 
 @dataclass(frozen=True)
 class AffinityEndpoint:
-    name: str  # suffix of aep-/aff- objects
+    name: str  # suffix of the aep- chain
+    key: int  # this (Service port, endpoint)'s id in the shared affinity set
     comment: str
     protocol: str
     backend: Backend
@@ -69,34 +76,33 @@ class Table:
     cluster_ips: list[str] = field(default_factory=list)
     fw_frontends: list[tuple[str, str, int]] = field(default_factory=list)
     fw_allow: list[tuple[str, str, int, str]] = field(default_factory=list)
-    # protocol -> (slot, endpoint); one map per protocol: nft 1.0.6 refuses an
-    # incremental "meta l4proto udp dnat ... map @m" when m's data is typed "th dport".
-    backends: dict[str, list[tuple[int, Backend]]] = field(
-        default_factory=lambda: {p: [] for p in PROTOCOLS}
-    )
-    affinity_slots: list[tuple[int, str]] = field(default_factory=list)
+    # map name -> (protocol, [(slot, endpoint)]). Maps are per protocol: nft 1.0.6
+    # refuses an incremental "meta l4proto udp dnat ... map @m" when m's data is
+    # typed "th dport"; and per bucket (see BUCKETS).
+    backends: dict[str, tuple[str, list[tuple[int, Backend]]]] = field(default_factory=dict)
+    # map name -> [(slot, aep name)]
+    affinity_slots: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     hairpin: list[str] = field(default_factory=list)
 
 
-def _allocate(requests: list[tuple[str, int]]) -> dict[str, int]:
-    """Give each selection a block of slots at a spot derived from its key, so a
-    Service's slots do not move when other Services come and go (only on a
-    rare digest collision, resolved by probing in key order)."""
+def _allocate(requests: list[tuple[str, int]], block_bits: int, nblocks: int) -> dict[str, int]:
+    """Give each request a run of blocks at a spot derived from its key, so that it
+    does not move when others come and go (only on a rare digest collision, resolved
+    by probing in key order)."""
     used: set[int] = set()
     out: dict[str, int] = {}
-    nblocks = 1 << BLOCK_BITS
     for key, size in sorted(requests):
-        need = max(1, -(-size // (1 << SLOT_BITS)))
+        need = max(1, -(-size // (1 << block_bits)))
         start = int(digest(key, length=8), 16) % nblocks
         for probe in range(nblocks):
             first = (start + probe) % nblocks
-            span = [(first + i) % nblocks for i in range(need)]
+            span = range(first, first + need)
             if first + need <= nblocks and not used.intersection(span):
                 used.update(span)
-                out[key] = first << SLOT_BITS
+                out[key] = first << block_bits
                 break
-        else:  # pragma: no cover - 2**19 blocks cannot all be taken by real input
-            raise RuntimeError("backend slot space exhausted")
+        else:  # pragma: no cover - the spaces are far larger than any real input
+            raise RuntimeError("slot space exhausted")
     return out
 
 
@@ -118,7 +124,17 @@ def layout_family(plan: FamilyPlan) -> Table:
             requests.append((f"{p.key}#cluster", len(p.cluster_backends)))
         if Route.LOCAL in (p.internal_route, p.external_route):
             requests.append((f"{p.key}#local", len(p.local_backends)))
-    bases = _allocate(requests)
+    bases = _allocate(requests, SLOT_BITS, 1 << BLOCK_BITS)
+    affinity_ids = _allocate(
+        [
+            (f"{p.key}|{b.ip}|{b.port}", 1)
+            for p in plan.ports
+            if p.affinity_timeout is not None
+            for b in {*p.cluster_backends, *p.local_backends}
+        ],
+        0,
+        1 << 31,
+    )
     hairpin: set[str] = set()
     aff_done: set[str] = set()
 
@@ -134,27 +150,36 @@ def layout_family(plan: FamilyPlan) -> Table:
     def _select(p: PortPlan, which: str) -> Selection:
         backends = p.cluster_backends if which == "cluster" else p.local_backends
         base = bases[f"{p.key}#{which}"]
+        bucket = (base >> SLOT_BITS) % BUCKETS
+        if p.affinity_timeout is None:
+            map_name = f"backends-{_proto(p)}-{bucket:04d}"
+            entries = table.backends.setdefault(map_name, (_proto(p), []))[1]
+        else:
+            map_name = f"affinity-endpoints-{bucket:04d}"
+            slots = table.affinity_slots.setdefault(map_name, [])
         names: list[str] = []
         for i, b in enumerate(backends):
             hairpin.add(b.ip)
             if p.affinity_timeout is None:
-                table.backends[_proto(p)].append((base + i, b))
+                entries.append((base + i, b))
                 continue
             name = digest(p.key, b.ip, str(b.port))
-            names.append(name)
-            table.affinity_slots.append((base + i, name))
+            key = affinity_ids[f"{p.key}|{b.ip}|{b.port}"]
+            names.append((name, key))
+            slots.append((base + i, name))
             if name not in aff_done:
                 aff_done.add(name)
                 table.affinity.append(
                     AffinityEndpoint(
                         name,
+                        key,
                         comment(f"{p.key} {b.ip} {b.port}"),
                         _proto(p),
                         b,
                         p.affinity_timeout,
                     )
                 )
-        return Selection(len(backends), base, backends, tuple(names))
+        return Selection(len(backends), base, backends, tuple(names), map_name)
 
     for p in plan.ports:
         proto = _proto(p)
@@ -225,9 +250,9 @@ def layout_family(plan: FamilyPlan) -> Table:
     table.fw_allow = sorted(
         set(table.fw_allow), key=lambda e: (ip_sort_key(e[0]), e[1], e[2], ip_sort_key(e[3]))
     )
-    for entries in table.backends.values():
-        entries.sort(key=lambda e: e[0])
-    table.affinity_slots.sort()
+    table.backends = {k: (v[0], sorted(v[1], key=lambda e: e[0]))
+                      for k, v in sorted(table.backends.items())}
+    table.affinity_slots = {k: sorted(v) for k, v in sorted(table.affinity_slots.items())}
     table.hairpin = sorted(hairpin, key=ip_sort_key)
     return table
 

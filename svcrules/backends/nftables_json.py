@@ -33,7 +33,7 @@ BASE_CHAINS = (
     ("nat-postrouting", "postrouting", 100),
 )
 STATE_COMMENT = "never jumped to: its rule names what svcrules last wrote"
-DEFAULT_SET_SIZE = 65535  # nft 1.0.6 gives dynamic sets this size; the kernel then holds it
+AFFINITY_SET_SIZE = 1048576  # as the template declares it
 
 
 # -- expressions ---------------------------------------------------------------
@@ -65,6 +65,11 @@ def _vmap(key: Json, name: str) -> Obj:
 
 def _numgen(count: int, base: int) -> Obj:
     return {"numgen": {"mode": "random", "mod": count, "offset": base}}
+
+
+def _numgen_inc(key: int) -> Obj:
+    """``numgen inc mod 1 offset KEY``: always KEY (a constant inside a concatenation)."""
+    return {"numgen": {"mode": "inc", "mod": 1, "offset": key}}
 
 
 def _prefix(cidr: str) -> Json:
@@ -218,27 +223,28 @@ def _sets(f: _Family) -> list[Obj]:
         )
     )
     # typeof numgen ... : lists as an integer key (nft 1.0.6).
-    for proto, entries in t.backends.items():
+    for name, (_, entries) in t.backends.items():
         out.append(
             _set(
                 f,
-                f"backends-{proto}",
+                name,
                 "integer",
                 "slot : endpoint address . port",
                 [[slot, _concat(b.ip, b.port)] for slot, b in entries],
                 data=f"{a} . inet_service",
             )
         )
-    out.append(
-        _set(
-            f,
-            "affinity-endpoints",
-            "integer",
-            "slot : endpoint chain, for Services with ClientIP affinity",
-            [[slot, _verdict(f"goto aep-{name}")] for slot, name in t.affinity_slots],
-            data="verdict",
+    for name, slots in t.affinity_slots.items():
+        out.append(
+            _set(
+                f,
+                name,
+                "integer",
+                "slot : endpoint chain, for Services with ClientIP affinity",
+                [[slot, _verdict(f"goto aep-{aep}")] for slot, aep in slots],
+                data="verdict",
+            )
         )
-    )
     out.append(
         _set(
             f,
@@ -248,19 +254,18 @@ def _sets(f: _Family) -> list[Obj]:
             [_concat(ip, ip) for ip in t.hairpin],
         )
     )
-    for aff in t.affinity:
-        out.append(
-            _set(
-                f,
-                f"aff-{aff.name}",
-                a,
-                aff.comment,
-                [],
-                flags=("timeout", "dynamic"),
-                size=DEFAULT_SET_SIZE,
-                timeout=aff.timeout,
-            )
+    out.append(
+        _set(
+            f,
+            "affinity",
+            [a, "integer"],
+            "client . Service-endpoint id, for ClientIP affinity",
+            [],
+            flags=("timeout", "dynamic"),
+            size=AFFINITY_SET_SIZE,
+            timeout=10800,
         )
+    )
     return out
 
 
@@ -292,15 +297,16 @@ def _service_chain_rules(f: _Family, c: Chain) -> list[list[Json]]:
     if s is None:
         rules.append([_verdict("drop")])
     elif s.affinity:
-        for name in s.affinity:
-            rules.append([_match(f.saddr(), _ref(f"aff-{name}")), _verdict(f"goto aep-{name}")])
-        rules.append([_vmap(_numgen(s.count, s.base), "affinity-endpoints")])
+        for name, key in s.affinity:
+            pinned = _match(_concat(f.saddr(), _numgen_inc(key)), _ref("affinity"))
+            rules.append([pinned, _verdict(f"goto aep-{name}")])
+        rules.append([_vmap(_numgen(s.count, s.base), s.map)])
     else:
         dnat: Obj = {
             "dnat": {
                 "family": f.fam,
                 "addr": {
-                    "map": {"key": _numgen(s.count, s.base), "data": _ref(f"backends-{c.protocol}")}
+                    "map": {"key": _numgen(s.count, s.base), "data": _ref(s.map)}
                 },
             }
         }
@@ -378,7 +384,8 @@ def _chains_and_rules(f: _Family) -> tuple[list[Obj], list[tuple[str, list[Json]
     for a in t.affinity:
         name = f"aep-{a.name}"
         chains.append(_chain(f, name, a.comment))
-        update: Obj = {"set": {"op": "update", "elem": f.saddr(), "set": _ref(f"aff-{a.name}")}}
+        elem: Obj = {"elem": {"val": _concat(f.saddr(), _numgen_inc(a.key)), "timeout": a.timeout}}
+        update: Obj = {"set": {"op": "update", "elem": elem, "set": _ref("affinity")}}
         rules.append((name, [update]))
         dnat: Obj = {"dnat": {"addr": a.backend.ip, "port": a.backend.port}}
         rules.append((name, [_match(_meta("l4proto"), a.protocol), dnat]))
