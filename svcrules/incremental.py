@@ -26,8 +26,8 @@ class NftObject:
     items: tuple[str, ...]  # elements (sets, maps) or rules (chains)
 
     def keys(self) -> dict[str, str]:
-        """Element key -> whole element (a map element is ``key : value``)."""
-        return {item.split(" : ", 1)[0]: item for item in self.items}
+        """Element key -> whole element (``key : value`` in maps, ``key comment "…"``)."""
+        return {item.split(" : ", 1)[0].split(" comment ", 1)[0]: item for item in self.items}
 
     @property
     def is_base_chain(self) -> bool:

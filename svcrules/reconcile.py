@@ -1,6 +1,6 @@
 """Bring the kernel to a compiled ruleset: plan the change, send it, verify it.
 
-A run reads one rule per owned table (the ``state`` chain's fingerprint) and
+A run reads one element per owned table (the ``state`` set's fingerprint) and
 compares it with the state directory. When they agree, it sends only the
 difference between the last script and the new one; when they do not (first
 run, lost state, someone changed the tables), it replaces the tables whole.
@@ -48,12 +48,17 @@ class Change:
 
 
 def kernel_fingerprints(backend: Backend, table: str) -> dict[str, str | None]:
-    """The fingerprint in each owned table's state chain (None: absent)."""
+    """The fingerprint in each owned table's state set (None: absent)."""
     out: dict[str, str | None] = {}
     for fam in FAMILIES:
-        rules = list_json(backend, f"chain {fam} {table} state")
-        comments = [o["rule"].get("comment", "") for o in rules if "rule" in o]
-        out[fam] = fingerprint_of(" ".join(f'return comment "{c}"' for c in comments))
+        comments = [
+            e["elem"].get("comment", "")
+            for o in list_json(backend, f"set {fam} {table} state")
+            if "set" in o
+            for e in o["set"].get("elem", [])
+            if isinstance(e, dict) and "elem" in e
+        ]
+        out[fam] = fingerprint_of(" ".join(f'comment "{c}"' for c in comments))
     return out
 
 

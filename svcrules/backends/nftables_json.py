@@ -32,7 +32,7 @@ BASE_CHAINS = (
     ("nat-output", "output", -100),
     ("nat-postrouting", "postrouting", 100),
 )
-STATE_COMMENT = "never jumped to: its rule names what svcrules last wrote"
+STATE_COMMENT = "what svcrules last wrote: a fingerprint of the whole script"
 AFFINITY_SET_SIZE = 1048576  # as the template declares it
 
 
@@ -305,9 +305,7 @@ def _service_chain_rules(f: _Family, c: Chain) -> list[list[Json]]:
         dnat: Obj = {
             "dnat": {
                 "family": f.fam,
-                "addr": {
-                    "map": {"key": _numgen(s.count, s.base), "data": _ref(s.map)}
-                },
+                "addr": {"map": {"key": _numgen(s.count, s.base), "data": _ref(s.map)}},
             }
         }
         rules.append([_match(_meta("l4proto"), c.protocol), dnat])
@@ -378,8 +376,6 @@ def _chains_and_rules(f: _Family) -> tuple[list[Obj], list[tuple[str, list[Json]
     )
     chains.append(_chain(f, "no-endpoints"))
     rules.append(("no-endpoints", [f.reject]))
-    chains.append(_chain(f, "state", STATE_COMMENT))
-    rules.append(("state", [{"return": None}]))
 
     for a in t.affinity:
         name = f"aep-{a.name}"
@@ -406,13 +402,16 @@ def table_objects(t: Table, plan: NodePlan, fingerprint: str) -> list[Obj]:
     f = _Family(t)
     table: Obj = {"family": t.family, "name": t.name, "comment": _node_comment(plan.node_name)}
     chains, rules = _chains_and_rules(f)
-    out: list[Obj] = [{"table": table}, *_sets(f), *chains]
+    state = _set(
+        f,
+        "state",
+        "mark",
+        STATE_COMMENT,
+        [{"elem": {"val": 1, "comment": f"svcrules {fingerprint}"}}],
+    )
+    out: list[Obj] = [{"table": table}, state, *_sets(f), *chains]
     for chain, expr in rules:
-        rule: Obj = {"family": t.family, "table": t.name, "chain": chain}
-        if chain == "state":
-            rule["comment"] = f"svcrules {fingerprint}"  # nft lists it before expr
-        rule["expr"] = expr
-        out.append({"rule": rule})
+        out.append({"rule": {"family": t.family, "table": t.name, "chain": chain, "expr": expr}})
     return out
 
 
