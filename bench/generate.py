@@ -72,8 +72,12 @@ def cluster(services: int, endpoints: int, seed: int = 1) -> list[Obj]:
             spec["internalTrafficPolicy"] = "Local"
         if affinity:
             spec["sessionAffinity"] = "ClientIP"
-        svc: Obj = {"apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": name, "namespace": ns}, "spec": spec}
+        svc: Obj = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": spec,
+        }
         if kind == "LoadBalancer":
             lb = str(LB_NET.network_address + 1 + i)
             spec["loadBalancerSourceRanges"] = ["192.0.2.0/24", "198.51.100.0/24"]
@@ -81,20 +85,30 @@ def cluster(services: int, endpoints: int, seed: int = 1) -> list[Obj]:
         objs.append(svc)
         eps = []
         for j in range(endpoints):
-            eps.append({
-                "addresses": [str(ipaddress.ip_address(pod_base + i * endpoints + j + 1))],
-                "conditions": {"ready": True, "serving": True, "terminating": False},
-                "nodeName": rnd.choice(NODES),
-            })
-        objs.append({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{name}-abcde", "namespace": ns,
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "endpoints": eps,
-            "ports": [{"name": p["name"], "port": p["targetPort"], "protocol": p["protocol"]}
-                      for p in ports],
-        })
+            eps.append(
+                {
+                    "addresses": [str(ipaddress.ip_address(pod_base + i * endpoints + j + 1))],
+                    "conditions": {"ready": True, "serving": True, "terminating": False},
+                    "nodeName": rnd.choice(NODES),
+                }
+            )
+        objs.append(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{name}-abcde",
+                    "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "endpoints": eps,
+                "ports": [
+                    {"name": p["name"], "port": p["targetPort"], "protocol": p["protocol"]}
+                    for p in ports
+                ],
+            }
+        )
     return objs
 
 
@@ -115,8 +129,9 @@ def with_changed_endpoint(objs: list[Obj], index: int = 0) -> list[Obj]:
 def with_added_service(objs: list[Obj], endpoints: int) -> list[Obj]:
     n = sum(1 for o in objs if o["kind"] == "Service")
     extra = cluster(n + 1, endpoints, seed=99)[-2:]
-    extra[0]["metadata"]["name"] = extra[1]["metadata"]["labels"][
-        "kubernetes.io/service-name"] = "svc-added"
+    extra[0]["metadata"]["name"] = extra[1]["metadata"]["labels"]["kubernetes.io/service-name"] = (
+        "svc-added"
+    )
     extra[0]["spec"]["type"] = "ClusterIP"
     extra[0]["spec"].pop("externalTrafficPolicy", None)
     for p in extra[0]["spec"]["ports"]:

@@ -157,7 +157,7 @@ def layout_family(plan: FamilyPlan) -> Table:
         else:
             map_name = f"affinity-endpoints-{bucket:04d}"
             slots = table.affinity_slots.setdefault(map_name, [])
-        names: list[str] = []
+        names: list[tuple[str, int]] = []
         for i, b in enumerate(backends):
             hairpin.add(b.ip)
             if p.affinity_timeout is None:

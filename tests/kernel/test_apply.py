@@ -173,7 +173,9 @@ def test_refused_transaction_leaves_previous_rules(lab: Lab, node: Node) -> None
     map_name, key = add.split()[4], add.split("{ ")[1].split(" :")[0]
     # Someone else put another value at the slot the update adds: the kernel refuses
     # the transaction (EEXIST) and must keep the old rules.
-    lab.nft("add", "element", "ip", "svcrules", map_name, "{", key, ":", "192.0.2.77", ".", "1", "}")
+    lab.nft(
+        "add", "element", "ip", "svcrules", map_name, "{", key, ":", "192.0.2.77", ".", "1", "}"
+    )
     before = lab.nft("list", "ruleset")
     node.write(*svc_a("pod2", "pod3"))
     proc = node.run("apply")
