@@ -25,11 +25,10 @@ from svcrules.cli import (
     ServiceCIDR,
     TableName,
     Zone,
-    _compile,
     _overrides,
     app,
 )
-from svcrules.compiler import Ruleset
+from svcrules.compiler import Job, prepare
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
 from svcrules.kernel import Backend, open_backend
@@ -37,8 +36,8 @@ from svcrules.lock import LockBusy, exclusive
 from svcrules.logs import LOG, setup
 from svcrules.metrics import SyncMetrics, write_metrics
 from svcrules.reconcile import Change, cleanup, execute, plan_change
-from svcrules.report import stats, summary
-from svcrules.state import DEFAULT_STATE_DIR, StateStore
+from svcrules.report import summary
+from svcrules.state import DEFAULT_STATE_DIR, Meta, StateStore
 
 
 class NftChoice(StrEnum):
@@ -90,13 +89,18 @@ def _die(exc: SvcrulesError) -> NoReturn:
 
 def _prepare(
     paths: list[str] | None, config: str | None, ov: Overrides, state_dir: Path, nft: NftChoice
-) -> tuple[Ruleset, Backend, StateStore]:
-    ruleset = _compile(paths, config, ov)
+) -> tuple[Job, Backend, StateStore]:
+    """Read the inputs (compiling waits: an unchanged input may need none) and open
+    the kernel backend."""
+    if not paths:
+        print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
+        raise typer.Exit(2)
     try:
+        job = prepare(paths, config, ov)
         backend = open_backend(nft.value)
     except SvcrulesError as exc:
         _die(exc)
-    return ruleset, backend, StateStore(state_dir, ruleset.plan.table)
+    return job, backend, StateStore(state_dir)
 
 
 @app.command("diff")
@@ -132,9 +136,9 @@ def diff_cmd(
         zone,
         table_name,
     )
-    ruleset, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    job, backend, store = _prepare(paths, config, ov, state_dir, nft)
     try:
-        change = plan_change(ruleset, backend, store, verify)
+        change = plan_change(job, backend, store, verify)
     except SvcrulesError as exc:
         _die(exc)
     sys.stdout.write(change.script if output is DiffOutput.nft else summary(change))
@@ -177,15 +181,15 @@ def apply_cmd(
         zone,
         table_name,
     )
-    ruleset, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    job, backend, store = _prepare(paths, config, ov, state_dir, nft)
     try:
-        change = plan_change(ruleset, backend, store, verify)
+        change = plan_change(job, backend, store, verify)
         if dry_run:
             if change.changed:
                 backend.run(change.script, check_only=True)
             sys.stdout.write(summary(change))
             return
-        execute(change, backend, store, ruleset.plan.table)
+        execute(change, backend, store)
     except SvcrulesError as exc:
         _die(exc)
     sys.stdout.write(summary(change))
@@ -203,59 +207,41 @@ def _sync_once(
     metrics_file: Path | None,
     started: float,
 ) -> Change:
-    ruleset, backend, store = _prepare(paths, config, ov, state_dir, nft)
-    change: Change | None = None
+    job, backend, store = _prepare(paths, config, ov, state_dir, nft)
     try:
-        change = plan_change(ruleset, backend, store, verify)
-        execute(change, backend, store, ruleset.plan.table)
+        change = plan_change(job, backend, store, verify)
+        execute(change, backend, store)
     except SvcrulesError:
         _, meta = store.load()
         meta.failures += 1
         store.save(None, meta)
         if metrics_file:
-            _metrics(
-                metrics_file, ruleset, change, False, started, meta.failures, meta.last_success
-            )
+            _metrics(metrics_file, meta, None, started)
         raise
     if metrics_file:
-        _metrics(
-            metrics_file,
-            ruleset,
-            change,
-            True,
-            started,
-            change.new_meta.failures,
-            change.new_meta.last_success,
-        )
+        _metrics(metrics_file, change.new_meta, change, started)
     return change
 
 
-def _metrics(
-    path: Path,
-    ruleset: Ruleset,
-    change: Change | None,
-    ok: bool,
-    started: float,
-    failures: int,
-    last_success: float,
-) -> None:
-    s = stats(ruleset)
+def _metrics(path: Path, meta: Meta, change: Change | None, started: float) -> None:
+    """``change`` None: the sync failed; ``meta`` then holds the previous success."""
+    c = meta.counts
     write_metrics(
         path,
         SyncMetrics(
-            table=ruleset.plan.table,
-            success=ok,
-            last_success=last_success,
+            table=meta.table or "svcrules",
+            success=change is not None,
+            last_success=meta.last_success,
             duration=time.monotonic() - started,
-            operations=change.operations if change and ok else 0,
-            mode=change.mode if change and ok else "none",
-            services=s.services,
-            service_ports=s.service_ports,
-            endpoints=s.endpoints,
-            chains=s.chains,
-            rules=s.rules,
-            elements=s.elements,
-            failures=failures,
+            operations=change.operations if change else 0,
+            mode=change.mode if change else "none",
+            services=c.get("services", 0),
+            service_ports=c.get("service_ports", 0),
+            endpoints=c.get("endpoints", 0),
+            chains=c.get("chains", 0),
+            rules=c.get("rules", 0),
+            elements=c.get("elements", 0),
+            failures=meta.failures,
         ),
     )
 
@@ -283,6 +269,9 @@ def sync_cmd(
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="stderr logs as text or JSON lines.")
     ] = LogFormat.text,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log runs that changed nothing too.")
+    ] = False,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
     verify: Verify = False,
@@ -320,20 +309,24 @@ def sync_cmd(
         raise typer.Exit(2) from None
     for problem in change.problems:
         LOG.warning("%s", problem)
+    fields = {
+        "event": "applied" if change.changed else "unchanged",
+        "mode": change.mode,
+        "operations": change.operations,
+        "seconds": round(time.monotonic() - started, 4),
+        "kernel_seconds": round(change.kernel_seconds, 4),
+    }
     if change.changed:
-        fields = {
-            "event": "applied",
-            "mode": change.mode,
-            "operations": change.operations,
-            "seconds": round(time.monotonic() - started, 3),
-        }
+        reason = f" ({change.reason})" if change.reason else ""
         LOG.info(
             "applied: %s, %d operations%s",
             change.mode,
             change.operations,
-            f" ({change.reason})" if change.reason else "",
+            reason,
             extra={"fields": fields},
         )
+    elif verbose:
+        LOG.info("unchanged: 0 operations", extra={"fields": fields})
 
 
 @app.command("cleanup")
@@ -343,11 +336,10 @@ def cleanup_cmd(
     nft: NftOpt = NftChoice.auto,
 ) -> None:
     """Delete svcrules' own tables (ip and ip6) and its saved state; nothing else."""
-    table = table_name or "svcrules"
     try:
         backend = open_backend(nft.value)
         with exclusive(state_dir / "lock", True, 60.0):
-            gone = cleanup(backend, StateStore(state_dir, table), table)
+            gone = cleanup(backend, StateStore(state_dir), table_name)
     except SvcrulesError as exc:
         _die(exc)
     print(f"removed: {', '.join(gone)}" if gone else "nothing to remove")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
+from pathlib import Path
 from typing import TextIO
 
 from svcrules.backends.nftables import render_nft
 from svcrules.config import Overrides, node_config
-from svcrules.load import Inputs, load_paths
+from svcrules.load import Inputs, Source, load_sources, read_sources
 from svcrules.model import NodeConfig
 from svcrules.plan import NodePlan
+from svcrules.render import template_dir
 from svcrules.resolve import resolve
 
 
@@ -37,6 +40,45 @@ def compile(inputs: Inputs, node: NodeConfig) -> Ruleset:
     return Ruleset(resolve(inputs, node))
 
 
+@dataclass(frozen=True)
+class Job:
+    """Inputs read but not yet compiled: their digest decides whether a run can
+    skip compiling (nothing changed since the last apply)."""
+
+    sources: tuple[Source, ...]
+    config: tuple[Source, ...]
+    overrides: Overrides
+
+    @cached_property
+    def digest(self) -> str:
+        h = hashlib.sha256(code_digest().encode())
+        for group in (self.sources, self.config):
+            h.update(b"\x00group")
+            for src in group:
+                h.update(b"\x00" + src.path.encode() + b"\x00" + src.text.encode())
+        h.update(repr(self.overrides).encode())
+        return h.hexdigest()[:32]
+
+    def compile(self) -> Ruleset:
+        inputs = load_sources(self.sources)
+        config_inputs = load_sources(self.config) if self.config else None
+        return compile(inputs, node_config(inputs, config_inputs, self.overrides))
+
+
+def prepare(
+    paths: Sequence[str],
+    config: str | None = None,
+    overrides: Overrides | None = None,
+    stdin: TextIO | None = None,
+) -> Job:
+    """Read ``paths`` (and ``config``) without parsing them yet."""
+    return Job(
+        tuple(read_sources(paths, stdin)),
+        tuple(read_sources([config], stdin)) if config else (),
+        overrides or Overrides(),
+    )
+
+
 def compile_paths(
     paths: Sequence[str],
     config: str | None = None,
@@ -44,7 +86,16 @@ def compile_paths(
     stdin: TextIO | None = None,
 ) -> Ruleset:
     """Load ``paths`` (and ``config``), find the NodeConfig and compile."""
-    inputs = load_paths(paths, stdin=stdin)
-    config_inputs = load_paths([config], stdin=stdin) if config else None
-    node = node_config(inputs, config_inputs, overrides or Overrides())
-    return compile(inputs, node)
+    return prepare(paths, config, overrides, stdin).compile()
+
+
+@cache
+def code_digest() -> str:
+    """A digest of svcrules' own code and templates: a new version compiles anew."""
+    h = hashlib.sha256()
+    roots = [Path(__file__).resolve().parent, template_dir()]
+    for root in roots:
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.suffix in (".py", ".j2"):
+                h.update(f.name.encode() + b"\x00" + f.read_bytes())
+    return h.hexdigest()

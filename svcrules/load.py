@@ -150,23 +150,44 @@ def load_text(text: str, path: str, out: Inputs, problems: list[Problem]) -> Non
         _load_doc(doc, Origin(path, n), out, problems)
 
 
-def load_paths(paths: Iterable[str], stdin: TextIO | None = None) -> Inputs:
-    """Load every object under ``paths``; raise InputError listing all problems."""
-    out = Inputs()
+@dataclass(frozen=True)
+class Source:
+    """The text of one input, read once: hashed for the fast no-op path, then parsed."""
+
+    path: str
+    text: str
+
+
+def read_sources(paths: Iterable[str], stdin: TextIO | None = None) -> list[Source]:
+    """Read every input file (directories expanded, ``-`` for stdin)."""
+    out: list[Source] = []
     problems: list[Problem] = []
     for path in _expand(paths):
         if path == "-":
-            load_text((stdin or sys.stdin).read(), "<stdin>", out, problems)
+            out.append(Source("<stdin>", (stdin or sys.stdin).read()))
             continue
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            out.append(Source(path, Path(path).read_text(encoding="utf-8")))
         except OSError as exc:
             problems.append(Problem(None, "", f"{path}: cannot read: {exc.strerror}"))
-            continue
         except UnicodeDecodeError:
             problems.append(Problem(None, "", f"{path}: not UTF-8 text"))
-            continue
-        load_text(text, path, out, problems)
     if problems:
         raise InputError(problems)
     return out
+
+
+def load_sources(sources: Iterable[Source]) -> Inputs:
+    """Parse and validate; raise InputError listing all problems."""
+    out = Inputs()
+    problems: list[Problem] = []
+    for source in sources:
+        load_text(source.text, source.path, out, problems)
+    if problems:
+        raise InputError(problems)
+    return out
+
+
+def load_paths(paths: Iterable[str], stdin: TextIO | None = None) -> Inputs:
+    """Load every object under ``paths``; raise InputError listing all problems."""
+    return load_sources(read_sources(paths, stdin))

@@ -9,11 +9,12 @@ Either way the change is one nft transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 from svcrules.backends.nftables import fingerprint_of
-from svcrules.compiler import Ruleset
+from svcrules.compiler import Job
 from svcrules.conntrack import cleanup_commands, run_cleanup
 from svcrules.incremental import (
     NeedsFullReplacement,
@@ -23,6 +24,7 @@ from svcrules.incremental import (
 )
 from svcrules.kernel import Backend, KernelError, list_json
 from svcrules.state import Meta, StateStore
+from svcrules.stats import stats
 
 FAMILIES = ("ip", "ip6")
 
@@ -41,6 +43,7 @@ class Change:
     old_meta: Meta
     stale_after: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
 
     @property
     def changed(self) -> bool:
@@ -83,8 +86,8 @@ def structure_of_kernel(backend: Backend, table: str) -> dict[str, tuple[str, in
 
 def structure_of_script(script: str) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
-    for (fam, _), table in parse_script(script).items():
-        for name, obj in table.objects.items():
+    for (fam, _), tbl in parse_script(script).items():
+        for name, obj in tbl.objects.items():
             dynamic = any("dynamic" in h for h in obj.header)
             out[f"{fam} {name}"] = (obj.kind, 0 if dynamic else len(obj.items))
     return out
@@ -110,21 +113,56 @@ def _full_operations(script: str) -> int:
     )
 
 
-def plan_change(
-    ruleset: Ruleset, backend: Backend, store: StateStore, verify: bool = False
-) -> Change:
-    """Decide between no-op, incremental update and full replacement."""
+def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = False) -> Change:
+    """Decide between no-op, incremental update and full replacement.
+
+    When the inputs (and svcrules itself) are byte-for-byte those of the last apply and
+    the kernel still holds its fingerprint, nothing is compiled at all."""
+    old_script, old_meta = store.load()
+    table = job.overrides.table_name or old_meta.table
+    started = time.monotonic()
+    kernel = kernel_fingerprints(backend, table) if table else {}
+    kernel_seconds = time.monotonic() - started
+    in_kernel = bool(table) and all(kernel[f] == old_meta.fingerprint for f in FAMILIES)
+    if (
+        old_script is not None
+        and in_kernel
+        and not verify
+        and old_meta.input_digest == job.digest
+        and old_meta.table == table
+    ):
+        return Change(
+            "noop",
+            "",
+            "",
+            0,
+            None,
+            old_script,
+            old_meta,
+            old_meta,
+            list(old_meta.stale),
+            kernel_seconds=kernel_seconds,
+        )
+
+    ruleset = job.compile()
     new_script = ruleset.nft
     fingerprint = fingerprint_of(new_script) or ""
-    old_script, old_meta = store.load()
     new_meta = Meta.of_plan(ruleset.plan, fingerprint)
     new_meta.failures, new_meta.last_success = old_meta.failures, old_meta.last_success
-    table = ruleset.plan.table
-    kernel = kernel_fingerprints(backend, table)
+    new_meta.input_digest = job.digest
+    new_meta.table = ruleset.plan.table
+    new_meta.counts = dataclasses.asdict(stats(ruleset))
+    if ruleset.plan.table != table:
+        table = ruleset.plan.table
+        started = time.monotonic()
+        kernel = kernel_fingerprints(backend, table)
+        kernel_seconds += time.monotonic() - started
 
     reason = ""
     if old_script is None:
         reason = "no saved state (first run)"
+    elif old_meta.table != table:
+        reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
     elif any(kernel[f] != old_meta.fingerprint for f in FAMILIES):
         reason = "the kernel's tables differ from what svcrules last wrote"
     elif verify:
@@ -149,6 +187,7 @@ def plan_change(
                 new_meta,
                 old_meta,
                 stale_after,
+                kernel_seconds=kernel_seconds,
             )
     return Change(
         "full",
@@ -159,13 +198,16 @@ def plan_change(
         new_script,
         new_meta,
         old_meta,
+        kernel_seconds=kernel_seconds,
     )
 
 
-def execute(change: Change, backend: Backend, store: StateStore, table: str) -> None:
+def execute(change: Change, backend: Backend, store: StateStore) -> None:
     """Send the change as one transaction, verify it, remember it, clean conntrack."""
     if change.mode == "noop":
         return
+    table = change.new_meta.table
+    started = time.monotonic()
     try:
         backend.run(change.script)
     except KernelError as exc:
@@ -178,6 +220,7 @@ def execute(change: Change, backend: Backend, store: StateStore, table: str) -> 
         change.script = tx.script(with_deletions=False)
         change.stale_after = sorted(set(change.stale_after) | set(tx.deleted))
     kernel = kernel_fingerprints(backend, table)
+    change.kernel_seconds += time.monotonic() - started
     if any(kernel[f] != change.new_meta.fingerprint for f in FAMILIES):
         raise KernelError(
             f"verification failed: the kernel holds {kernel}, "
@@ -189,17 +232,20 @@ def execute(change: Change, backend: Backend, store: StateStore, table: str) -> 
     change.problems = run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
 
 
-def cleanup(backend: Backend, store: StateStore, table: str) -> list[str]:
-    """Delete the owned tables (nothing else) and the saved state; return what went."""
+def cleanup(backend: Backend, store: StateStore, table: str | None) -> list[str]:
+    """Delete the owned tables (nothing else) and the saved state; return what went.
+    Without a table name, the one svcrules last wrote (or the default) is meant."""
+    _, meta = store.load()
+    name = table or meta.table or "svcrules"
     present = [
         f
         for f in FAMILIES
         if any(
-            "table" in o and o["table"]["name"] == table and o["table"]["family"] == f
+            "table" in o and o["table"]["name"] == name and o["table"]["family"] == f
             for o in list_json(backend, "tables")
         )
     ]
     if present:
-        backend.run("".join(f"delete table {f} {table}\n" for f in present))
+        backend.run("".join(f"delete table {f} {name}\n" for f in present))
     store.clear()
-    return [f"{f} {table}" for f in present]
+    return [f"{f} {name}" for f in present]

@@ -53,6 +53,9 @@ class Meta:
     stale: list[str] = field(default_factory=list)  # objects whose delete the kernel refused
     failures: int = 0
     last_success: float = 0.0
+    input_digest: str = ""  # of the inputs and svcrules' code: same digest, same script
+    table: str = ""  # the owned table's name
+    counts: dict[str, int] = field(default_factory=dict)  # stats.Stats of that script
 
     @classmethod
     def of_plan(cls, plan: NodePlan, fingerprint: str) -> Meta:
@@ -65,12 +68,14 @@ class Meta:
 
 
 class StateStore:
-    """``<dir>/<table>.nft`` (the last script) and ``<dir>/<table>.json`` (Meta)."""
+    """``<dir>/last.nft`` (the last script) and ``<dir>/last.json`` (Meta).
 
-    def __init__(self, directory: str | Path, table: str) -> None:
+    One state directory belongs to one svcrules instance (one owned table name)."""
+
+    def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.script_path = self.dir / f"{table}.nft"
-        self.meta_path = self.dir / f"{table}.json"
+        self.script_path = self.dir / "last.nft"
+        self.meta_path = self.dir / "last.json"
 
     def load(self) -> tuple[str | None, Meta]:
         try:
@@ -87,6 +92,9 @@ class StateStore:
             stale=raw.get("stale", []),
             failures=raw.get("failures", 0),
             last_success=raw.get("last_success", 0.0),
+            input_digest=raw.get("input_digest", ""),
+            table=raw.get("table", ""),
+            counts=raw.get("counts", {}),
         )
         return script, meta
 

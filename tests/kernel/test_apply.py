@@ -206,7 +206,7 @@ def test_drift_and_cleanup_leave_other_tables_alone(lab: Lab, node: Node) -> Non
     assert "svcrules" not in tables
     after = lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
     assert after == foreign
-    assert not (node.state / "svcrules.nft").exists()
+    assert not (node.state / "last.nft").exists()
     assert "first run" in node.apply(*svc_a("pod2"))
 
 

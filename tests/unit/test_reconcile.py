@@ -1,0 +1,73 @@
+"""Deciding what a run sends, with a fake kernel (the kernel tests send it for real)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from svcrules.compiler import Job, prepare
+from svcrules.reconcile import execute, plan_change
+from svcrules.state import StateStore
+from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
+
+
+@dataclass
+class FakeKernel:
+    """Remembers the fingerprint the last script carried; answers state-set listings."""
+
+    fingerprint: str | None = None
+    scripts: list[str] = field(default_factory=list)
+    name = "fake"
+
+    def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
+        if script.startswith("list set"):
+            if self.fingerprint is None:
+                return json.dumps({"nftables": []})
+            elem = [{"elem": {"val": 1, "comment": f"svcrules {self.fingerprint}"}}]
+            return json.dumps({"nftables": [{"set": {"name": "state", "elem": elem}}]})
+        self.scripts.append(script)
+        for line in script.splitlines():
+            if 'comment "svcrules ' in line:
+                self.fingerprint = line.split('comment "svcrules ')[1][:32]
+        return ""
+
+
+def job(*pods: str) -> Job:
+    objs = [
+        node_config(),
+        service("a", "203.0.113.10"),
+        endpoint_slice("a", [endpoint(f"198.51.100.{p}") for p in pods]),
+    ]
+    return prepare(["-"], stdin=io.StringIO(dump(objs)))
+
+
+def test_first_run_full_then_noop_without_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    first = plan_change(job("11"), kernel, store)
+    assert first.mode == "full" and "first run" in first.reason
+    execute(first, kernel, store)
+    # Same bytes in, same fingerprint in the kernel: nothing is even compiled.
+    monkeypatch.setattr(Job, "compile", lambda self: pytest.fail("compiled"))
+    again = plan_change(job("11"), kernel, store)
+    assert again.mode == "noop" and again.operations == 0
+    monkeypatch.undo()
+    # --verify compiles and reads the tables back; this fake kernel lists no tables.
+    verified = plan_change(job("11"), kernel, store, verify=True)
+    assert verified.mode == "full" and "verification found drift" in verified.reason
+
+
+def test_endpoint_change_is_incremental_and_drift_is_full(tmp_path: Path) -> None:
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    execute(plan_change(job("11"), kernel, store), kernel, store)
+    change = plan_change(job("12"), kernel, store)
+    assert change.mode == "incremental"
+    assert "198.51.100.12" in change.script and "table ip" not in change.script
+    kernel.fingerprint = "0" * 32  # someone replaced the tables
+    drift = plan_change(job("12"), kernel, store)
+    assert drift.mode == "full" and "differ from what svcrules last wrote" in drift.reason
