@@ -35,7 +35,10 @@ def cleanup_commands(old: dict[str, UdpPort], new: dict[str, UdpPort]) -> list[l
     for key in sorted(new):
         after = new[key]
         previous = old.get(key)
-        if after.endpoints and (previous is None or not previous.endpoints):
+        # Only a port that existed without endpoints: a port new to this node had no
+        # frontend here, so no entry can point through it (and a first run would
+        # otherwise call conntrack once per UDP port).
+        if after.endpoints and previous is not None and not previous.endpoints:
             for ip in after.frontends:
                 cmds.append(
                     ["-D", "-p", "udp", "--orig-dst", ip, "--orig-port-dst", str(after.port)]

@@ -30,3 +30,8 @@ def test_unchanged_and_removed_services() -> None:
     assert cleanup_commands(same, {}) == [
         ["-D", "-p", "udp", "--orig-dst", "203.0.113.10", "--dst-nat", "10.0.0.1"],
     ]
+
+
+def test_new_port_needs_no_flush() -> None:
+    new = {"a": UdpPort(["203.0.113.10"], 53, None, ["10.0.0.1"])}
+    assert cleanup_commands({}, new) == []
