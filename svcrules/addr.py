@@ -52,7 +52,7 @@ def parse_cidr(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not a valid CIDR: {exc}") from None
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 21)
 def canonical_ip(text: str) -> str:
     """Canonical spelling; IPv4 in the usual form takes a fast path (large inputs
     hold hundreds of thousands of endpoint addresses)."""
@@ -74,20 +74,30 @@ def family_of(text: str) -> Family:
     return 6 if ":" in text else 4
 
 
-def ip_sort_key(text: str) -> tuple[int, int]:
-    """Numeric order, so that 10.0.0.9 sorts before 10.0.0.10."""
-    if "/" in text:
-        net = ipaddress.ip_network(text)
-        return (net.version, int(net.network_address) * 256 + net.prefixlen)
-    addr = ipaddress.ip_address(text)
-    return (addr.version, int(addr))
+@lru_cache(maxsize=1 << 21)
+def ip_sort_key(text: str) -> tuple[int, bytes, int]:
+    """Numeric order, so that 10.0.0.9 sorts before 10.0.0.10 (canonical input)."""
+    addr, _, prefix = text.partition("/")
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    packed = socket.inet_pton(fam, addr)
+    return (4 if fam == socket.AF_INET else 6, packed, int(prefix) if prefix else -1)
 
 
 def collapse_cidrs(cidrs: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Merge overlapping and adjacent CIDRs of one family: nft interval sets refuse
     overlapping elements, and users do write 10.0.0.0/8 next to 10.1.2.3/32."""
+    return _collapse(tuple(cidrs))
+
+
+@lru_cache(maxsize=4096)
+def _collapse(cidrs: tuple[str, ...]) -> tuple[str, ...]:
     nets = [ipaddress.ip_network(c) for c in cidrs]
     v4 = [n for n in nets if n.version == 4]
     v6 = [n for n in nets if n.version == 6]
     merged = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
     return tuple(str(n) for n in merged)
+
+
+@lru_cache(maxsize=4096)
+def ip_in_cidr(ip: str, cidr: str) -> bool:
+    return parse_ip(ip) in parse_cidr(cidr)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -60,9 +62,12 @@ class Job:
         return h.hexdigest()[:32]
 
     def compile(self) -> Ruleset:
-        inputs = load_sources(self.sources)
-        config_inputs = load_sources(self.config) if self.config else None
-        return compile(inputs, node_config(inputs, config_inputs, self.overrides))
+        with _no_cyclic_gc():
+            inputs = load_sources(self.sources)
+            config_inputs = load_sources(self.config) if self.config else None
+            ruleset = compile(inputs, node_config(inputs, config_inputs, self.overrides))
+            _ = ruleset.nft  # render here too: it allocates as much as loading
+        return ruleset
 
 
 def prepare(
@@ -87,6 +92,20 @@ def compile_paths(
 ) -> Ruleset:
     """Load ``paths`` (and ``config``), find the NodeConfig and compile."""
     return prepare(paths, config, overrides, stdin).compile()
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Compiling builds millions of objects and frees none until the end; the cyclic
+    collector would walk them all again and again (a third of the time at 10,000
+    Services). Reference counting still frees everything as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @cache

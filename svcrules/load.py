@@ -7,13 +7,13 @@ kinds svcrules does not program are skipped silently.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
 import yaml
 from pydantic import BaseModel, ValidationError
 
@@ -68,8 +68,8 @@ def _documents(text: str, path: str) -> list[Any]:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         try:
-            return [json.loads(text)]
-        except json.JSONDecodeError:
+            return [orjson.loads(text)]  # several times faster than json on large inputs
+        except orjson.JSONDecodeError:
             pass  # YAML is a superset of JSON; let the YAML parser report the error.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return [d for d in yaml.load_all(text, Loader=loader) if d is not None]

@@ -9,10 +9,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from svcrules.addr import Family, collapse_cidrs, family_of, ip_sort_key, parse_cidr, parse_ip
+from svcrules.addr import (
+    Family,
+    canonical_ip,
+    collapse_cidrs,
+    family_of,
+    ip_in_cidr,
+    ip_sort_key,
+    parse_cidr,
+)
 from svcrules.errors import InputError, Problem
 from svcrules.load import Inputs
-from svcrules.model import Endpoint, EndpointSlice, NodeConfig, Service, ServicePort
+from svcrules.model import (
+    Endpoint,
+    EndpointConditions,
+    EndpointSlice,
+    NodeConfig,
+    Service,
+    ServicePort,
+)
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
 
 
@@ -42,14 +57,25 @@ def _slices_by_service(
     return out
 
 
+def _conditions(ep: Endpoint) -> EndpointConditions:
+    return ep.get("conditions") or {}
+
+
 def _is_ready(ep: Endpoint) -> bool:
-    return ep.conditions.ready is not False
+    return _conditions(ep).get("ready") is not False
 
 
 def _is_serving_terminating(ep: Endpoint) -> bool:
-    c = ep.conditions
-    serving = c.serving if c.serving is not None else _is_ready(ep)
-    return bool(serving) and c.terminating is True
+    c = _conditions(ep)
+    serving = c.get("serving")
+    if serving is None:
+        serving = _is_ready(ep)
+    return bool(serving) and c.get("terminating") is True
+
+
+def _hinted(ep: Endpoint, key: str) -> list[str]:
+    hints = ep.get("hints") or {}
+    return [h["name"] for h in (hints.get(key) or [])]  # type: ignore[attr-defined]
 
 
 def _merge_endpoints(
@@ -67,12 +93,12 @@ def _merge_endpoints(
         if ep_port is None:
             continue
         for ep in sl.endpoints:
-            ip = str(parse_ip(ep.addresses[0]))
+            ip = canonical_ip(ep["addresses"][0])
             backend = Backend(
                 ip=ip,
                 port=ep_port,
-                node=ep.node_name or "",
-                terminating=ep.conditions.terminating is True,
+                node=ep.get("nodeName") or "",
+                terminating=_conditions(ep).get("terminating") is True,
             )
             key = (ip, ep_port)
             old = chosen.get(key)
@@ -93,13 +119,10 @@ def _apply_hints(
     """Narrow to endpoints hinted for this node or zone, when every one carries hints."""
     if not ready:
         return ready
-    hints = [p[1].hints for p in ready]
-    if all(h is not None and h.for_nodes for h in hints):
-        mine = [p for p in ready if any(n.name == node for n in p[1].hints.for_nodes)]  # type: ignore[union-attr]
-        if mine:
-            return mine
-    if zone and all(h is not None and h.for_zones for h in hints):
-        mine = [p for p in ready if any(z.name == zone for z in p[1].hints.for_zones)]  # type: ignore[union-attr]
+    for key, want in (("forNodes", node), ("forZones", zone)):
+        if not want or not all(_hinted(ep, key) for _, ep in ready):
+            continue
+        mine = [p for p in ready if want in _hinted(p[1], key)]
         if mine:
             return mine
     return ready
@@ -115,7 +138,7 @@ def _cluster_backends(
 
 
 def _local_backends(pairs: list[tuple[Backend, Endpoint]], node: str) -> tuple[Backend, ...]:
-    local = [p for p in pairs if p[1].node_name == node]
+    local = [p for p in pairs if p[1].get("nodeName") == node]
     return tuple(b for b, _ in _usable(local))
 
 
@@ -151,7 +174,7 @@ def _plan_port(
     firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
     ranges = _cidrs_in_family(spec.load_balancer_source_ranges, family)
     node_ip = node.node_ip(family)
-    allow_self = bool(node_ip and any(parse_ip(node_ip) in parse_cidr(r) for r in ranges))
+    allow_self = bool(node_ip and any(ip_in_cidr(node_ip, r) for r in ranges))
     notes: list[str] = []
 
     if not cluster:

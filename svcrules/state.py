@@ -22,8 +22,9 @@ DEFAULT_STATE_DIR = "/var/lib/svcrules"
 
 
 def port_digest(p: PortPlan) -> str:
-    data = json.dumps(dataclasses.asdict(p), sort_keys=True, default=str)
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+    """Changes whenever any decision about the port changes (the repr of a frozen
+    dataclass of strings, numbers, enums and tuples is stable)."""
+    return hashlib.sha256(repr(p).encode()).hexdigest()[:16]
 
 
 def port_id(p: PortPlan) -> str:

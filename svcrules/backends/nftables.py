@@ -79,7 +79,7 @@ class Table:
     # map name -> (protocol, [(slot, endpoint)]). Maps are per protocol: nft 1.0.6
     # refuses an incremental "meta l4proto udp dnat ... map @m" when m's data is
     # typed "th dport"; and per bucket (see BUCKETS).
-    backends: dict[str, tuple[str, list[tuple[int, Backend]]]] = field(default_factory=dict)
+    backends: dict[str, tuple[str, list[tuple[int, str, int]]]] = field(default_factory=dict)
     # map name -> [(slot, aep name)]
     affinity_slots: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     hairpin: list[str] = field(default_factory=list)
@@ -161,7 +161,7 @@ def layout_family(plan: FamilyPlan) -> Table:
         for i, b in enumerate(backends):
             hairpin.add(b.ip)
             if p.affinity_timeout is None:
-                entries.append((base + i, b))
+                entries.append((base + i, b.ip, b.port))
                 continue
             name = digest(p.key, b.ip, str(b.port))
             key = affinity_ids[f"{p.key}|{b.ip}|{b.port}"]
@@ -250,9 +250,7 @@ def layout_family(plan: FamilyPlan) -> Table:
     table.fw_allow = sorted(
         set(table.fw_allow), key=lambda e: (ip_sort_key(e[0]), e[1], e[2], ip_sort_key(e[3]))
     )
-    table.backends = {
-        k: (v[0], sorted(v[1], key=lambda e: e[0])) for k, v in sorted(table.backends.items())
-    }
+    table.backends = {k: (v[0], sorted(v[1])) for k, v in sorted(table.backends.items())}
     table.affinity_slots = {k: sorted(v) for k, v in sorted(table.affinity_slots.items())}
     table.hairpin = sorted(hairpin, key=ip_sort_key)
     return table

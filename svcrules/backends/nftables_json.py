@@ -230,7 +230,7 @@ def _sets(f: _Family) -> list[Obj]:
                 name,
                 "integer",
                 "slot : endpoint address . port",
-                [[slot, _concat(b.ip, b.port)] for slot, b in entries],
+                [[slot, _concat(ip, port)] for slot, ip, port in entries],
                 data=f"{a} . inet_service",
             )
         )
