@@ -61,7 +61,7 @@ def test_every_reference_exists_and_no_element_repeats(objs: list[Obj]) -> None:
     ]
     assert not accepts, accepts
     for table in layout(ruleset.plan):
-        slots = [s for _, e in table.backends.values() for s, _ in e]
+        slots = [s for _, e in table.backends.values() for s, _, _ in e]
         slots += [s for e in table.affinity_slots.values() for s, _ in e]
         assert len(slots) == len(set(slots)), "two endpoints share a backend slot"
         assert all(0 <= s < 2**31 for s in slots)
