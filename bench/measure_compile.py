@@ -1,0 +1,54 @@
+"""Compile one input in a fresh process and report phases, size and peak memory (JSON)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import sys
+import time
+
+from svcrules.backends.nftables import layout
+from svcrules.config import node_config
+from svcrules.incremental import parse_script
+from svcrules.load import load_sources, read_sources
+from svcrules.render import render
+from svcrules.resolve import resolve
+
+
+def main(path: str, out: str) -> None:
+    gc.disable()  # as the svcrules command does
+    t0 = time.perf_counter()
+    sources = read_sources([path])
+    inputs = load_sources(sources)
+    t1 = time.perf_counter()
+    plan = resolve(inputs, node_config(inputs, None, __import__("svcrules").Overrides()))
+    tables = layout(plan)
+    text = render("nftables/ruleset.nft.j2", tables=tables, plan=plan, fingerprint="0" * 32)
+    t2 = time.perf_counter()
+    with open(out, "w") as fh:
+        fh.write(text)
+    chains = rules = sets = elements = 0
+    for table in parse_script(text).values():
+        for obj in table.objects.values():
+            if obj.kind == "chain":
+                chains += 1
+                rules += len(obj.items)
+            else:
+                sets += 1
+                elements += len(obj.items)
+    print(json.dumps({
+        "load_s": round(t1 - t0, 3),
+        "compile_s": round(t2 - t1, 3),
+        "total_s": round(t2 - t0, 3),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "bytes": len(text.encode()),
+        "chains": chains,
+        "rules": rules,
+        "sets": sets,
+        "elements": elements,
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

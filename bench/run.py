@@ -1,0 +1,247 @@
+"""svcrules benchmark: compile, full and incremental apply, and the data path.
+
+    python bench/run.py            # 1k, 10k and 50k Services x 10 endpoints
+    python bench/run.py --quick    # 1k only (CI runs this as a smoke test)
+
+Prints a table and writes bench/results.json. Kernel measurements need root and
+nft; they run in network namespaces this script creates and deletes, never in the
+host's. Nothing here asserts a time: the numbers go to docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import generate  # noqa: E402
+import kube_proxy_layout  # noqa: E402
+
+PY = sys.executable
+Row = dict[str, Any]
+
+
+def sh(*cmd: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, check=check)
+
+
+class Netns:
+    """A throw-away network namespace (deleted on exit, even after errors)."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"svbench{os.getpid()}-{tag}"
+
+    def __enter__(self) -> Netns:
+        sh("ip", "netns", "add", self.name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sh("ip", "netns", "delete", self.name, check=False)
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.name, *cmd, check=check)
+
+    def timed(self, *cmd: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+        t0 = time.perf_counter()
+        proc = self.run(*cmd)
+        return time.perf_counter() - t0, proc
+
+
+def kernel_available() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    if not shutil.which("nft") or not shutil.which("ip"):
+        return "nft or ip missing"
+    return None
+
+
+def compile_row(cluster: Path, out: Path) -> Row:
+    proc = sh(PY, str(HERE / "measure_compile.py"), str(cluster), str(out))
+    return dict(json.loads(proc.stdout))
+
+
+def sync(ns: Netns, inputs: Path, state: Path) -> Row:
+    """One `svcrules sync` as an operator runs it: wall time, and the kernel part."""
+    wall, proc = ns.timed(PY, "-m", "svcrules", "sync", str(inputs), "--state-dir", str(state),
+                          "--log-format", "json", "-v")
+    event = json.loads(proc.stderr.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 3), "kernel_s": event["kernel_seconds"],
+            "operations": event["operations"], "mode": event["mode"]}
+
+
+def apply_rows(n: int, endpoints: int, objs: list[dict[str, Any]], work: Path,
+               compiled: Path) -> Row:
+    node = generate.node_config()
+    variants = {
+        "base": [node, *objs],
+        "one_endpoint": [node, *generate.with_changed_endpoint(objs)],
+        "one_service": [node, *generate.with_added_service(objs, endpoints)],
+        "one_percent": [node, *generate.with_percent_changed(objs, 1.0)],
+    }
+    files = {}
+    for name, items in variants.items():
+        files[name] = work / f"{name}-{n}.json"
+        generate.write(files[name], items)
+    row: Row = {}
+    with Netns(f"k{n}") as ns:
+        t, _ = ns.timed("nft", "-f", str(compiled))
+        row["kernel_load_s"] = round(t, 3)
+    with Netns(f"a{n}") as ns:
+        state = work / f"state-{n}"
+        row["full_apply"] = sync(ns, files["base"], state)
+        row["noop_sync"] = sync(ns, files["base"], state)
+        for change in ("one_endpoint", "one_service", "one_percent"):
+            row[change] = sync(ns, files[change], state)
+            sync(ns, files["base"], state)  # back to base for the next change
+    return row
+
+
+def kube_proxy_row(n: int, objs: list[dict[str, Any]], work: Path) -> Row:
+    text = kube_proxy_layout.render(objs)
+    path = work / f"kube-proxy-{n}.nft"
+    path.write_text(text)
+    with Netns(f"p{n}") as ns:
+        t, _ = ns.timed("nft", "-f", str(path))
+    return {"kernel_load_s": round(t, 3), "bytes": len(text)}
+
+
+def latency(n: int, endpoints: int, connections: int) -> Row:
+    """Connection setup to one ClusterIP, with n Services loaded (lab netns topology)."""
+    from tests.kernel.lab import Lab
+
+    objs = generate.cluster(n, endpoints)
+    svc, sl = objs[0], objs[1]
+    svc["spec"]["type"] = "ClusterIP"
+    svc["spec"].pop("sessionAffinity", None)
+    svc["spec"]["ports"] = svc["spec"]["ports"][:1]
+    for p in svc["spec"]["ports"]:
+        p.pop("nodePort", None)
+    sl["endpoints"] = [{"addresses": [f"198.51.100.{10 + i}"], "conditions": {"ready": True},
+                        "nodeName": "node-0"} for i in range(1, 5)]
+    sl["ports"] = sl["ports"][:1]
+    import svcrules
+
+    ruleset = svcrules.compile(
+        _inputs([generate.node_config(), *objs]),
+        svcrules.NodeConfig.model_validate(generate.node_config()),
+    )
+    with Lab() as lab:
+        lab.load(ruleset.nft)
+        lab.probe("client", svc["spec"]["clusterIP"], 80, count=50)  # warm up
+        results = lab.probe("client", svc["spec"]["clusterIP"], 80, count=connections,
+                            timeout=2.0)
+    ok = sorted(r.elapsed for r in results if r.outcome == "ok")
+    return {
+        "connections": len(results),
+        "failed": len(results) - len(ok),
+        "p50_ms": round(statistics.median(ok) * 1000, 3),
+        "p99_ms": round(ok[int(len(ok) * 0.99) - 1] * 1000, 3),
+    }
+
+
+def _inputs(objs: list[dict[str, Any]]) -> Any:
+    from svcrules.load import Source, load_sources
+
+    return load_sources([Source("<bench>", json.dumps({"kind": "List", "apiVersion": "v1",
+                                                       "items": objs}))])
+
+
+def machine() -> Row:
+    nft = sh("nft", "--version", check=False).stdout.strip() if shutil.which("nft") else ""
+    return {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "nft": nft,
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def table(results: Row) -> str:
+    lines = []
+    for size in results["sizes"]:
+        c = size["compile"]
+        lines.append(f"== {size['services']:,} Services x {size['endpoints']} endpoints")
+        lines.append(f"  compile: load {c['load_s']}s + plan/render {c['compile_s']}s = "
+                     f"{c['total_s']}s, peak RSS {c['peak_rss_mb']} MB")
+        lines.append(f"  ruleset: {c['bytes']:,} bytes, {c['chains']:,} chains, "
+                     f"{c['rules']:,} rules, {c['sets']:,} sets/maps, "
+                     f"{c['elements']:,} elements")
+        k = size.get("kernel")
+        if k:
+            lines.append(f"  kernel load of the compiled script (nft -f): {k['kernel_load_s']}s")
+            for key in ("full_apply", "noop_sync", "one_endpoint", "one_service", "one_percent"):
+                r = k[key]
+                lines.append(f"  {key:13} {r['mode']:11} {r['wall_s']:>8}s end to end, "
+                             f"{r['kernel_s']:>7}s kernel, {r['operations']:>7,} operations")
+        kp = size.get("kube_proxy")
+        if kp:
+            lines.append(f"  kube-proxy-style layout, kernel load (nft -f): {kp['kernel_load_s']}s")
+        lat = size.get("latency")
+        if lat:
+            lines.append(f"  data path: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
+                         f"over {lat['connections']} connections ({lat['failed']} failed)")
+    if results.get("latency_baseline"):
+        b = results["latency_baseline"]
+        lines.append(f"== data path with 10 Services: p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms")
+        for size in results["sizes"]:
+            if size.get("latency"):
+                ratio = size["latency"]["p50_ms"] / b["p50_ms"]
+                lines.append(f"  p50 ratio {size['services']:,} vs 10 Services: {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1k Services only (smoke test)")
+    ap.add_argument("--sizes", default="1000,10000,50000", help="Service counts")
+    ap.add_argument("--endpoints", type=int, default=10, help="endpoints per Service")
+    ap.add_argument("--kube-proxy-max", type=int, default=10000,
+                    help="largest size for the kube-proxy-style comparison (slow: 150 s at 10k)")
+    ap.add_argument("--connections", type=int, default=2000, help="connections per latency run")
+    ap.add_argument("--no-kernel", action="store_true", help="compile measurements only")
+    ap.add_argument("--output", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    why_not = "disabled" if args.no_kernel else kernel_available()
+    results: Row = {"machine": machine(), "sizes": [], "kernel_skipped": why_not}
+    with tempfile.TemporaryDirectory(prefix="svcrules-bench-") as tmp:
+        work = Path(tmp)
+        if why_not is None:
+            results["latency_baseline"] = latency(10, args.endpoints, args.connections)
+        for n in sizes:
+            print(f"-- {n} Services", file=sys.stderr, flush=True)
+            objs = generate.cluster(n, args.endpoints)
+            cluster = work / f"cluster-{n}.json"
+            generate.write(cluster, [generate.node_config(), *objs])
+            compiled = work / f"compiled-{n}.nft"
+            size: Row = {"services": n, "endpoints": args.endpoints,
+                         "compile": compile_row(cluster, compiled)}
+            if why_not is None:
+                size["kernel"] = apply_rows(n, args.endpoints, objs, work, compiled)
+                if n <= args.kube_proxy_max:
+                    size["kube_proxy"] = kube_proxy_row(n, objs, work)
+                size["latency"] = latency(n, args.endpoints, args.connections)
+            results["sizes"].append(size)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    if why_not:
+        print(f"kernel measurements skipped: {why_not}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
