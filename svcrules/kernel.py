@@ -104,10 +104,3 @@ def list_json(backend: Backend, what: str) -> list[dict[str, Any]]:
         raise
     data = json.loads(out or '{"nftables": []}')
     return [o for o in data.get("nftables", []) if "metainfo" not in o]
-
-
-def table_exists(backend: Backend, family: str, table: str) -> bool:
-    return any(
-        "table" in o and o["table"]["name"] == table and o["table"]["family"] == family
-        for o in list_json(backend, "tables")
-    )
