@@ -13,6 +13,7 @@ from typing import TextIO
 
 from svcrules.backends.nftables import render_nft
 from svcrules.config import Overrides, node_config
+from svcrules.incremental import Tables, parse_script
 from svcrules.load import Inputs, Source, load_sources, read_sources
 from svcrules.model import NodeConfig
 from svcrules.plan import NodePlan
@@ -29,6 +30,11 @@ class Ruleset:
     @cached_property
     def nft(self) -> str:
         return render_nft(self.plan)
+
+    @cached_property
+    def tables(self) -> Tables:
+        """The script cut into objects (for diffs and counts), parsed once."""
+        return parse_script(self.nft)
 
     @cached_property
     def json(self) -> str:

@@ -198,10 +198,14 @@ def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str])
     tx.deletions.extend(removals)
 
 
-def diff_scripts(old: str, new: str, stale: set[str] | None = None) -> Transaction:
-    """The incremental transaction from script ``old`` to script ``new``."""
+Tables = dict[tuple[str, str], TableText]
+
+
+def diff_scripts(old: str, new: str | Tables, stale: set[str] | None = None) -> Transaction:
+    """The incremental transaction from script ``old`` to script ``new`` (or to its
+    already parsed tables)."""
     old_tables = parse_script(old)
-    new_tables = parse_script(new)
+    new_tables = parse_script(new) if isinstance(new, str) else new
     if set(old_tables) != set(new_tables):
         raise NeedsFullReplacement("the set of owned tables changed")
     tx = Transaction()

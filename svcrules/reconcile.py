@@ -18,6 +18,7 @@ from svcrules.compiler import Job
 from svcrules.conntrack import cleanup_commands, run_cleanup
 from svcrules.incremental import (
     NeedsFullReplacement,
+    Tables,
     Transaction,
     diff_scripts,
     parse_script,
@@ -107,10 +108,8 @@ def verify_structure(backend: Backend, table: str, script: str, stale: list[str]
     return problems
 
 
-def _full_operations(script: str) -> int:
-    return sum(
-        1 + len(obj.items) for t in parse_script(script).values() for obj in t.objects.values()
-    )
+def _full_operations(tables: Tables) -> int:
+    return sum(1 + len(obj.items) for t in tables.values() for obj in t.objects.values())
 
 
 def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = False) -> Change:
@@ -171,7 +170,7 @@ def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = Fa
             reason = "verification found drift: " + "; ".join(drift[:3])
     if not reason and old_script is not None:
         try:
-            tx = diff_scripts(old_script, new_script, set(old_meta.stale))
+            tx = diff_scripts(old_script, ruleset.tables, set(old_meta.stale))
         except NeedsFullReplacement as exc:
             reason = str(exc)
         else:
@@ -193,7 +192,7 @@ def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = Fa
         "full",
         reason,
         new_script,
-        _full_operations(new_script),
+        _full_operations(ruleset.tables),
         None,
         new_script,
         new_meta,

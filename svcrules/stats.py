@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svcrules.compiler import Ruleset
-from svcrules.incremental import parse_script
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,7 @@ class Stats:
 def stats(ruleset: Ruleset) -> Stats:
     ports = [p for f in ruleset.plan.families for p in f.ports]
     chains = rules = elements = 0
-    for table in parse_script(ruleset.nft).values():
+    for table in ruleset.tables.values():
         for obj in table.objects.values():
             if obj.kind == "chain":
                 chains += 1
