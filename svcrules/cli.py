@@ -14,6 +14,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from svcrules.cli_options import NO_OVERRIDES, ConfigOpt, Paths, node_options
 from svcrules.compiler import Ruleset, compile_paths
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
@@ -39,47 +40,6 @@ class Format(StrEnum):
     json = "json"
 
 
-Paths = Annotated[
-    list[str] | None,
-    typer.Argument(
-        help="Files, directories or '-' (stdin) holding the objects.", show_default=False
-    ),
-]
-ConfigOpt = Annotated[
-    str | None, typer.Option("--config", "-c", help="File holding the NodeConfig.")
-]
-NodeName = Annotated[
-    str | None, typer.Option("--node-name", help="Override metadata.name of the NodeConfig.")
-]
-NodeIP = Annotated[
-    list[str] | None,
-    typer.Option("--node-ip", help="Override spec.nodeIPs (repeat for dual stack)."),
-]
-ClusterCIDR = Annotated[
-    list[str] | None,
-    typer.Option("--cluster-cidr", help="Override spec.clusterCIDRs (pod sources; repeatable)."),
-]
-ServiceCIDR = Annotated[
-    list[str] | None,
-    typer.Option("--service-cidr", help="Override spec.serviceCIDRs (repeatable)."),
-]
-NodePortAddr = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--nodeport-address",
-        help="Override spec.nodePortAddresses: 'primary' or CIDRs; 0.0.0.0/0 = all local.",
-    ),
-]
-MasqAll = Annotated[
-    bool | None,
-    typer.Option("--masquerade-all/--no-masquerade-all", help="Override spec.masqueradeAll."),
-]
-Zone = Annotated[str | None, typer.Option("--zone", help="Override spec.zone (topology hints).")]
-TableName = Annotated[
-    str | None, typer.Option("--table-name", help="Override spec.tableName (owned tables).")
-]
-
-
 def _fail(exc: SvcrulesError) -> NoReturn:
     for line in str(exc).splitlines():
         print(f"svcrules: error: {line}", file=sys.stderr)
@@ -103,28 +63,6 @@ def _compile(
         _fail(exc)
 
 
-def _overrides(
-    node_name: str | None,
-    node_ip: list[str] | None,
-    cluster_cidr: list[str] | None,
-    service_cidr: list[str] | None,
-    nodeport_address: list[str] | None,
-    masquerade_all: bool | None,
-    zone: str | None,
-    table_name: str | None,
-) -> Overrides:
-    return Overrides(
-        node_name=node_name,
-        node_ips=node_ip or [],
-        cluster_cidrs=cluster_cidr or [],
-        service_cidrs=service_cidr or [],
-        node_port_addresses=nodeport_address or [],
-        masquerade_all=masquerade_all,
-        zone=zone,
-        table_name=table_name,
-    )
-
-
 def _write(text: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(text)
@@ -135,6 +73,7 @@ def _write(text: str, output: Path | None) -> None:
 
 
 @app.command("compile")
+@node_options
 def compile_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
@@ -147,28 +86,11 @@ def compile_cmd(
     explain: Annotated[
         bool, typer.Option("--explain", help="Print the explain table instead of rules.")
     ] = False,
-    node_name: NodeName = None,
-    node_ip: NodeIP = None,
-    cluster_cidr: ClusterCIDR = None,
-    service_cidr: ServiceCIDR = None,
-    nodeport_address: NodePortAddr = None,
-    masquerade_all: MasqAll = None,
-    zone: Zone = None,
-    table_name: TableName = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Print the ruleset. Loading it with 'nft -f' creates or replaces the owned
     tables (ip/ip6 svcrules) in one transaction and touches nothing else."""
-    ov = _overrides(
-        node_name,
-        node_ip,
-        cluster_cidr,
-        service_cidr,
-        nodeport_address,
-        masquerade_all,
-        zone,
-        table_name,
-    )
-    ruleset = _compile(paths, config, ov)
+    ruleset = _compile(paths, config, overrides)
     if explain:
         from svcrules.explain import explain_text
 
@@ -178,36 +100,21 @@ def compile_cmd(
 
 
 @app.command("explain")
+@node_options
 def explain_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
-    node_name: NodeName = None,
-    node_ip: NodeIP = None,
-    cluster_cidr: ClusterCIDR = None,
-    service_cidr: ServiceCIDR = None,
-    nodeport_address: NodePortAddr = None,
-    masquerade_all: MasqAll = None,
-    zone: Zone = None,
-    table_name: TableName = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what each Service port became on this node: frontends, the endpoints
     chosen, masquerading, and why a frontend rejects or drops."""
     from svcrules.explain import explain_text
 
-    ov = _overrides(
-        node_name,
-        node_ip,
-        cluster_cidr,
-        service_cidr,
-        nodeport_address,
-        masquerade_all,
-        zone,
-        table_name,
-    )
-    sys.stdout.write(explain_text(_compile(paths, config, ov).plan))
+    sys.stdout.write(explain_text(_compile(paths, config, overrides).plan))
 
 
 @app.command("check")
+@node_options
 def check_cmd(
     golden: Annotated[
         Path, typer.Option("--golden", "-g", help="The reviewed ruleset file to compare with.")
@@ -220,30 +127,13 @@ def check_cmd(
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Format of the golden file.")] = (
         Format.nft
     ),
-    node_name: NodeName = None,
-    node_ip: NodeIP = None,
-    cluster_cidr: ClusterCIDR = None,
-    service_cidr: ServiceCIDR = None,
-    nodeport_address: NodePortAddr = None,
-    masquerade_all: MasqAll = None,
-    zone: Zone = None,
-    table_name: TableName = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Compare the compiled ruleset with a golden file: exit 0 when equal, 1 with a
     unified diff when not. For CI pipelines that review generated rules."""
     from svcrules.golden import compare
 
-    ov = _overrides(
-        node_name,
-        node_ip,
-        cluster_cidr,
-        service_cidr,
-        nodeport_address,
-        masquerade_all,
-        zone,
-        table_name,
-    )
-    ruleset = _compile(paths, config, ov)
+    ruleset = _compile(paths, config, overrides)
     text = ruleset.json if fmt is Format.json else ruleset.nft
     if update:
         golden.parent.mkdir(parents=True, exist_ok=True)

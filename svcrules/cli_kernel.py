@@ -14,20 +14,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from svcrules.cli import (
-    ClusterCIDR,
-    ConfigOpt,
-    MasqAll,
-    NodeIP,
-    NodeName,
-    NodePortAddr,
-    Paths,
-    ServiceCIDR,
-    TableName,
-    Zone,
-    _overrides,
-    app,
-)
+from svcrules.cli import app
+from svcrules.cli_options import NO_OVERRIDES, ConfigOpt, Paths, TableName, node_options
 from svcrules.compiler import Job, prepare
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
@@ -104,6 +92,7 @@ def _prepare(
 
 
 @app.command("diff")
+@node_options
 def diff_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
@@ -116,27 +105,10 @@ def diff_cmd(
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
     verify: Verify = False,
-    node_name: NodeName = None,
-    node_ip: NodeIP = None,
-    cluster_cidr: ClusterCIDR = None,
-    service_cidr: ServiceCIDR = None,
-    nodeport_address: NodePortAddr = None,
-    masquerade_all: MasqAll = None,
-    zone: Zone = None,
-    table_name: TableName = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
-    ov = _overrides(
-        node_name,
-        node_ip,
-        cluster_cidr,
-        service_cidr,
-        nodeport_address,
-        masquerade_all,
-        zone,
-        table_name,
-    )
-    job, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    job, backend, store = _prepare(paths, config, overrides, state_dir, nft)
     try:
         change = plan_change(job, backend, store, verify)
     except SvcrulesError as exc:
@@ -146,6 +118,7 @@ def diff_cmd(
 
 
 @app.command("apply")
+@node_options
 def apply_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
@@ -159,29 +132,12 @@ def apply_cmd(
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
     verify: Verify = False,
-    node_name: NodeName = None,
-    node_ip: NodeIP = None,
-    cluster_cidr: ClusterCIDR = None,
-    service_cidr: ServiceCIDR = None,
-    nodeport_address: NodePortAddr = None,
-    masquerade_all: MasqAll = None,
-    zone: Zone = None,
-    table_name: TableName = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Bring the kernel to the compiled ruleset in one atomic transaction holding only
     what changed (the first run, or tables changed behind svcrules' back, get a full
     replacement). A refused transaction leaves the previous rules in place."""
-    ov = _overrides(
-        node_name,
-        node_ip,
-        cluster_cidr,
-        service_cidr,
-        nodeport_address,
-        masquerade_all,
-        zone,
-        table_name,
-    )
-    job, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    job, backend, store = _prepare(paths, config, overrides, state_dir, nft)
     try:
         change = plan_change(job, backend, store, verify)
         if dry_run:
@@ -247,6 +203,7 @@ def _metrics(path: Path, meta: Meta, change: Change | None, started: float) -> N
 
 
 @app.command("sync")
+@node_options
 def sync_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
@@ -275,32 +232,17 @@ def sync_cmd(
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
     verify: Verify = False,
-    node_name: NodeName = None,
-    node_ip: NodeIP = None,
-    cluster_cidr: ClusterCIDR = None,
-    service_cidr: ServiceCIDR = None,
-    nodeport_address: NodePortAddr = None,
-    masquerade_all: MasqAll = None,
-    zone: Zone = None,
-    table_name: TableName = None,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """'apply' for cron and timers: an exclusive lock, silence when nothing changed,
     one log line when something did, optional metrics."""
     setup(log_format.value)
     started = time.monotonic()
-    ov = _overrides(
-        node_name,
-        node_ip,
-        cluster_cidr,
-        service_cidr,
-        nodeport_address,
-        masquerade_all,
-        zone,
-        table_name,
-    )
     try:
         with exclusive(state_dir / "lock", wait, lock_timeout):
-            change = _sync_once(paths, config, ov, state_dir, nft, verify, metrics_file, started)
+            change = _sync_once(
+                paths, config, overrides, state_dir, nft, verify, metrics_file, started
+            )
     except LockBusy as exc:
         LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
         return
