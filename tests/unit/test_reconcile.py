@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from svcrules.compiler import Job, prepare
+from svcrules.kernel import KernelError
 from svcrules.reconcile import execute, plan_change
 from svcrules.state import StateStore
 from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
@@ -71,3 +72,43 @@ def test_endpoint_change_is_incremental_and_drift_is_full(tmp_path: Path) -> Non
     kernel.fingerprint = "0" * 32  # someone replaced the tables
     drift = plan_change(job("12"), kernel, store)
     assert drift.mode == "full" and "differ from what svcrules last wrote" in drift.reason
+
+
+class BusyKernel(FakeKernel):
+    """Refuses deletions once with EBUSY, as older kernels do when the same transaction
+    drops a chain's last reference."""
+
+    refused: int = 0
+
+    def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
+        if "delete chain" in script and not self.refused:
+            self.refused += 1
+            raise KernelError("Error: Could not process rule: Device or resource busy")
+        return super().run(script, check_only=check_only, json_output=json_output)
+
+
+def test_ebusy_on_delete_is_retried_without_deletions_and_converges(tmp_path: Path) -> None:
+    def objs(*names: str) -> Job:
+        items = [node_config()]
+        for i, name in enumerate(names):
+            items += [
+                service(name, f"203.0.113.{10 + i}"),
+                endpoint_slice(name, [endpoint(f"198.51.100.{11 + i}")]),
+            ]
+        return prepare(["-"], stdin=io.StringIO(dump(items)))
+
+    kernel, store = BusyKernel(), StateStore(tmp_path)
+    execute(plan_change(objs("a", "b"), kernel, store), kernel, store)
+    removal = plan_change(objs("a"), kernel, store)
+    assert removal.mode == "incremental" and removal.tx and removal.tx.deletions
+    execute(removal, kernel, store)  # refused once, sent again without the deletions
+    assert kernel.refused == 1 and "delete chain" not in kernel.scripts[-1]
+    _, meta = store.load()
+    assert sorted(s.split()[1] for s in meta.stale) == ["chain", "map"]
+    # The next run deletes what was left, and then nothing is stale any more.
+    kernel.fingerprint = meta.fingerprint
+    later = plan_change(objs("a", "c"), kernel, store)
+    for fam, kind, name in (s.split() for s in meta.stale):
+        assert f"delete {kind} {fam} svcrules {name}" in later.script
+    execute(later, kernel, store)
+    assert store.load()[1].stale == []
