@@ -74,6 +74,12 @@ def family_of(text: str) -> Family:
     return 6 if ":" in text else 4
 
 
+def packed(text: str) -> bytes:
+    """Binary form of a canonical address: sorts numerically within one family, and
+    costs one C call (the hot sorts handle hundreds of thousands of addresses)."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+
+
 @lru_cache(maxsize=1 << 21)
 def ip_sort_key(text: str) -> tuple[int, bytes, int]:
     """Numeric order, so that 10.0.0.9 sorts before 10.0.0.10 (canonical input)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from svcrules.addr import Family
 
@@ -31,17 +32,19 @@ class Masquerade(StrEnum):
     NODE_ONLY = "node-only"  # eTP Local: only the node's own addresses (short-circuit)
 
 
-@dataclass(frozen=True, order=True)
-class Backend:
+class Backend(NamedTuple):
+    """One endpoint address and port. A NamedTuple, not a frozen dataclass: there are
+    hundreds of thousands and a frozen dataclass is several times slower to create."""
+
     ip: str
     port: int
     node: str = ""
     terminating: bool = False
 
 
-@dataclass(frozen=True)
-class PortPlan:
-    """One Service port in one family, with every decision made."""
+class PortPlan(NamedTuple):
+    """One Service port in one family, with every decision made (a NamedTuple for the
+    same reason as Backend: one per Service port, tens of thousands)."""
 
     namespace: str
     name: str

@@ -16,6 +16,7 @@ from svcrules.addr import (
     family_of,
     ip_in_cidr,
     ip_sort_key,
+    packed,
     parse_cidr,
 )
 from svcrules.errors import InputError, Problem
@@ -104,7 +105,8 @@ def _merge_endpoints(
             old = chosen.get(key)
             if old is None or (old[0].terminating and not backend.terminating):
                 chosen[key] = (backend, ep)
-    return [chosen[k] for k in sorted(chosen, key=lambda k: (ip_sort_key(k[0]), k[1]))]
+    # One family per slice set, so the binary address orders them numerically.
+    return [chosen[k] for k in sorted(chosen, key=lambda k: (packed(k[0]), k[1]))]
 
 
 def _usable(pairs: list[tuple[Backend, Endpoint]]) -> list[tuple[Backend, Endpoint]]:

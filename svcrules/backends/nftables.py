@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from svcrules.addr import collapse_cidrs, ip_sort_key
+from svcrules.addr import collapse_cidrs, ip_sort_key, packed
 from svcrules.names import chain_name, comment, digest
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
 from svcrules.render import render
@@ -32,20 +33,18 @@ SLOT_BITS = 12  # endpoints per slot block; larger selections take several block
 BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bit
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """How a chain picks a backend: one dnat through the backends map, or, with
     session affinity, a check of each backend's affinity set first."""
 
-    count: int
+    size: int  # endpoints to choose from (numgen mod)
     base: int
     backends: tuple[Backend, ...]
     affinity: tuple[tuple[str, int], ...]  # per backend: "aep" chain suffix, affinity id
     map: str  # the backends (or affinity-endpoints) map holding this selection's slots
 
 
-@dataclass(frozen=True)
-class Chain:
+class Chain(NamedTuple):
     name: str
     comment: str
     protocol: str  # tcp / udp / sctp: dnat needs the match
@@ -55,8 +54,7 @@ class Chain:
     selection: Selection | None  # None: drop
 
 
-@dataclass(frozen=True)
-class AffinityEndpoint:
+class AffinityEndpoint(NamedTuple):
     name: str  # suffix of the aep- chain
     key: int  # this (Service port, endpoint)'s id in the shared affinity set
     comment: str
@@ -254,7 +252,7 @@ def layout_family(plan: FamilyPlan) -> Table:
     )
     table.backends = {k: (v[0], sorted(v[1])) for k, v in sorted(table.backends.items())}
     table.affinity_slots = {k: sorted(v) for k, v in sorted(table.affinity_slots.items())}
-    table.hairpin = sorted(hairpin, key=ip_sort_key)
+    table.hairpin = sorted(hairpin, key=packed)  # one family per table
     return table
 
 

@@ -300,12 +300,12 @@ def _service_chain_rules(f: _Family, c: Chain) -> list[list[Json]]:
         for name, key in s.affinity:
             pinned = _match(_concat(f.saddr(), _numgen_inc(key)), _ref("affinity"))
             rules.append([pinned, _verdict(f"goto aep-{name}")])
-        rules.append([_vmap(_numgen(s.count, s.base), s.map)])
+        rules.append([_vmap(_numgen(s.size, s.base), s.map)])
     else:
         dnat: Obj = {
             "dnat": {
                 "family": f.fam,
-                "addr": {"map": {"key": _numgen(s.count, s.base), "data": _ref(s.map)}},
+                "addr": {"map": {"key": _numgen(s.size, s.base), "data": _ref(s.map)}},
             }
         }
         rules.append([_match(_meta("l4proto"), c.protocol), dnat])
