@@ -37,17 +37,21 @@ def main(path: str, out: str) -> None:
             else:
                 sets += 1
                 elements += len(obj.items)
-    print(json.dumps({
-        "load_s": round(t1 - t0, 3),
-        "compile_s": round(t2 - t1, 3),
-        "total_s": round(t2 - t0, 3),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-        "bytes": len(text.encode()),
-        "chains": chains,
-        "rules": rules,
-        "sets": sets,
-        "elements": elements,
-    }))
+    print(
+        json.dumps(
+            {
+                "load_s": round(t1 - t0, 3),
+                "compile_s": round(t2 - t1, 3),
+                "total_s": round(t2 - t0, 3),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                "bytes": len(text.encode()),
+                "chains": chains,
+                "rules": rules,
+                "sets": sets,
+                "elements": elements,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

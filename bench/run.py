@@ -75,15 +75,30 @@ def compile_row(cluster: Path, out: Path) -> Row:
 
 def sync(ns: Netns, inputs: Path, state: Path) -> Row:
     """One `svcrules sync` as an operator runs it: wall time, and the kernel part."""
-    wall, proc = ns.timed(PY, "-m", "svcrules", "sync", str(inputs), "--state-dir", str(state),
-                          "--log-format", "json", "-v")
+    wall, proc = ns.timed(
+        PY,
+        "-m",
+        "svcrules",
+        "sync",
+        str(inputs),
+        "--state-dir",
+        str(state),
+        "--log-format",
+        "json",
+        "-v",
+    )
     event = json.loads(proc.stderr.strip().splitlines()[-1])
-    return {"wall_s": round(wall, 3), "kernel_s": event["kernel_seconds"],
-            "operations": event["operations"], "mode": event["mode"]}
+    return {
+        "wall_s": round(wall, 3),
+        "kernel_s": event["kernel_seconds"],
+        "operations": event["operations"],
+        "mode": event["mode"],
+    }
 
 
-def apply_rows(n: int, endpoints: int, objs: list[dict[str, Any]], work: Path,
-               compiled: Path) -> Row:
+def apply_rows(
+    n: int, endpoints: int, objs: list[dict[str, Any]], work: Path, compiled: Path
+) -> Row:
     node = generate.node_config()
     variants = {
         "base": [node, *objs],
@@ -129,8 +144,10 @@ def latency(n: int, endpoints: int, connections: int) -> Row:
     svc["spec"]["ports"] = svc["spec"]["ports"][:1]
     for p in svc["spec"]["ports"]:
         p.pop("nodePort", None)
-    sl["endpoints"] = [{"addresses": [f"198.51.100.{10 + i}"], "conditions": {"ready": True},
-                        "nodeName": "node-0"} for i in range(1, 5)]
+    sl["endpoints"] = [
+        {"addresses": [f"198.51.100.{10 + i}"], "conditions": {"ready": True}, "nodeName": "node-0"}
+        for i in range(1, 5)
+    ]
     sl["ports"] = sl["ports"][:1]
     import svcrules
 
@@ -141,8 +158,7 @@ def latency(n: int, endpoints: int, connections: int) -> Row:
     with Lab() as lab:
         lab.load(ruleset.nft)
         lab.probe("client", svc["spec"]["clusterIP"], 80, count=50)  # warm up
-        results = lab.probe("client", svc["spec"]["clusterIP"], 80, count=connections,
-                            timeout=2.0)
+        results = lab.probe("client", svc["spec"]["clusterIP"], 80, count=connections, timeout=2.0)
     ok = sorted(r.elapsed for r in results if r.outcome == "ok")
     return {
         "connections": len(results),
@@ -155,8 +171,9 @@ def latency(n: int, endpoints: int, connections: int) -> Row:
 def _inputs(objs: list[dict[str, Any]]) -> Any:
     from svcrules.load import Source, load_sources
 
-    return load_sources([Source("<bench>", json.dumps({"kind": "List", "apiVersion": "v1",
-                                                       "items": objs}))])
+    return load_sources(
+        [Source("<bench>", json.dumps({"kind": "List", "apiVersion": "v1", "items": objs}))]
+    )
 
 
 def machine() -> Row:
@@ -175,25 +192,33 @@ def table(results: Row) -> str:
     for size in results["sizes"]:
         c = size["compile"]
         lines.append(f"== {size['services']:,} Services x {size['endpoints']} endpoints")
-        lines.append(f"  compile: load {c['load_s']}s + plan/render {c['compile_s']}s = "
-                     f"{c['total_s']}s, peak RSS {c['peak_rss_mb']} MB")
-        lines.append(f"  ruleset: {c['bytes']:,} bytes, {c['chains']:,} chains, "
-                     f"{c['rules']:,} rules, {c['sets']:,} sets/maps, "
-                     f"{c['elements']:,} elements")
+        lines.append(
+            f"  compile: load {c['load_s']}s + plan/render {c['compile_s']}s = "
+            f"{c['total_s']}s, peak RSS {c['peak_rss_mb']} MB"
+        )
+        lines.append(
+            f"  ruleset: {c['bytes']:,} bytes, {c['chains']:,} chains, "
+            f"{c['rules']:,} rules, {c['sets']:,} sets/maps, "
+            f"{c['elements']:,} elements"
+        )
         k = size.get("kernel")
         if k:
             lines.append(f"  kernel load of the compiled script (nft -f): {k['kernel_load_s']}s")
             for key in ("full_apply", "noop_sync", "one_endpoint", "one_service", "one_percent"):
                 r = k[key]
-                lines.append(f"  {key:13} {r['mode']:11} {r['wall_s']:>8}s end to end, "
-                             f"{r['kernel_s']:>7}s kernel, {r['operations']:>7,} operations")
+                lines.append(
+                    f"  {key:13} {r['mode']:11} {r['wall_s']:>8}s end to end, "
+                    f"{r['kernel_s']:>7}s kernel, {r['operations']:>7,} operations"
+                )
         kp = size.get("kube_proxy")
         if kp:
             lines.append(f"  kube-proxy-style layout, kernel load (nft -f): {kp['kernel_load_s']}s")
         lat = size.get("latency")
         if lat:
-            lines.append(f"  data path: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
-                         f"over {lat['connections']} connections ({lat['failed']} failed)")
+            lines.append(
+                f"  data path: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
+                f"over {lat['connections']} connections ({lat['failed']} failed)"
+            )
     if results.get("latency_baseline"):
         b = results["latency_baseline"]
         lines.append(f"== data path with 10 Services: p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms")
@@ -209,8 +234,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1k Services only (smoke test)")
     ap.add_argument("--sizes", default="1000,10000,50000", help="Service counts")
     ap.add_argument("--endpoints", type=int, default=10, help="endpoints per Service")
-    ap.add_argument("--kube-proxy-max", type=int, default=10000,
-                    help="largest size for the kube-proxy-style comparison (slow: 150 s at 10k)")
+    ap.add_argument(
+        "--kube-proxy-max",
+        type=int,
+        default=10000,
+        help="largest size for the kube-proxy-style comparison (slow: 150 s at 10k)",
+    )
     ap.add_argument("--connections", type=int, default=2000, help="connections per latency run")
     ap.add_argument("--no-kernel", action="store_true", help="compile measurements only")
     ap.add_argument("--output", default=str(HERE / "results.json"))
@@ -228,8 +257,11 @@ def main() -> None:
             cluster = work / f"cluster-{n}.json"
             generate.write(cluster, [generate.node_config(), *objs])
             compiled = work / f"compiled-{n}.nft"
-            size: Row = {"services": n, "endpoints": args.endpoints,
-                         "compile": compile_row(cluster, compiled)}
+            size: Row = {
+                "services": n,
+                "endpoints": args.endpoints,
+                "compile": compile_row(cluster, compiled),
+            }
             if why_not is None:
                 size["kernel"] = apply_rows(n, args.endpoints, objs, work, compiled)
                 if n <= args.kube_proxy_max:
