@@ -32,6 +32,8 @@ def parse_ip(text: str) -> IPAddress:
     if not isinstance(text, str):
         raise ValueError(f"expected an IP address string, got {text!r}")
     cleaned = text.strip()
+    if "%" in cleaned:
+        raise ValueError(f"{text!r}: a zone index (%...) is not allowed here")
     try:
         return ipaddress.ip_address(_strip_octet_zeros(cleaned))
     except ValueError:
@@ -46,6 +48,8 @@ def parse_cidr(text: str) -> IPNetwork:
     if "/" not in cleaned:
         raise ValueError(f"{text!r} is not a CIDR (missing /prefix)")
     addr, _, prefix = cleaned.partition("/")
+    if "%" in addr:
+        raise ValueError(f"{text!r}: a zone index (%...) is not allowed here")
     try:
         return ipaddress.ip_network(f"{_strip_octet_zeros(addr)}/{prefix}", strict=True)
     except ValueError as exc:

@@ -49,9 +49,15 @@ class K8sModel(BaseModel):
     )
 
 
+# Kubernetes object names (DNS subdomains) and namespaces (DNS labels). Checked because
+# names end up in keys like namespace/name:port, which must stay unambiguous.
+_DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
 class ObjectMeta(K8sModel):
-    name: Annotated[str, Field(min_length=1)]
-    namespace: str = "default"
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
+    namespace: Annotated[str, Field(max_length=63, pattern=_DNS_NAME)] = "default"
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("labels", mode="before")
@@ -71,6 +77,15 @@ class ServicePort(K8sModel):
     @classmethod
     def _none_name(cls, value: Any) -> Any:
         return "" if value is None else value
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value and not _PORT_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid port name (lower-case letters, digits, '-')"
+            )
+        return value
 
 
 class ClientIPConfig(K8sModel):
@@ -247,6 +262,15 @@ class EndpointPort(K8sModel):
     def _none_name(cls, value: Any) -> Any:
         return "" if value is None else value
 
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value and not _PORT_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid port name (lower-case letters, digits, '-')"
+            )
+        return value
+
 
 class EndpointSlice(K8sModel):
     api_version: Literal["discovery.k8s.io/v1"] = "discovery.k8s.io/v1"
@@ -338,7 +362,7 @@ class NodeConfigSpec(K8sModel):
 
 
 class NodeConfigMeta(K8sModel):
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
 
 
 class NodeConfig(K8sModel):

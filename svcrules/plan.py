@@ -97,6 +97,7 @@ class FamilyPlan:
     node_ip: str | None
     pod_cidrs: tuple[str, ...]
     service_cidrs: tuple[str, ...]
+    foreign_ips: tuple[str, ...]  # ClusterIPs of Services another proxy handles
     nodeport_mode: str  # "primary", "cidrs" or "all"
     nodeport_cidrs: tuple[str, ...]
     masquerade_bit: int

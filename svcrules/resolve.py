@@ -32,6 +32,19 @@ from svcrules.model import (
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
 
 
+def _foreign_cluster_ips(services: Iterable[Service], family: Family) -> tuple[str, ...]:
+    """ClusterIPs of Services left to another proxy (labels): never dropped as
+    unallocated, never rejected, never touched."""
+    ips = {
+        ip
+        for s in services
+        if s.spec.type != "ExternalName" and s.is_skipped_by_label()
+        for ip in s.spec.all_cluster_ips()
+        if family_of(ip) == family
+    }
+    return tuple(sorted(ips, key=ip_sort_key))
+
+
 def programmed_services(services: Iterable[Service]) -> list[Service]:
     """Services that get rules at all (section 2), in canonical order."""
     out = [
@@ -63,7 +76,11 @@ def _conditions(ep: Endpoint) -> EndpointConditions:
 
 
 def _is_ready(ep: Endpoint) -> bool:
-    return _conditions(ep).get("ready") is not False
+    """``ready`` unset means ready (the API's reading), unless the endpoint is
+    terminating: a terminating endpoint is only ever used while it is serving."""
+    c = _conditions(ep)
+    ready = c.get("ready")
+    return (c.get("terminating") is not True) if ready is None else ready
 
 
 def _is_serving_terminating(ep: Endpoint) -> bool:
@@ -241,9 +258,9 @@ def _check_claims(inputs: Inputs, ports: list[tuple[Service, int, PortPlan]]) ->
     def claim(key: tuple[str, ...], svc: Service, what: str, field: str) -> None:
         old = owners.get(key)
         if old is None:
-            owners[key] = (svc, what)
+            owners[key] = (svc, what + field)
             return
-        if old[0] is svc:
+        if old[0] is svc and (key[0] != "nodePort" or old[1] == what + field):
             return
         other = old[0]
         where = inputs.origin(other)
@@ -317,6 +334,7 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
                 node_ip=node.node_ip(fam),
                 pod_cidrs=pod_cidrs,
                 service_cidrs=_cidrs_in_family(node.spec.service_cidrs, fam),
+                foreign_ips=_foreign_cluster_ips(inputs.services, fam),
                 nodeport_mode=mode,
                 nodeport_cidrs=cidrs,
                 masquerade_bit=node.spec.masquerade_bit,

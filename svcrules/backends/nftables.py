@@ -69,6 +69,7 @@ class Table:
     name: str
     plan: FamilyPlan
     mark: int
+    node_label: str  # the node's name, cleaned and short enough for a comment
     chains: list[Chain] = field(default_factory=list)
     affinity: list[AffinityEndpoint] = field(default_factory=list)
     service_ips: list[tuple[str, str, int, str]] = field(default_factory=list)
@@ -110,13 +111,14 @@ def _proto(p: PortPlan) -> str:
     return p.protocol.lower()
 
 
-def layout_family(plan: FamilyPlan) -> Table:
+def layout_family(plan: FamilyPlan, node_name: str) -> Table:
     """Decide every nft object of one family's table."""
     table = Table(
         family="ip" if plan.family == 4 else "ip6",
         name=plan.table,
         plan=plan,
         mark=plan.masquerade_mark,
+        node_label=comment(node_name, 90),
     )
     requests: list[tuple[str, int]] = []
     for p in plan.ports:
@@ -243,6 +245,15 @@ def layout_family(plan: FamilyPlan) -> Table:
 
     table.chains.sort(key=lambda c: c.name)
     table.affinity.sort(key=lambda a: a.name)
+    # A Service may list its own ClusterIP among its externalIPs (the API allows it):
+    # the ClusterIP entry, added first, wins; nft refuses a key twice.
+    seen: set[tuple[str, str, int]] = set()
+    unique = []
+    for entry in table.service_ips:
+        if entry[:3] not in seen:
+            seen.add(entry[:3])
+            unique.append(entry)
+    table.service_ips = unique
     table.service_ips.sort(key=lambda e: (ip_sort_key(e[0]), e[1], e[2]))
     table.nodeports.sort()
     table.cluster_ips = sorted(set(table.cluster_ips), key=ip_sort_key)
@@ -257,7 +268,7 @@ def layout_family(plan: FamilyPlan) -> Table:
 
 
 def layout(plan: NodePlan) -> list[Table]:
-    return [layout_family(f) for f in plan.families]
+    return [layout_family(f, plan.node_name) for f in plan.families]
 
 
 FINGERPRINT_PLACEHOLDER = "@@fingerprint@@"

@@ -177,6 +177,15 @@ def _sets(f: _Family) -> list[Obj]:
     out.append(
         _set(
             f,
+            "foreign-cluster-ips",
+            a,
+            "ClusterIPs of Services another proxy handles: left alone",
+            list(p.foreign_ips),
+        )
+    )
+    out.append(
+        _set(
+            f,
             "cluster-ips",
             a,
             "ClusterIPs: ports no Service defines are rejected",
@@ -362,10 +371,15 @@ def _chains_and_rules(f: _Family) -> tuple[list[Obj], list[tuple[str, list[Json]
     if p.nodeport_mode == "all":
         where = [local_dest, _match(f.daddr(), f.loopback, "!=")]
     elif p.nodeport_mode == "cidrs":
-        where = [local_dest, _match(f.daddr(), _ref("nodeport-ips"))]
+        where = [
+            local_dest,
+            _match(f.daddr(), f.loopback, "!="),
+            _match(f.daddr(), _ref("nodeport-ips")),
+        ]
     else:
         where = [_match(f.daddr(), _ref("nodeport-ips"))]
     rules.append(("services", [*where, nodeport_vmap]))
+    rules.append(("services", [_match(f.daddr(), _ref("foreign-cluster-ips")), {"return": None}]))
     rules.append(("services", [_match(f.daddr(), _ref("cluster-ips")), f.reject]))
     if p.service_cidrs:
         rules.append(("services", [_match(f.daddr(), _ref("service-cidrs")), _verdict("drop")]))
@@ -392,15 +406,14 @@ def _chains_and_rules(f: _Family) -> tuple[list[Obj], list[tuple[str, list[Json]
     return chains, rules
 
 
-def _node_comment(node_name: str) -> str:
-    """The table comment; the node name is cleaned as the template's ``safe`` macro does."""
-    return "svcrules: Services of node " + node_name.replace('"', "").replace("\n", " ")
-
-
 def table_objects(t: Table, plan: NodePlan, fingerprint: str) -> list[Obj]:
     """One table in listing order: the table, its sets and maps, chains, rules."""
     f = _Family(t)
-    table: Obj = {"family": t.family, "name": t.name, "comment": _node_comment(plan.node_name)}
+    table: Obj = {
+        "family": t.family,
+        "name": t.name,
+        "comment": f"svcrules: Services of node {t.node_label}",
+    }
     chains, rules = _chains_and_rules(f)
     state = _set(
         f,

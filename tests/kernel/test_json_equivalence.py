@@ -340,9 +340,12 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "nodeport-addresses-all": ("ip daddr != 127.0.0.0/8", "ip6 daddr != ::1", "!nodeport-ips"),
     "nodeport-addresses-v4-all-only": (
         "ip daddr != 127.0.0.0/8",
-        "fib daddr type local ip6 daddr @nodeport-ips",
+        "fib daddr type local ip6 daddr != ::1 ip6 daddr @nodeport-ips",
     ),
-    "nodeport-addresses-cidrs": ("fib daddr type local ip daddr @nodeport-ips", "10.1.2.3/32"),
+    "nodeport-addresses-cidrs": (
+        "fib daddr type local ip daddr != 127.0.0.0/8 ip daddr @nodeport-ips",
+        "10.1.2.3/32",
+    ),
     "etp-local-without-cluster-cidrs": (
         "!set pod-cidrs",
         "fib saddr type local goto clu-",

@@ -496,3 +496,37 @@ def test_overlapping_ranges_load(lab: Lab) -> None:
     load(lab, svc, web_slice(eps("pod2")), node=node)
     assert lab.backends(ok(lab.probe("client", LB, 80, count=3))) == {"pod2"}
     assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip4, 30080, count=3))) == {"pod2"}
+
+
+def test_long_node_name_and_own_cluster_ip_as_external_ip_load(lab: Lab) -> None:
+    svc = web(externalIPs=[CIP])
+    load(lab, svc, web_slice(eps("pod2")), node=cfg(**{}) | {"metadata": {"name": "n" * 200}})
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
+
+
+def test_cluster_ips_of_other_proxies_are_left_alone(lab: Lab) -> None:
+    """A Service labelled for another proxy: that proxy's DNAT must work even though the
+    address lies in serviceCIDRs and svcrules' chains see the packet first."""
+    other = service("o", "203.0.113.9", labels={"service.kubernetes.io/service-proxy-name": "x"})
+    lab.load(
+        "table ip otherproxy {\n"
+        "\tchain pre {\n"
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;\n"
+        f"\t\tip daddr 203.0.113.9 tcp dport 80 dnat to {POD['pod3']}:8080\n"
+        "\t}\n"
+        "}\n"
+    )
+    # Loaded second, svcrules' prerouting chain runs first at the same priority.
+    load(lab, other, web(), web_slice(eps("pod2")))
+    assert lab.backends(ok(lab.probe("client", "203.0.113.9", 80, count=3))) == {"pod3"}
+
+
+def test_loopback_is_never_a_node_port_address(lab: Lab) -> None:
+    load(
+        lab,
+        web("NodePort", node_port=30080),
+        web_slice(eps("pod2")),
+        node=cfg(nodePortAddresses=["127.0.0.0/8", "192.0.2.0/24"]),
+    )
+    assert lab.backends(ok(lab.probe("node", NODE, 30080, count=3))) == {"pod2"}
+    refused(lab.probe("node", "127.0.0.1", 30080, count=2))  # the node's own stack answers

@@ -251,3 +251,56 @@ def test_flags_override_node_config() -> None:
     assert r.plan.table == "other"
     assert r.plan.families[0].nodeport_mode == "all"
     assert r.plan.families[1].nodeport_mode == "cidrs" and r.plan.families[1].nodeport_cidrs == ()
+
+
+def test_own_cluster_ip_among_external_ips_is_one_frontend() -> None:
+    svc = service("a", "203.0.113.1", externalIPs=["203.0.113.1"])
+    r = compile_objs([NODE, svc, endpoint_slice("a", [endpoint("198.51.100.11")])])
+    assert r.nft.count("203.0.113.1 . tcp . 80 :") == 1
+    assert "203.0.113.1 . tcp . 80 : goto svc-" in r.nft
+
+
+def test_one_node_port_twice_in_a_service_is_an_error() -> None:
+    ports = [
+        {"name": "a", "port": 80, "nodePort": 30001},
+        {"name": "b", "port": 81, "nodePort": 30001},
+    ]
+    with pytest.raises(InputError, match="nodePort 30001/TCP is already claimed"):
+        compile_objs([NODE, service("a", "203.0.113.1", type="NodePort", ports=ports)])
+
+
+def test_terminating_not_serving_is_never_used_even_without_ready() -> None:
+    gone = endpoint("198.51.100.11", ready=None, serving=False, terminating=True)
+    p = one([service("a", "203.0.113.1"), endpoint_slice("a", [gone])])
+    assert ips(p) == [] and p.internal_route is Route.REJECT
+
+
+def test_services_of_other_proxies_keep_their_cluster_ips() -> None:
+    other = service("x", "203.0.113.9", labels={"service.kubernetes.io/service-proxy-name": "o"})
+    fam = compile_objs([NODE, other, service("a", "203.0.113.1")]).plan.families[0]
+    assert fam.foreign_ips == ("203.0.113.9",)
+    assert [p.name for p in fam.ports] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (service("a", "2001:db8::1%eth0"), "zone index"),
+        (endpoint_slice("a", [endpoint("fe80::1%eth0")], family="IPv6"), "zone index"),
+        (service("a/b", "203.0.113.1"), "metadata.name"),
+        (service("a", "203.0.113.1", namespace="x y"), "metadata.namespace"),
+        (service("a", "203.0.113.1", ports=[{"name": "a/b", "port": 80}]), "port name"),
+    ],
+)
+def test_names_and_addresses_that_would_be_ambiguous_are_refused(
+    obj: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        compile_objs([NODE, obj])
+
+
+def test_long_node_name_is_shortened_in_comments() -> None:
+    name = "n" + "-x" * 120
+    r = compile_objs([node_config(name=name)])
+    comments = [ln for ln in r.nft.splitlines() if "Services of node" in ln]
+    assert comments and all(len(ln.split('"')[1]) <= 128 for ln in comments)
