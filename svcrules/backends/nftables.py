@@ -161,7 +161,10 @@ def layout_family(plan: FamilyPlan, node_name: str) -> Table:
             slots = table.affinity_slots.setdefault(map_name, [])
         names: list[tuple[str, int]] = []
         for i, b in enumerate(backends):
-            hairpin.add(b.ip)
+            # A pod's traffic to its own Service passes its own node's rules only, so
+            # only this node's endpoints (or those of unknown node) can hairpin here.
+            if b.node in ("", node_name):
+                hairpin.add(b.ip)
             if p.affinity_timeout is None:
                 entries.append((base + i, b.ip, b.port))
                 continue

@@ -304,3 +304,16 @@ def test_long_node_name_is_shortened_in_comments() -> None:
     r = compile_objs([node_config(name=name)])
     comments = [ln for ln in r.nft.splitlines() if "Services of node" in ln]
     assert comments and all(len(ln.split('"')[1]) <= 128 for ln in comments)
+
+
+def test_hairpin_set_holds_only_endpoints_that_can_be_clients_here() -> None:
+    eps = [
+        endpoint("198.51.100.11", node="node-a"),
+        endpoint("198.51.100.12", node="node-b"),
+        endpoint("198.51.100.13", node=None),
+    ]
+    r = compile_objs([NODE, service("a", "203.0.113.1"), endpoint_slice("a", eps)])
+    hairpin = r.nft.split("set hairpin {")[1].split("\n\t}")[0]
+    assert "198.51.100.11 . 198.51.100.11" in hairpin
+    assert "198.51.100.13 . 198.51.100.13" in hairpin
+    assert "198.51.100.12" not in hairpin
