@@ -14,7 +14,14 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from svcrules.cli_options import NO_OVERRIDES, ConfigOpt, Paths, node_options
+from svcrules.cli_options import (
+    NO_OVERRIDES,
+    BackendChoice,
+    BackendOpt,
+    ConfigOpt,
+    Paths,
+    node_options,
+)
 from svcrules.compiler import Ruleset, compile_paths
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
@@ -22,12 +29,16 @@ from svcrules.errors import SvcrulesError
 app = typer.Typer(
     name="svcrules",
     help=(
-        "Compile Kubernetes Services and EndpointSlices into nftables rules.\n\n"
+        "Compile Kubernetes Services and EndpointSlices into nftables rules "
+        "(or iptables rules, with --backend iptables).\n\n"
         "Inputs are YAML or JSON files, directories (searched for *.yaml, *.yml, *.json) "
         "or '-' for stdin; 'kubectl get services,endpointslices -A -o yaml' output works "
         "as it is. The node is described by a NodeConfig (--config, a document among the "
         "inputs, or --node-name/--node-ip).\n\n"
-        "Example: svcrules compile fixtures/demo/ | nft -f -"
+        "Examples:\n\n"
+        "  svcrules compile fixtures/demo/ | nft -f -\n\n"
+        "  svcrules compile --backend iptables fixtures/demo/\n\n"
+        "  kubectl get services,endpointslices -A -o json | svcrules sync -c node.yaml -"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -40,6 +51,12 @@ class Format(StrEnum):
     json = "json"
 
 
+class FamilyChoice(StrEnum):
+    both = "both"
+    ipv4 = "ipv4"
+    ipv6 = "ipv6"
+
+
 def _fail(exc: SvcrulesError) -> NoReturn:
     for line in str(exc).splitlines():
         print(f"svcrules: error: {line}", file=sys.stderr)
@@ -50,17 +67,46 @@ def _compile(
     paths: list[str] | None,
     config: str | None,
     overrides: Overrides,
+    backend: BackendChoice = BackendChoice.nftables,
 ) -> Ruleset:
     if not paths:
         print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
         raise typer.Exit(2)
     try:
-        ruleset = compile_paths(paths, config, overrides)
-        # Render inside the try: rendering problems are reported like input problems.
-        _ = ruleset.nft
-        return ruleset
+        # Rendering happens inside: its problems are reported like input problems.
+        return compile_paths(paths, config, overrides, backend=backend.value)
     except SvcrulesError as exc:
         _fail(exc)
+
+
+def _text(ruleset: Ruleset, backend: BackendChoice, fmt: Format, family: FamilyChoice) -> str:
+    """What compile and check print: the backend's text, in the asked format."""
+    if backend is BackendChoice.iptables:
+        if fmt is Format.json:
+            _usage("--format json is the libnftables form: only for --backend nftables")
+        if family is FamilyChoice.both:
+            return ruleset.iptables
+        from svcrules.backends.iptables import family_section
+
+        return family_section(ruleset.iptables, family.value)
+    if family is not FamilyChoice.both:
+        _usage("--family selects one iptables-restore input: only for --backend iptables")
+    return ruleset.json if fmt is Format.json else ruleset.nft
+
+
+def _usage(message: str) -> NoReturn:
+    print(f"svcrules: error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+FamilyOpt = Annotated[
+    FamilyChoice,
+    typer.Option(
+        "--family",
+        help="iptables backend: print only one family's input, ready for "
+        "'iptables-restore --noflush' (ipv4) or 'ip6tables-restore --noflush' (ipv6).",
+    ),
+]
 
 
 def _write(text: str, output: Path | None) -> None:
@@ -86,17 +132,21 @@ def compile_cmd(
     explain: Annotated[
         bool, typer.Option("--explain", help="Print the explain table instead of rules.")
     ] = False,
+    backend: BackendOpt = BackendChoice.nftables,
+    family: FamilyOpt = FamilyChoice.both,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
-    """Print the ruleset. Loading it with 'nft -f' creates or replaces the owned
-    tables (ip/ip6 svcrules) in one transaction and touches nothing else."""
-    ruleset = _compile(paths, config, overrides)
+    """Print the ruleset. With nftables, loading it with 'nft -f' creates or replaces
+    the owned tables (ip/ip6 svcrules) in one transaction and touches nothing else.
+    With iptables, it is one iptables-restore input per family ('apply' sends it and
+    also installs the jumps from the built-in chains)."""
+    ruleset = _compile(paths, config, overrides, backend)
     if explain:
         from svcrules.explain import explain_text
 
         _write(explain_text(ruleset.plan), output)
         return
-    _write(ruleset.json if fmt is Format.json else ruleset.nft, output)
+    _write(_text(ruleset, backend, fmt, family), output)
 
 
 @app.command("explain")
@@ -127,14 +177,16 @@ def check_cmd(
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Format of the golden file.")] = (
         Format.nft
     ),
+    backend: BackendOpt = BackendChoice.nftables,
+    family: FamilyOpt = FamilyChoice.both,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Compare the compiled ruleset with a golden file: exit 0 when equal, 1 with a
     unified diff when not. For CI pipelines that review generated rules."""
     from svcrules.golden import compare
 
-    ruleset = _compile(paths, config, overrides)
-    text = ruleset.json if fmt is Format.json else ruleset.nft
+    ruleset = _compile(paths, config, overrides, backend)
+    text = _text(ruleset, backend, fmt, family)
     if update:
         golden.parent.mkdir(parents=True, exist_ok=True)
         _write(text, golden)

@@ -15,15 +15,22 @@ from typing import Annotated, NoReturn
 import typer
 
 from svcrules.cli import app
-from svcrules.cli_options import NO_OVERRIDES, ConfigOpt, Paths, TableName, node_options
+from svcrules.cli_options import (
+    NO_OVERRIDES,
+    BackendChoice,
+    BackendOpt,
+    ConfigOpt,
+    Paths,
+    TableName,
+    node_options,
+)
 from svcrules.compiler import Job, prepare
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
-from svcrules.kernel import Backend, open_backend
 from svcrules.lock import LockBusy, exclusive
 from svcrules.logs import LOG, setup
 from svcrules.metrics import SyncMetrics, write_metrics
-from svcrules.reconcile import Change, cleanup, execute, plan_change
+from svcrules.reconcile import Change, Driver, cleanup, execute, plan_change
 from svcrules.report import summary
 from svcrules.state import DEFAULT_STATE_DIR, Meta, StateStore
 
@@ -34,9 +41,16 @@ class NftChoice(StrEnum):
     nft = "nft"
 
 
+class IptablesChoice(StrEnum):
+    auto = "auto"
+    nft = "nft"
+    legacy = "legacy"
+
+
 class DiffOutput(StrEnum):
     summary = "summary"
-    nft = "nft"
+    script = "script"
+    nft = "nft"  # the same as script (the name from before the iptables backend)
 
 
 class LogFormat(StrEnum):
@@ -59,6 +73,14 @@ NftOpt = Annotated[
         help="Kernel interface: libnftables, the nft command, or auto (libnftables, else nft).",
     ),
 ]
+IptablesOpt = Annotated[
+    IptablesChoice,
+    typer.Option(
+        "--iptables",
+        help="iptables backend: which tools to use, iptables-nft, iptables-legacy, or "
+        "auto (whatever 'iptables' is on this system).",
+    ),
+]
 Verify = Annotated[
     bool,
     typer.Option(
@@ -75,20 +97,37 @@ def _die(exc: SvcrulesError) -> NoReturn:
     raise typer.Exit(2)
 
 
+def open_driver(backend: BackendChoice, nft: NftChoice, iptables: IptablesChoice) -> Driver:
+    """The chosen backend with its kernel interface."""
+    if backend is BackendChoice.iptables:
+        from svcrules.driver_iptables import IptablesDriver
+        from svcrules.iptables_kernel import Iptables
+
+        return IptablesDriver(Iptables(iptables.value))
+    from svcrules.driver_nft import NftDriver
+    from svcrules.kernel import open_backend
+
+    return NftDriver(open_backend(nft.value))
+
+
 def _prepare(
-    paths: list[str] | None, config: str | None, ov: Overrides, state_dir: Path, nft: NftChoice
-) -> tuple[Job, Backend, StateStore]:
+    paths: list[str] | None,
+    config: str | None,
+    ov: Overrides,
+    state_dir: Path,
+    driver: tuple[BackendChoice, NftChoice, IptablesChoice],
+) -> tuple[Job, Driver, StateStore]:
     """Read the inputs (compiling waits: an unchanged input may need none) and open
-    the kernel backend."""
+    the kernel interface."""
     if not paths:
         print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
         raise typer.Exit(2)
     try:
         job = prepare(paths, config, ov)
-        backend = open_backend(nft.value)
+        opened = open_driver(*driver)
     except SvcrulesError as exc:
         _die(exc)
-    return job, backend, StateStore(state_dir)
+    return job, opened, StateStore(state_dir)
 
 
 @app.command("diff")
@@ -99,21 +138,25 @@ def diff_cmd(
     output: Annotated[
         DiffOutput,
         typer.Option(
-            "--output", help="A readable summary, or the exact nft transaction apply would send."
+            "--output",
+            help="A readable summary, or the exact transaction apply would send "
+            "(an nft script, or iptables-restore inputs); 'nft' is the same as 'script'.",
         ),
     ] = DiffOutput.summary,
+    backend: BackendOpt = BackendChoice.nftables,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
+    iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
-    job, backend, store = _prepare(paths, config, overrides, state_dir, nft)
+    job, driver, store = _prepare(paths, config, overrides, state_dir, (backend, nft, iptables))
     try:
-        change = plan_change(job, backend, store, verify)
+        change = plan_change(job, driver, store, verify)
     except SvcrulesError as exc:
         _die(exc)
-    sys.stdout.write(change.script if output is DiffOutput.nft else summary(change))
+    sys.stdout.write(change.script if output is not DiffOutput.summary else summary(change))
     raise typer.Exit(1 if change.changed else 0)
 
 
@@ -129,23 +172,26 @@ def apply_cmd(
             help="Check the transaction with nft's check mode and print the plan; change nothing.",
         ),
     ] = False,
+    backend: BackendOpt = BackendChoice.nftables,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
+    iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
-    """Bring the kernel to the compiled ruleset in one atomic transaction holding only
-    what changed (the first run, or tables changed behind svcrules' back, get a full
-    replacement). A refused transaction leaves the previous rules in place."""
-    job, backend, store = _prepare(paths, config, overrides, state_dir, nft)
+    """Bring the kernel to the compiled ruleset with only what changed: one atomic nft
+    transaction, or one iptables-restore --noflush per table naming only the chains
+    that change. The first run, or rules changed behind svcrules' back, get a full
+    replacement. A refused change leaves the previous rules in place."""
+    job, driver, store = _prepare(paths, config, overrides, state_dir, (backend, nft, iptables))
     try:
-        change = plan_change(job, backend, store, verify)
+        change = plan_change(job, driver, store, verify)
         if dry_run:
             if change.changed:
-                backend.run(change.script, check_only=True)
+                driver.check(change.script)
             sys.stdout.write(summary(change))
             return
-        execute(change, backend, store)
+        execute(change, driver, store)
     except SvcrulesError as exc:
         _die(exc)
     sys.stdout.write(summary(change))
@@ -158,15 +204,15 @@ def _sync_once(
     config: str | None,
     ov: Overrides,
     state_dir: Path,
-    nft: NftChoice,
+    driver: tuple[BackendChoice, NftChoice, IptablesChoice],
     verify: bool,
     metrics_file: Path | None,
     started: float,
 ) -> Change:
-    job, backend, store = _prepare(paths, config, ov, state_dir, nft)
+    job, opened, store = _prepare(paths, config, ov, state_dir, driver)
     try:
-        change = plan_change(job, backend, store, verify)
-        execute(change, backend, store)
+        change = plan_change(job, opened, store, verify)
+        execute(change, opened, store)
     except SvcrulesError:
         _, meta = store.load()
         meta.failures += 1
@@ -229,8 +275,10 @@ def sync_cmd(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log runs that changed nothing too.")
     ] = False,
+    backend: BackendOpt = BackendChoice.nftables,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
+    iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
@@ -241,7 +289,14 @@ def sync_cmd(
     try:
         with exclusive(state_dir / "lock", wait, lock_timeout):
             change = _sync_once(
-                paths, config, overrides, state_dir, nft, verify, metrics_file, started
+                paths,
+                config,
+                overrides,
+                state_dir,
+                (backend, nft, iptables),
+                verify,
+                metrics_file,
+                started,
             )
     except LockBusy as exc:
         LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
@@ -274,14 +329,29 @@ def sync_cmd(
 @app.command("cleanup")
 def cleanup_cmd(
     table_name: TableName = None,
+    backend: Annotated[
+        BackendChoice | None,
+        typer.Option(
+            "--backend",
+            "-b",
+            help="Whose rules to remove: nftables (the owned tables) or iptables (the "
+            "owned chains and their jumps). Default: the backend the state directory "
+            "names, else nftables.",
+        ),
+    ] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
+    iptables: IptablesOpt = IptablesChoice.auto,
 ) -> None:
-    """Delete svcrules' own tables (ip and ip6) and its saved state; nothing else."""
+    """Delete svcrules' own rules (nftables: the ip and ip6 tables; iptables: its chains
+    in nat and filter and its jumps from the built-in chains) and its saved state;
+    nothing else."""
+    store = StateStore(state_dir)
+    chosen = backend or BackendChoice(store.load()[1].backend)
     try:
-        backend = open_backend(nft.value)
+        driver = open_driver(chosen, nft, iptables)
         with exclusive(state_dir / "lock", True, 60.0):
-            gone = cleanup(backend, StateStore(state_dir), table_name)
+            gone = cleanup(driver, store, table_name)
     except SvcrulesError as exc:
         _die(exc)
     print(f"removed: {', '.join(gone)}" if gone else "nothing to remove")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -24,6 +25,22 @@ Paths = Annotated[
 ]
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", help="File holding the NodeConfig.")
+]
+
+
+class BackendChoice(StrEnum):
+    nftables = "nftables"
+    iptables = "iptables"
+
+
+BackendOpt = Annotated[
+    BackendChoice,
+    typer.Option(
+        "--backend",
+        "-b",
+        help="Rule backend: nftables (owned tables ip/ip6 NAME) or iptables "
+        "(owned chains NAME-* in the nat and filter tables, iptables-restore input).",
+    ),
 ]
 TableName = Annotated[
     str | None, typer.Option("--table-name", help="Override spec.tableName (owned tables).")

@@ -37,6 +37,17 @@ class Ruleset:
         return parse_script(self.nft)
 
     @cached_property
+    def iptables(self) -> str:
+        """Both families' iptables-restore inputs (the iptables backend)."""
+        from svcrules.backends.iptables import render_iptables
+
+        return render_iptables(self.plan)
+
+    def text(self, backend: str) -> str:
+        """The ruleset as the given backend ("nftables" or "iptables") loads it."""
+        return self.iptables if backend == "iptables" else self.nft
+
+    @cached_property
     def json(self) -> str:
         from svcrules.backends.nftables_json import render_json
 
@@ -67,12 +78,12 @@ class Job:
         h.update(repr(self.overrides).encode())
         return h.hexdigest()[:32]
 
-    def compile(self) -> Ruleset:
+    def compile(self, backend: str = "nftables") -> Ruleset:
         with _no_cyclic_gc():
             inputs = load_sources(self.sources)
             config_inputs = load_sources(self.config) if self.config else None
             ruleset = compile(inputs, node_config(inputs, config_inputs, self.overrides))
-            _ = ruleset.nft  # render here too: it allocates as much as loading
+            _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
 
 
@@ -95,9 +106,10 @@ def compile_paths(
     config: str | None = None,
     overrides: Overrides | None = None,
     stdin: TextIO | None = None,
+    backend: str = "nftables",
 ) -> Ruleset:
     """Load ``paths`` (and ``config``), find the NodeConfig and compile."""
-    return prepare(paths, config, overrides, stdin).compile()
+    return prepare(paths, config, overrides, stdin).compile(backend)
 
 
 @contextmanager

@@ -115,6 +115,13 @@ class Transaction:
     def empty(self) -> bool:
         return not self.commands and not self.deletions
 
+    def describe(self) -> str:
+        return (
+            f"  chains +{self.chains_added} ~{self.chains_changed} -{self.chains_removed}; "
+            f"sets +{self.sets_added} -{self.sets_removed}; "
+            f"elements +{self.elements_added} -{self.elements_removed}"
+        )
+
 
 class NeedsFullReplacement(Exception):
     """The change is not expressible incrementally (layout or table settings changed)."""

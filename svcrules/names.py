@@ -7,6 +7,7 @@ only a small safe alphabet.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 
@@ -18,6 +19,13 @@ def digest(*parts: str, length: int = 12) -> str:
     """Hex digest of the parts; independent of PYTHONHASHSEED and platform."""
     h = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
     return h[:length]
+
+
+def digest32(*parts: str, length: int = 10) -> str:
+    """Upper-case base32 digest: 5 bits a character, for names with little room
+    (iptables chain names have 28 characters)."""
+    raw = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return base64.b32encode(raw).decode()[:length]
 
 
 def digest_int(*parts: str) -> int:

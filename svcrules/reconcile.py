@@ -1,10 +1,10 @@
 """Bring the kernel to a compiled ruleset: plan the change, send it, verify it.
 
-A run reads one element per owned table (the ``state`` set's fingerprint) and
-compares it with the state directory. When they agree, it sends only the
-difference between the last script and the new one; when they do not (first
-run, lost state, someone changed the tables), it replaces the tables whole.
-Either way the change is one nft transaction.
+A run reads the fingerprint svcrules left in the kernel (one tiny set or chain
+per owned table) and compares it with the state directory. When they agree, it
+sends only the difference between the last text and the new one; when they do
+not (first run, lost state, someone changed the rules), it replaces everything
+svcrules owns. The backends (driver_nft.py, driver_iptables.py) know how.
 """
 
 from __future__ import annotations
@@ -12,22 +12,55 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from svcrules.backends.nftables import fingerprint_of
-from svcrules.compiler import Job
+from svcrules.compiler import Job, Ruleset
 from svcrules.conntrack import cleanup_commands, run_cleanup
-from svcrules.incremental import (
-    NeedsFullReplacement,
-    Tables,
-    Transaction,
-    diff_scripts,
-    parse_script,
-)
-from svcrules.kernel import Backend, KernelError, list_json
+from svcrules.errors import SvcrulesError
+from svcrules.incremental import NeedsFullReplacement
+from svcrules.iptables_restore import JumpsChanged
+from svcrules.kernel import KernelError
 from svcrules.state import Meta, StateStore
 from svcrules.stats import stats
 
-FAMILIES = ("ip", "ip6")
+
+class Tx(Protocol):
+    """An incremental transaction of either backend."""
+
+    operations: int
+    deleted: list[str]
+
+    def script(self, with_deletions: bool = True) -> str: ...
+
+    @property
+    def empty(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class Driver(Protocol):
+    """One backend's dealings with the kernel (driver_nft.py, driver_iptables.py)."""
+
+    backend: str  # "nftables" or "iptables"
+    name: str  # the kernel interface used (libnftables, nft, iptables-nft, ...)
+
+    def text(self, ruleset: Ruleset) -> str: ...
+
+    def fingerprint_of(self, text: str) -> str | None: ...
+
+    def fingerprints(self, table: str) -> dict[str, str | None]: ...
+
+    def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Tx: ...
+
+    def full(self, ruleset: Ruleset, table: str) -> tuple[str, int]: ...
+
+    def send(self, script: str, tx: Any) -> tuple[str, list[str]]: ...
+
+    def check(self, script: str) -> None: ...
+
+    def verify(self, table: str, script: str, stale: list[str]) -> list[str]: ...
+
+    def cleanup(self, table: str) -> list[str]: ...
 
 
 @dataclass
@@ -36,9 +69,9 @@ class Change:
 
     mode: str  # "noop", "incremental" or "full"
     reason: str
-    script: str  # the exact nft transaction
+    script: str  # the exact transaction (nft script or iptables-restore inputs)
     operations: int
-    tx: Transaction | None
+    tx: Tx | None
     new_script: str
     new_meta: Meta
     old_meta: Meta
@@ -51,78 +84,32 @@ class Change:
         return self.mode != "noop"
 
 
-def kernel_fingerprints(backend: Backend, table: str) -> dict[str, str | None]:
-    """The fingerprint in each owned table's state set (None: absent)."""
-    out: dict[str, str | None] = {}
-    for fam in FAMILIES:
-        comments = [
-            e["elem"].get("comment", "")
-            for o in list_json(backend, f"set {fam} {table} state")
-            if "set" in o
-            for e in o["set"].get("elem", [])
-            if isinstance(e, dict) and "elem" in e
-        ]
-        out[fam] = fingerprint_of(" ".join(f'comment "{c}"' for c in comments))
-    return out
+def _agree(kernel: dict[str, str | None], fingerprint: str) -> bool:
+    return bool(kernel) and all(v == fingerprint for v in kernel.values())
 
 
-def structure_of_kernel(backend: Backend, table: str) -> dict[str, tuple[str, int]]:
-    """Object name -> (kind, rule or element count), read from the kernel."""
-    out: dict[str, tuple[str, int]] = {}
-    for fam in FAMILIES:
-        for o in list_json(backend, f"table {fam} {table}"):
-            kind = next(iter(o))
-            body = o[kind]
-            if kind in ("set", "map"):
-                dynamic = "dynamic" in body.get("flags", []) or "timeout" in body.get("flags", [])
-                out[f"{fam} {body['name']}"] = (kind, 0 if dynamic else len(body.get("elem", [])))
-            elif kind == "chain":
-                key = f"{fam} {body['name']}"
-                out.setdefault(key, ("chain", 0))
-            elif kind == "rule":
-                key = f"{fam} {body['chain']}"
-                out[key] = ("chain", out.get(key, ("chain", 0))[1] + 1)
-    return out
+def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> None:
+    """One state directory, one backend at a time: both at once would fight over packets."""
+    if old_script is not None and old_meta.backend != driver.backend:
+        raise SvcrulesError(
+            f"the node holds svcrules' {old_meta.backend} rules (per the state directory); "
+            f"remove them with 'svcrules cleanup --backend {old_meta.backend}' before "
+            f"applying with --backend {driver.backend}"
+        )
 
 
-def structure_of_script(script: str) -> dict[str, tuple[str, int]]:
-    out: dict[str, tuple[str, int]] = {}
-    for (fam, _), tbl in parse_script(script).items():
-        for name, obj in tbl.objects.items():
-            dynamic = any("dynamic" in h for h in obj.header)
-            out[f"{fam} {name}"] = (obj.kind, 0 if dynamic else len(obj.items))
-    return out
-
-
-def verify_structure(backend: Backend, table: str, script: str, stale: list[str]) -> list[str]:
-    """Differences between the kernel's tables and a script: names and counts."""
-    want = structure_of_script(script)
-    have = structure_of_kernel(backend, table)
-    lingering = {" ".join((s.split(" ")[0], s.split(" ")[2])) for s in stale}
-    problems = []
-    for name in sorted(set(want) | set(have)):
-        if name in lingering and name not in want:
-            continue
-        if want.get(name) != have.get(name):
-            problems.append(f"{name}: expected {want.get(name)}, kernel has {have.get(name)}")
-    return problems
-
-
-def _full_operations(tables: Tables) -> int:
-    return sum(1 + len(obj.items) for t in tables.values() for obj in t.objects.values())
-
-
-def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = False) -> Change:
+def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = False) -> Change:
     """Decide between no-op, incremental update and full replacement.
 
     When the inputs (and svcrules itself) are byte-for-byte those of the last apply and
     the kernel still holds its fingerprint, nothing is compiled at all."""
     old_script, old_meta = store.load()
+    _check_backend(driver, old_script, old_meta)
     table = job.overrides.table_name or old_meta.table
     started = time.monotonic()
-    kernel = kernel_fingerprints(backend, table) if table else {}
+    kernel = driver.fingerprints(table) if table else {}
     kernel_seconds = time.monotonic() - started
-    in_kernel = bool(table) and all(kernel[f] == old_meta.fingerprint for f in FAMILIES)
+    in_kernel = bool(table) and _agree(kernel, old_meta.fingerprint)
     if (
         old_script is not None
         and in_kernel
@@ -143,18 +130,19 @@ def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = Fa
             kernel_seconds=kernel_seconds,
         )
 
-    ruleset = job.compile()
-    new_script = ruleset.nft
-    fingerprint = fingerprint_of(new_script) or ""
+    ruleset = job.compile(driver.backend)
+    new_script = driver.text(ruleset)
+    fingerprint = driver.fingerprint_of(new_script) or ""
     new_meta = Meta.of_plan(ruleset.plan, fingerprint)
     new_meta.failures, new_meta.last_success = old_meta.failures, old_meta.last_success
     new_meta.input_digest = job.digest
     new_meta.table = ruleset.plan.table
-    new_meta.counts = dataclasses.asdict(stats(ruleset))
+    new_meta.backend = driver.backend
+    new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
     if ruleset.plan.table != table:
         table = ruleset.plan.table
         started = time.monotonic()
-        kernel = kernel_fingerprints(backend, table)
+        kernel = driver.fingerprints(table)
         kernel_seconds += time.monotonic() - started
 
     reason = ""
@@ -162,16 +150,16 @@ def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = Fa
         reason = "no saved state (first run)"
     elif old_meta.table != table:
         reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
-    elif any(kernel[f] != old_meta.fingerprint for f in FAMILIES):
-        reason = "the kernel's tables differ from what svcrules last wrote"
+    elif not _agree(kernel, old_meta.fingerprint):
+        reason = f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
     elif verify:
-        drift = verify_structure(backend, table, old_script, old_meta.stale)
+        drift = driver.verify(table, old_script, old_meta.stale)
         if drift:
             reason = "verification found drift: " + "; ".join(drift[:3])
     if not reason and old_script is not None:
         try:
-            tx = diff_scripts(old_script, ruleset.tables, set(old_meta.stale))
-        except NeedsFullReplacement as exc:
+            tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
+        except (NeedsFullReplacement, JumpsChanged) as exc:
             reason = str(exc)
         else:
             mode = "noop" if tx.empty else "incremental"
@@ -188,11 +176,14 @@ def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = Fa
                 stale_after,
                 kernel_seconds=kernel_seconds,
             )
+    started = time.monotonic()
+    script, operations = driver.full(ruleset, table)
+    kernel_seconds += time.monotonic() - started
     return Change(
         "full",
         reason,
-        new_script,
-        _full_operations(ruleset.tables),
+        script,
+        operations,
         None,
         new_script,
         new_meta,
@@ -201,26 +192,17 @@ def plan_change(job: Job, backend: Backend, store: StateStore, verify: bool = Fa
     )
 
 
-def execute(change: Change, backend: Backend, store: StateStore) -> None:
-    """Send the change as one transaction, verify it, remember it, clean conntrack."""
+def execute(change: Change, driver: Driver, store: StateStore) -> None:
+    """Send the change, verify it, remember it, clean conntrack."""
     if change.mode == "noop":
         return
     table = change.new_meta.table
     started = time.monotonic()
-    try:
-        backend.run(change.script)
-    except KernelError as exc:
-        tx = change.tx
-        if tx is None or not tx.deletions or "busy" not in str(exc).lower():
-            raise
-        # Older kernels refuse to delete a chain in the transaction that drops its last
-        # reference (EBUSY). Send the rest now; the objects are deleted on a later run.
-        backend.run(tx.script(with_deletions=False))
-        change.script = tx.script(with_deletions=False)
-        change.stale_after = sorted(set(change.stale_after) | set(tx.deleted))
-    kernel = kernel_fingerprints(backend, table)
+    change.script, left = driver.send(change.script, change.tx)
+    change.stale_after = sorted(set(change.stale_after) | set(left))
+    kernel = driver.fingerprints(table)
     change.kernel_seconds += time.monotonic() - started
-    if any(kernel[f] != change.new_meta.fingerprint for f in FAMILIES):
+    if not _agree(kernel, change.new_meta.fingerprint):
         raise KernelError(
             f"verification failed: the kernel holds {kernel}, "
             f"expected {change.new_meta.fingerprint}"
@@ -231,20 +213,11 @@ def execute(change: Change, backend: Backend, store: StateStore) -> None:
     change.problems = run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
 
 
-def cleanup(backend: Backend, store: StateStore, table: str | None) -> list[str]:
-    """Delete the owned tables (nothing else) and the saved state; return what went.
-    Without a table name, the one svcrules last wrote (or the default) is meant."""
+def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
+    """Delete the backend's owned rules (nothing else) and the saved state; return what
+    went. Without a table name, the one svcrules last wrote (or the default) is meant."""
     _, meta = store.load()
-    name = table or meta.table or "svcrules"
-    present = [
-        f
-        for f in FAMILIES
-        if any(
-            "table" in o and o["table"]["name"] == name and o["table"]["family"] == f
-            for o in list_json(backend, "tables")
-        )
-    ]
-    if present:
-        backend.run("".join(f"delete table {f} {name}\n" for f in present))
-    store.clear()
-    return [f"{f} {name}" for f in present]
+    gone = driver.cleanup(table or meta.table or "svcrules")
+    if meta.backend == driver.backend or not store.has_script():
+        store.clear()
+    return gone

@@ -29,9 +29,5 @@ def summary(change: Change) -> str:
         tx = change.tx
         assert tx is not None
         lines.append(f"Kernel: incremental update, {change.operations} operations")
-        lines.append(
-            f"  chains +{tx.chains_added} ~{tx.chains_changed} -{tx.chains_removed}; "
-            f"sets +{tx.sets_added} -{tx.sets_removed}; "
-            f"elements +{tx.elements_added} -{tx.elements_removed}"
-        )
+        lines.append(tx.describe())
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from svcrules.plan import NodePlan, PortPlan
 
@@ -56,6 +56,7 @@ class Meta:
     last_success: float = 0.0
     input_digest: str = ""  # of the inputs and svcrules' code: same digest, same script
     table: str = ""  # the owned table's name
+    backend: str = "nftables"  # which backend wrote the script
     counts: dict[str, int] = field(default_factory=dict)  # stats.Stats of that script
 
     @classmethod
@@ -69,20 +70,29 @@ class Meta:
 
 
 class StateStore:
-    """``<dir>/last.nft`` (the last script) and ``<dir>/last.json`` (Meta).
+    """``<dir>/last.json`` (Meta) and the last text: ``last.nft`` (nftables backend)
+    or ``last.iptables`` (iptables backend).
 
-    One state directory belongs to one svcrules instance (one owned table name)."""
+    One state directory belongs to one svcrules instance (one owned table name, one
+    backend at a time)."""
+
+    SCRIPT_NAMES: ClassVar[dict[str, str]] = {"nftables": "last.nft", "iptables": "last.iptables"}
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.script_path = self.dir / "last.nft"
         self.meta_path = self.dir / "last.json"
+
+    def script_path(self, backend: str) -> Path:
+        return self.dir / self.SCRIPT_NAMES[backend]
+
+    def has_script(self) -> bool:
+        return any(self.script_path(b).is_file() for b in self.SCRIPT_NAMES)
 
     def load(self) -> tuple[str | None, Meta]:
         try:
             raw: dict[str, Any] = json.loads(self.meta_path.read_text())
-            script = self.script_path.read_text()
-        except (OSError, ValueError):
+            script = self.script_path(raw.get("backend", "nftables")).read_text()
+        except (OSError, ValueError, KeyError):
             return None, self._counters_only()
         if raw.get("version") != FORMAT_VERSION:
             return None, Meta(failures=raw.get("failures", 0))
@@ -96,6 +106,7 @@ class StateStore:
             input_digest=raw.get("input_digest", ""),
             table=raw.get("table", ""),
             counts=raw.get("counts", {}),
+            backend=raw.get("backend", "nftables"),
         )
         return script, meta
 
@@ -109,12 +120,12 @@ class StateStore:
     def save(self, script: str | None, meta: Meta) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if script is not None:
-            _atomic_write(self.script_path, script)
+            _atomic_write(self.script_path(meta.backend), script)
         data = {"version": FORMAT_VERSION, **dataclasses.asdict(meta)}
         _atomic_write(self.meta_path, json.dumps(data, sort_keys=True, indent=1) + "\n")
 
     def clear(self) -> None:
-        for p in (self.script_path, self.meta_path):
+        for p in (*(self.script_path(b) for b in self.SCRIPT_NAMES), self.meta_path):
             p.unlink(missing_ok=True)
 
 

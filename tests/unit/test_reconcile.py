@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from svcrules.compiler import Job, prepare
+from svcrules.driver_nft import NftDriver
 from svcrules.kernel import KernelError
 from svcrules.reconcile import execute, plan_change
 from svcrules.state import StateStore
@@ -50,27 +51,27 @@ def test_first_run_full_then_noop_without_compiling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kernel, store = FakeKernel(), StateStore(tmp_path)
-    first = plan_change(job("11"), kernel, store)
+    first = plan_change(job("11"), NftDriver(kernel), store)
     assert first.mode == "full" and "first run" in first.reason
-    execute(first, kernel, store)
+    execute(first, NftDriver(kernel), store)
     # Same bytes in, same fingerprint in the kernel: nothing is even compiled.
     monkeypatch.setattr(Job, "compile", lambda self: pytest.fail("compiled"))
-    again = plan_change(job("11"), kernel, store)
+    again = plan_change(job("11"), NftDriver(kernel), store)
     assert again.mode == "noop" and again.operations == 0
     monkeypatch.undo()
     # --verify compiles and reads the tables back; this fake kernel lists no tables.
-    verified = plan_change(job("11"), kernel, store, verify=True)
+    verified = plan_change(job("11"), NftDriver(kernel), store, verify=True)
     assert verified.mode == "full" and "verification found drift" in verified.reason
 
 
 def test_endpoint_change_is_incremental_and_drift_is_full(tmp_path: Path) -> None:
     kernel, store = FakeKernel(), StateStore(tmp_path)
-    execute(plan_change(job("11"), kernel, store), kernel, store)
-    change = plan_change(job("12"), kernel, store)
+    execute(plan_change(job("11"), NftDriver(kernel), store), NftDriver(kernel), store)
+    change = plan_change(job("12"), NftDriver(kernel), store)
     assert change.mode == "incremental"
     assert "198.51.100.12" in change.script and "table ip" not in change.script
     kernel.fingerprint = "0" * 32  # someone replaced the tables
-    drift = plan_change(job("12"), kernel, store)
+    drift = plan_change(job("12"), NftDriver(kernel), store)
     assert drift.mode == "full" and "differ from what svcrules last wrote" in drift.reason
 
 
@@ -98,17 +99,17 @@ def test_ebusy_on_delete_is_retried_without_deletions_and_converges(tmp_path: Pa
         return prepare(["-"], stdin=io.StringIO(dump(items)))
 
     kernel, store = BusyKernel(), StateStore(tmp_path)
-    execute(plan_change(objs("a", "b"), kernel, store), kernel, store)
-    removal = plan_change(objs("a"), kernel, store)
+    execute(plan_change(objs("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
+    removal = plan_change(objs("a"), NftDriver(kernel), store)
     assert removal.mode == "incremental" and removal.tx and removal.tx.deletions
-    execute(removal, kernel, store)  # refused once, sent again without the deletions
+    execute(removal, NftDriver(kernel), store)  # refused once, sent again without the deletions
     assert kernel.refused == 1 and "delete chain" not in kernel.scripts[-1]
     _, meta = store.load()
     assert sorted(s.split()[1] for s in meta.stale) == ["chain", "map"]
     # The next run deletes what was left, and then nothing is stale any more.
     kernel.fingerprint = meta.fingerprint
-    later = plan_change(objs("a", "c"), kernel, store)
+    later = plan_change(objs("a", "c"), NftDriver(kernel), store)
     for fam, kind, name in (s.split() for s in meta.stale):
         assert f"delete {kind} {fam} svcrules {name}" in later.script
-    execute(later, kernel, store)
+    execute(later, NftDriver(kernel), store)
     assert store.load()[1].stale == []

@@ -1,0 +1,151 @@
+"""The iptables backend's side of a run: fingerprints, diffs, sending, cleanup.
+
+svcrules owns the chains named ``<P>-…`` in the ``nat`` and ``filter`` tables of
+both families, plus one jump per built-in chain it hooks. Each table's
+``<P>-STATE`` chain carries the fingerprint of the last text in a comment.
+
+A change is up to four ``iptables-restore`` inputs (two families, two tables),
+each atomic on its own. If one is refused, those already sent are put back, so
+that a refused change leaves the previous rules in place.
+"""
+
+from __future__ import annotations
+
+from svcrules.backends.iptables import chain_prefix, fingerprint_of, jumps
+from svcrules.compiler import Ruleset
+from svcrules.iptables_kernel import Iptables
+from svcrules.iptables_restore import (
+    FAMILIES,
+    TABLES,
+    Parsed,
+    RestoreTable,
+    RestoreTransaction,
+    diff_restore,
+    full_restore,
+    has_jump,
+    parse_restore,
+    parsed_from_save,
+    split_sections,
+)
+from svcrules.kernel import KernelError
+
+
+class IptablesDriver:
+    backend = "iptables"
+
+    def __init__(self, kernel: Iptables) -> None:
+        self.kernel = kernel
+        self.name = kernel.name
+        self._before: Parsed = {}  # what the kernel held before the change being sent
+        self._after: Parsed = {}
+
+    def text(self, ruleset: Ruleset) -> str:
+        return ruleset.iptables
+
+    def fingerprint_of(self, text: str) -> str | None:
+        return fingerprint_of(text)
+
+    def fingerprints(self, table: str) -> dict[str, str | None]:
+        """Per family and table, the fingerprint in ``<P>-STATE``; None when that chain
+        or one of the jumps from the built-in chains is missing."""
+        prefix = chain_prefix(table)
+        out: dict[str, str | None] = {}
+        for fam in FAMILIES:
+            for tbl in TABLES:
+                listing = self.kernel.list_chain(fam, tbl, f"{prefix}-STATE")
+                found = fingerprint_of(listing or "")
+                for chain, spec in jumps(prefix, tbl):
+                    have = self.kernel.list_chain(fam, tbl, chain) or ""
+                    if not has_jump(have, chain, spec, prefix):
+                        found = None
+                out[f"{fam} {tbl}"] = found
+        return out
+
+    def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> RestoreTransaction:
+        before, after = parse_restore(old), parse_restore(ruleset.iptables)
+        self._before, self._after = before, after
+        return diff_restore(before, after)
+
+    def full(self, ruleset: Ruleset, table: str) -> tuple[str, int]:
+        """Whatever the kernel holds of svcrules' chains (read with iptables-save) is
+        replaced: declared anew, and deleted when the new text has no such chain."""
+        prefix = chain_prefix(table)
+        existing = self._existing(prefix)
+        after = parse_restore(ruleset.iptables)
+        self._before, self._after = existing, after
+        tx = full_restore(after, existing)
+        return tx.script(), tx.operations
+
+    def _existing(self, prefix: str) -> Parsed:
+        return {
+            (fam, tbl): parsed_from_save(self.kernel.save(fam, tbl), prefix)
+            for fam in FAMILIES
+            for tbl in TABLES
+        }
+
+    def send(self, script: str, tx: object) -> tuple[str, list[str]]:
+        """Send each table's input in turn; if one is refused, put back those sent."""
+        sent: list[tuple[str, str]] = []
+        for (fam, tbl), text in split_sections(script):
+            try:
+                self.kernel.restore(fam, text)
+            except KernelError as exc:
+                self._roll_back(sent, exc)
+                raise
+            sent.append((fam, tbl))
+        return script, []
+
+    def _roll_back(self, sent: list[tuple[str, str]], exc: KernelError) -> None:
+        if not sent:
+            return
+        back = full_restore(
+            {p: self._before.get(p, RestoreTable()) for p in sent},
+            {p: self._after.get(p, RestoreTable()) for p in sent},
+        )
+        try:
+            for (fam, _), text in split_sections(back.script()):
+                self.kernel.restore(fam, text)
+        except KernelError as again:
+            raise KernelError(
+                f"{exc}; putting back the tables already changed failed too: {again}"
+            ) from None
+
+    def check(self, script: str) -> None:
+        for (fam, _), text in split_sections(script):
+            self.kernel.restore(fam, text, check_only=True)
+
+    def verify(self, table: str, script: str, stale: list[str]) -> list[str]:
+        """Differences between the kernel's chains and a text: names and rule counts."""
+        want = parse_restore(script)
+        have = self._existing(chain_prefix(table))
+        problems = []
+        for part in sorted(set(want) | set(have)):
+            w = want.get(part, RestoreTable())
+            h = have.get(part, RestoreTable())
+            for name in sorted(set(w.chains) | set(h.chains)):
+                a = len(w.chains[name]) if name in w.chains else None
+                b = len(h.chains[name]) if name in h.chains else None
+                if a != b:
+                    problems.append(f"{part[0]} {part[1]} {name}: expected {a}, kernel has {b}")
+            if len(w.jumps) != len(h.jumps):
+                problems.append(
+                    f"{part[0]} {part[1]}: expected {len(w.jumps)} jumps from built-in "
+                    f"chains, kernel has {len(h.jumps)}"
+                )
+        return problems
+
+    def cleanup(self, table: str) -> list[str]:
+        """Delete svcrules' jumps and chains in both families, nothing else."""
+        prefix = chain_prefix(table)
+        existing = self._existing(prefix)
+        tx = full_restore({}, existing)
+        for (fam, _), text in split_sections(tx.script()):
+            self.kernel.restore(fam, text)
+        return [
+            f"{fam} {tbl}: {len(t.chains)} chains, {len(t.jumps)} jumps"
+            for (fam, tbl), t in sorted(existing.items())
+            if t.chains or t.jumps
+        ]
+
+
+__all__ = ["IptablesDriver", "RestoreTransaction"]

@@ -1,0 +1,73 @@
+"""Talking to the kernel through the iptables tools (iptables-nft or iptables-legacy).
+
+Each ``iptables-restore --noflush`` input replaces one table atomically and names
+only svcrules' chains; ``iptables -S CHAIN`` reads one chain. Debian's ``iptables``
+package ships both variants; ``auto`` uses whichever the alternatives system chose.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from svcrules.kernel import KernelError
+
+INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"
+VARIANTS = ("auto", "nft", "legacy")
+LOCK_WAIT = "5"  # seconds to wait for the xtables lock (iptables-legacy)
+
+
+class Iptables:
+    """The iptables commands of one variant, for both families."""
+
+    def __init__(self, variant: str = "auto") -> None:
+        if variant not in VARIANTS:
+            raise KernelError(f"unknown iptables variant {variant!r}: use one of {VARIANTS}")
+        suffix = "" if variant == "auto" else f"-{variant}"
+        self._tools: dict[tuple[str, str], str] = {}
+        for family, base in (("ipv4", "iptables"), ("ipv6", "ip6tables")):
+            for role in ("", "-save", "-restore"):
+                name = f"{base}{suffix}{role}"
+                path = shutil.which(name)
+                if path is None:
+                    raise KernelError(f"the {name} command was not found; {INSTALL_HINT}")
+                self._tools[(family, role)] = path
+        self.variant = variant
+        self.name = f"iptables-{variant}" if variant != "auto" else self._auto_name()
+
+    def _auto_name(self) -> str:
+        out = self._run([self._tools[("ipv4", "")], "--version"]).stdout
+        return "iptables-nft" if "nf_tables" in out else "iptables-legacy"
+
+    @staticmethod
+    def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(args, input=stdin, capture_output=True, text=True, check=False)
+        except OSError as exc:
+            raise KernelError(f"cannot run {args[0]}: {exc}") from None
+
+    def restore(self, family: str, text: str, *, check_only: bool = False) -> None:
+        """Send one ``*table … COMMIT`` input; the kernel takes all of it or none."""
+        args = [self._tools[(family, "-restore")], "--noflush", "-w", LOCK_WAIT]
+        if check_only:
+            args.append("--test")
+        proc = self._run(args, text)
+        if proc.returncode != 0:
+            err = _quiet(proc.stderr) or f"exit code {proc.returncode}"
+            raise KernelError(f"{args[0]} refused the change: {err}")
+
+    def save(self, family: str, table: str) -> str:
+        proc = self._run([self._tools[(family, "-save")], "-t", table])
+        if proc.returncode != 0:
+            raise KernelError(f"iptables-save -t {table} failed: {_quiet(proc.stderr)}")
+        return proc.stdout
+
+    def list_chain(self, family: str, table: str, chain: str) -> str | None:
+        """``iptables -S CHAIN`` output, or None when the chain does not exist."""
+        proc = self._run([self._tools[(family, "")], "-w", LOCK_WAIT, "-t", table, "-S", chain])
+        return proc.stdout if proc.returncode == 0 else None
+
+
+def _quiet(stderr: str) -> str:
+    """stderr without the warnings iptables-nft prints whenever legacy tables exist."""
+    return " ".join(ln for ln in stderr.strip().splitlines() if not ln.startswith("# Warning"))

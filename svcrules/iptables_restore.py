@@ -1,0 +1,221 @@
+"""iptables-restore texts: cut a rendered ruleset into chains, and diff two of them.
+
+The rendered text (backends/iptables.py) holds one section per family and, in each,
+one ``*nat`` and one ``*filter`` part. A change is sent as ``iptables-restore
+--noflush`` input naming only the chains that change: declaring a chain
+(``:NAME - [0:0]``) creates or empties it, ``-X`` deletes it, and chains not named
+stay exactly as they are. Built-in chains are only ever touched by inserting or
+deleting svcrules' own jump rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_FAMILY = re.compile(r"^# family (ipv[46])\b")
+_JUMP = re.compile(r"^# jump (\S+) (.*)$")
+FAMILIES = ("ipv4", "ipv6")
+TABLES = ("nat", "filter")
+Part = tuple[str, str]  # (family, table)
+
+
+@dataclass
+class RestoreTable:
+    """One table of one family: svcrules' chains and the jumps it keeps in built-ins."""
+
+    chains: dict[str, list[str]] = field(default_factory=dict)  # name -> rule specs
+    jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in chain, spec)
+
+
+Parsed = dict[Part, RestoreTable]
+
+
+def parse_restore(text: str) -> Parsed:
+    """Cut a text rendered by svcrules (or a transaction) into tables and chains."""
+    out: Parsed = {}
+    family = ""
+    table: RestoreTable | None = None
+    for line in text.splitlines():
+        if m := _FAMILY.match(line):
+            family = m.group(1)
+        elif line.startswith("*"):
+            table = out.setdefault((family, line[1:]), RestoreTable())
+        elif table is None or line == "COMMIT":
+            continue
+        elif m := _JUMP.match(line):
+            table.jumps.append((m.group(1), m.group(2)))
+        elif line.startswith(":"):
+            table.chains.setdefault(line[1:].split(" ", 1)[0], [])
+        elif line.startswith("-A "):
+            name, _, spec = line[3:].partition(" ")
+            table.chains.setdefault(name, []).append(spec)
+    return out
+
+
+def section(family: str, table: str, lines: list[str]) -> str:
+    """One ``iptables-restore --noflush`` input."""
+    body = "".join(f"{ln}\n" for ln in lines)
+    return f"# family {family}\n*{table}\n{body}COMMIT\n"
+
+
+def split_sections(script: str) -> list[tuple[Part, str]]:
+    """A transaction script back into its per-(family, table) restore inputs."""
+    out: list[tuple[Part, str]] = []
+    family, table = "", ""
+    lines: list[str] = []
+    for line in script.splitlines():
+        if m := _FAMILY.match(line):
+            family = m.group(1)
+        elif line.startswith("*"):
+            table, lines = line[1:], []
+        elif line == "COMMIT":
+            body = "".join(f"{x}\n" for x in lines)
+            out.append(((family, table), f"*{table}\n{body}COMMIT\n"))
+        elif table and not line.startswith("#"):
+            lines.append(line)
+    return out
+
+
+@dataclass
+class RestoreTransaction:
+    """Per (family, table), the restore lines that bring the kernel to the new text."""
+
+    parts: dict[Part, list[str]] = field(default_factory=dict)
+    operations: int = 0
+    chains_added: int = 0
+    chains_changed: int = 0
+    chains_removed: int = 0
+    jumps_added: int = 0
+    jumps_removed: int = 0
+    deletions: list[str] = field(default_factory=list)  # never refused: restore is atomic
+    deleted: list[str] = field(default_factory=list)
+
+    def script(self, with_deletions: bool = True) -> str:
+        return "".join(
+            section(fam, tbl, lines)
+            for (fam, tbl) in ((f, t) for f in FAMILIES for t in TABLES)
+            if (lines := self.parts.get((fam, tbl)))
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.parts.values())
+
+    def describe(self) -> str:
+        return (
+            f"  chains +{self.chains_added} ~{self.chains_changed} -{self.chains_removed}; "
+            f"built-in jumps +{self.jumps_added} -{self.jumps_removed}"
+        )
+
+
+class JumpsChanged(Exception):
+    """The jumps in built-in chains differ: only a full replacement may change them."""
+
+
+def diff_restore(old: Parsed, new: Parsed) -> RestoreTransaction:
+    """The smallest restore input from ``old`` to ``new`` (both rendered by svcrules):
+    chains that are new or whose rules changed are declared and refilled, chains that
+    went are emptied and deleted, the others are not named."""
+    tx = RestoreTransaction()
+    for part in sorted(set(old) | set(new)):
+        before, after = old.get(part, RestoreTable()), new.get(part, RestoreTable())
+        if before.jumps != after.jumps:
+            raise JumpsChanged(f"{part[0]} {part[1]}: the jumps from built-in chains changed")
+        declare: list[str] = []
+        rules: list[str] = []
+        delete: list[str] = []
+        for name, specs in after.chains.items():
+            if name in before.chains and before.chains[name] == specs:
+                continue
+            if name in before.chains:
+                tx.chains_changed += 1
+            else:
+                tx.chains_added += 1
+            declare.append(f":{name} - [0:0]")
+            rules.extend(f"-A {name} {spec}" for spec in specs)
+        for name in before.chains:
+            if name not in after.chains:
+                declare.append(f":{name} - [0:0]")
+                delete.append(f"-X {name}")
+                tx.chains_removed += 1
+        if declare:
+            tx.parts[part] = declare + rules + delete
+            tx.operations += len(declare) + len(rules) + len(delete)
+    return tx
+
+
+def full_restore(new: Parsed, existing: Parsed) -> RestoreTransaction:
+    """Replace svcrules' chains whatever the kernel holds (``existing``, read with
+    iptables-save): every chain of ``new`` is declared and filled, owned chains not in
+    ``new`` are emptied and deleted, missing jumps are inserted at the top of their
+    built-in chain and jumps no longer wanted are deleted."""
+    tx = RestoreTransaction()
+    for part in sorted(set(new) | set(existing)):
+        want = new.get(part, RestoreTable())
+        have = existing.get(part, RestoreTable())
+        lines = [f":{name} - [0:0]" for name in want.chains]
+        lines += [f":{name} - [0:0]" for name in have.chains if name not in want.chains]
+        for name, specs in want.chains.items():
+            lines.extend(f"-A {name} {spec}" for spec in specs)
+        kept: set[tuple[str, str]] = set()
+        wanted = {(chain, _target(spec)): spec for chain, spec in want.jumps}
+        for chain, spec in have.jumps:
+            key = (chain, _target(spec))
+            if key in wanted and key not in kept:
+                kept.add(key)
+                continue
+            lines.append(f"-D {chain} {spec}")
+            tx.jumps_removed += 1
+        for (chain, target), spec in wanted.items():
+            if (chain, target) not in kept:
+                lines.append(f"-I {chain} 1 {spec}")
+                tx.jumps_added += 1
+        removed = [name for name in have.chains if name not in want.chains]
+        lines += [f"-X {name}" for name in removed]
+        tx.chains_added += len(want.chains)
+        tx.chains_removed += len(removed)
+        if lines:
+            tx.parts[part] = lines
+            tx.operations += len(lines)
+    return tx
+
+
+def _target(spec: str) -> str:
+    """The chain a rule jumps or goes to."""
+    words = spec.split()
+    for flag in ("-j", "-g", "--jump", "--goto"):
+        if flag in words:
+            i = words.index(flag)
+            if i + 1 < len(words):
+                return words[i + 1]
+    return ""
+
+
+BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+
+
+def parsed_from_save(save: str, prefix: str) -> RestoreTable:
+    """From ``iptables-save -t TABLE`` (or ``iptables -S CHAIN``) output: svcrules'
+    chains (named ``PREFIX-…``) with their rules, and its own jumps in built-in chains
+    (they carry a ``PREFIX …`` comment). Rules of other owners are never returned, so
+    never deleted, even when they point at svcrules' chains."""
+    out = RestoreTable()
+    own = f"{prefix}-"
+    marker = f'--comment "{prefix} '
+    for line in save.splitlines():
+        if line.startswith(":" + own):
+            out.chains.setdefault(line[1:].split(" ", 1)[0], [])
+        elif line.startswith("-A "):
+            chain, _, spec = line[3:].partition(" ")
+            if chain.startswith(own):
+                out.chains.setdefault(chain, []).append(spec)
+            elif chain in BUILTIN and marker in spec and _target(spec).startswith(own):
+                out.jumps.append((chain, spec))
+    return out
+
+
+def has_jump(listing: str, chain: str, spec: str, prefix: str) -> bool:
+    """Whether ``iptables -S CHAIN`` output holds svcrules' jump to ``spec``'s target."""
+    found = parsed_from_save(listing, prefix).jumps
+    return any(c == chain and _target(s) == _target(spec) for c, s in found)
