@@ -195,7 +195,7 @@ def test_drift_and_cleanup_leave_other_tables_alone(lab: Lab, node: Node) -> Non
     node.apply(*svc_a("pod2"))
     lab.nft("delete", "table", "ip6", "svcrules")  # someone removed a table
     summary = node.apply(*svc_a("pod2"))
-    assert "full replacement (the kernel's tables differ" in summary
+    assert "full replacement (the kernel's nftables rules differ" in summary
     assert "table ip6 svcrules" in lab.nft("list", "tables")
     node.write(*svc_a("pod3"))
     assert node.lab.exec("node", *node.cmd("sync", str(node.inputs))).returncode == 0

@@ -1,6 +1,9 @@
 """SEMANTICS.md, packet by packet: compiled rules loaded into the lab's node,
 real TCP/UDP connections from the outside client, pods and the node itself.
 
+Every test runs once per backend (nftables, iptables-nft, iptables-legacy): the
+same objects must give the same outcome whichever backend renders them.
+
 Lab (see lab.py): node 192.0.2.1 / 2001:db8:1::1 (second local address
 198.18.0.1 on dummy0), client 192.0.2.100 / 2001:db8:1::100, pods pod1..pod4 =
 198.51.100.11..14 / 2001:db8:2::11..14, each serving TCP+UDP on 8080, 8081,
@@ -11,12 +14,14 @@ Endpoints on "node-a" are local; "node-b" endpoints live on the same lab
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.k8s import Obj, compile_objs, endpoint, endpoint_slice, node_config, service
 
+from . import backends
 from .lab import Lab, Result
 
 CIP = "203.0.113.10"
@@ -44,10 +49,26 @@ def cfg(**spec: Any) -> Obj:
     return node_config(**base)
 
 
+@pytest.fixture(params=backends.BACKENDS)
+def lab(kernel_lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The shared lab, emptied, with ``lab.backend`` naming the backend under test."""
+    backend = request.param
+    if not backends.available(backend):
+        pytest.skip(f"{backend} is not installed")
+    kernel_lab.reset()
+    kernel_lab.backend = backend  # type: ignore[attr-defined]
+    yield kernel_lab
+    if backend == "iptables-legacy":
+        backends.reset_legacy(kernel_lab)
+
+
+def backend_of(lab: Lab) -> str:
+    return str(getattr(lab, "backend", "nftables"))
+
+
 def load(lab: Lab, *objs: Obj, node: Obj | None = None) -> str:
-    text = compile_objs([node or cfg(), *objs]).nft
-    lab.load(text)
-    return text
+    ruleset = compile_objs([node or cfg(), *objs])
+    return backends.install(lab, ruleset, backend_of(lab))
 
 
 def eps(*pods: str, node: str = "node-a", **kw: Any) -> list[Obj]:
@@ -404,13 +425,11 @@ def test_affinity_timeout_and_unusable_endpoint(lab: Lab) -> None:
     load(lab, svc, web_slice(eps("pod2", "pod3")))
     pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=6)))
     assert len(pinned) == 1
-    listed = lab.nft("list", "set", "ip", "svcrules", "affinity")
-    assert CLIENT in listed, "the choice is remembered in the kernel"
+    assert remembered(lab), "the choice is remembered in the kernel"
     import time
 
     time.sleep(2.2)
-    listed = lab.nft("list", "set", "ip", "svcrules", "affinity")
-    assert CLIENT not in listed, "and forgotten after timeoutSeconds"
+    assert not remembered(lab), "and forgotten after timeoutSeconds"
     # The remembered endpoint goes away: a new one is chosen.
     (gone,) = pinned
     rest = {"pod2", "pod3"} - {gone}
@@ -419,6 +438,26 @@ def test_affinity_timeout_and_unusable_endpoint(lab: Lab) -> None:
     pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=6)))
     load(lab, svc2, web_slice(eps(*(rest or {"pod4"}))))
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=6))) == (rest or {"pod4"})
+
+
+def remembered(lab: Lab) -> bool:
+    """Whether the kernel would send the client's next connection to its pinned
+    endpoint. nftables: the client is in the affinity set (entries expire). iptables:
+    xt_recent keeps entries past their time, so probe once and see whether an affinity
+    rule (``--rcheck --seconds``) matched, by its packet counter."""
+    if backend_of(lab) == "nftables":
+        return CLIENT in lab.nft("list", "set", "ip", "svcrules", "affinity")
+    before = _affinity_hits(lab)
+    ok(lab.probe("client", CIP, 80, count=1))
+    return _affinity_hits(lab) > before
+
+
+def _affinity_hits(lab: Lab) -> int:
+    cmd = backends.tool(backend_of(lab).split("-", 1)[1], "ipv4")
+    out = lab.exec("node", cmd, "-t", "nat", "-L", "-n", "-v", "-x").stdout
+    return sum(
+        int(ln.split()[0]) for ln in out.splitlines() if "--rcheck" in ln or "recent: CHECK" in ln
+    )
 
 
 # --- 9. ownership and atomic replacement -------------------------------------------------
@@ -440,9 +479,58 @@ table ip nat {
 """
 
 
+FOREIGN_IPTABLES = """*nat
+:OTHER-NAT - [0:0]
+-A PREROUTING -d 192.0.2.250/32 -j OTHER-NAT
+-A POSTROUTING -o nonexistent0 -j MASQUERADE
+-A OTHER-NAT -p tcp -j DNAT --to-destination 198.51.100.14:9090
+COMMIT
+*filter
+:OTHER-FILTER - [0:0]
+-A INPUT -p tcp --dport 22 -j ACCEPT
+-A FORWARD -j OTHER-FILTER
+-A OTHER-FILTER -s 192.0.2.250/32 -j DROP
+COMMIT
+"""
+
+
+def make_foreign(lab: Lab) -> Any:
+    """Rules of other owners (for the backend under test); returns a way to read them."""
+    backend = backend_of(lab)
+    if backend == "nftables":
+        lab.load(FOREIGN)
+        return lambda: (
+            lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
+        )
+    variant = backend.split("-", 1)[1]
+    lab.exec(
+        "node", backends.tool(variant, "ipv4", "-restore"), "--noflush", input=FOREIGN_IPTABLES
+    )
+
+    def foreign() -> list[str]:
+        """IPv4 (the foreign rules' family) rules that are not svcrules'."""
+        text = lab.exec("node", backends.tool(variant, "ipv4", "-save")).stdout
+        return [ln for ln in backends.rules_only(text) if "SVCRULES" not in ln]
+
+    return foreign
+
+
+def owned(lab: Lab) -> int:
+    """How many copies of svcrules' top-level objects the node holds."""
+    backend = backend_of(lab)
+    if backend == "nftables":
+        tables = lab.nft("list", "tables")
+        assert tables.count("table ip svcrules") == tables.count("table ip6 svcrules")
+        return tables.count("table ip svcrules")
+    text = backends.save(lab, backend)
+    jumps = text.count('-A PREROUTING -m comment --comment "SVCRULES service portals"')
+    assert text.count(":SVCRULES-SERVICES ") == 4  # nat and filter, both families
+    return jumps // 2  # one per family
+
+
 def test_reload_replaces_own_tables_and_touches_nothing_else(lab: Lab) -> None:
-    lab.load(FOREIGN)
-    foreign = lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
+    read_foreign = make_foreign(lab)
+    foreign = read_foreign()
     old = load(
         lab,
         service("old", "203.0.113.20"),
@@ -450,16 +538,13 @@ def test_reload_replaces_own_tables_and_touches_nothing_else(lab: Lab) -> None:
         web(),
         web_slice(eps("pod2")),
     )
-    new = compile_objs([cfg(), web(), web_slice(eps("pod3"))]).nft
     for _ in range(3):
-        lab.load(new)
-    tables = lab.nft("list", "tables")
-    assert tables.count("table ip svcrules") == 1 and tables.count("table ip6 svcrules") == 1
+        new = load(lab, web(), web_slice(eps("pod3")))
+    assert owned(lab) == 1
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=6))) == {"pod3"}
     # Gone: no longer a ClusterIP, so an unallocated address of the service CIDR.
     dropped(lab.probe("client", "203.0.113.20", 80, count=2, timeout=0.5, concurrency=2))
-    after = lab.nft("list", "table", "inet", "filter") + lab.nft("list", "table", "ip", "nat")
-    assert after == foreign
+    assert read_foreign() == foreign
     assert old != new
 
 
@@ -476,9 +561,15 @@ def test_sctp_rules_load(lab: Lab) -> None:
         svc,
         endpoint_slice("s", eps("pod2"), ports=[{"name": "s", "port": 8080, "protocol": "SCTP"}]),
     )
-    listed = lab.nft("list", "table", "ip", "svcrules")
-    assert f"{CIP} . sctp . 80" in listed and "sctp . 30080" in listed
-    assert "meta l4proto sctp dnat ip to numgen random mod 1" in listed
+    if backend_of(lab) == "nftables":
+        listed = lab.nft("list", "table", "ip", "svcrules")
+        assert f"{CIP} . sctp . 80" in listed and "sctp . 30080" in listed
+        assert "meta l4proto sctp dnat ip to numgen random mod 1" in listed
+        return
+    listed = backends.save(lab, backend_of(lab))
+    assert f"-d {CIP}/32 -p sctp -m sctp --dport 80" in listed
+    assert "-p sctp -m sctp --dport 30080" in listed
+    assert f'-p sctp -m comment --comment "default/s:s/SCTP {POD["pod2"]} 8080"' in listed
 
 
 def test_overlapping_ranges_load(lab: Lab) -> None:
