@@ -141,6 +141,9 @@ class IptablesDriver:
         tx = full_restore({}, existing)
         for (fam, _), text in split_sections(tx.script()):
             self.kernel.restore(fam, text)
+        for fam, tbl in existing:
+            if existing[(fam, tbl)].chains:
+                self.kernel.drop_if_empty(fam, tbl)
         return [
             f"{fam} {tbl}: {len(t.chains)} chains, {len(t.jumps)} jumps"
             for (fam, tbl), t in sorted(existing.items())

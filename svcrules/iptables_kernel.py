@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from svcrules.iptables_restore import BUILTIN
 from svcrules.kernel import KernelError
 
 INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"
@@ -66,6 +67,23 @@ class Iptables:
         """``iptables -S CHAIN`` output, or None when the chain does not exist."""
         proc = self._run([self._tools[(family, "")], "-w", LOCK_WAIT, "-t", table, "-S", chain])
         return proc.stdout if proc.returncode == 0 else None
+
+    def drop_if_empty(self, family: str, table: str) -> bool:
+        """With iptables-nft, delete the nft table behind ``table`` when it holds
+        nothing but empty built-in chains that accept (as iptables-nft creates them), so
+        that cleanup leaves no trace in ``nft list ruleset``. iptables-legacy tables
+        cannot be deleted (they are modules); they stay, empty."""
+        if self.name != "iptables-nft" or (nft := shutil.which("nft")) is None:
+            return False
+        for line in self.save(family, table).splitlines():
+            if line.startswith(("#", "*")) or line == "COMMIT" or not line:
+                continue
+            if line.startswith(":") and " ACCEPT " in line and line[1:].split()[0] in BUILTIN:
+                continue
+            return False
+        nft_family = "ip" if family == "ipv4" else "ip6"
+        proc = self._run([nft, "delete", "table", nft_family, table])
+        return proc.returncode == 0
 
 
 def _quiet(stderr: str) -> str:

@@ -481,7 +481,7 @@ table ip nat {
 
 FOREIGN_IPTABLES = """*nat
 :OTHER-NAT - [0:0]
--A PREROUTING -d 192.0.2.250/32 -j OTHER-NAT
+-A PREROUTING -d 100.64.0.250/32 -j OTHER-NAT
 -A POSTROUTING -o nonexistent0 -j MASQUERADE
 -A OTHER-NAT -p tcp -j DNAT --to-destination 198.51.100.14:9090
 COMMIT
