@@ -125,8 +125,8 @@ def inputs(objs: list[Obj], path: str = "test.yaml") -> Inputs:
     return out
 
 
-def compile_objs(objs: list[Obj], **overrides: Any) -> svcrules.Ruleset:
+def compile_objs(objs: list[Obj], backend: str = "nftables", **overrides: Any) -> svcrules.Ruleset:
     """Compile objects (a NodeConfig among them) as the CLI would read them."""
     return svcrules.compile_paths(
-        ["-"], overrides=Overrides(**overrides), stdin=io.StringIO(dump(objs))
+        ["-"], overrides=Overrides(**overrides), stdin=io.StringIO(dump(objs)), backend=backend
     )

@@ -1,4 +1,5 @@
-"""Golden files: fixtures/<case>/ compiles to tests/golden/<case>.nft, byte for byte.
+"""Golden files: fixtures/<case>/ compiles to tests/golden/<case>.nft (nftables) and
+tests/golden/<case>.iptables (iptables), byte for byte.
 
 Goldens pin the text; the kernel tests prove the behaviour. Regenerate with
 ``scripts/test tests/golden --update-golden`` and review the diff like code.
@@ -18,10 +19,15 @@ CASES = sorted(p.name for p in (ROOT / "fixtures").iterdir() if p.is_dir())
 GOLDEN = Path(__file__).resolve().parent
 
 
+SUFFIX = {"nftables": "nft", "iptables": "iptables"}
+
+
+@pytest.mark.parametrize("backend", sorted(SUFFIX))
 @pytest.mark.parametrize("case", CASES)
-def test_golden(case: str, request: pytest.FixtureRequest) -> None:
-    text = svcrules.compile_paths([str(ROOT / "fixtures" / case)]).nft
-    golden = GOLDEN / f"{case}.nft"
+def test_golden(case: str, backend: str, request: pytest.FixtureRequest) -> None:
+    ruleset = svcrules.compile_paths([str(ROOT / "fixtures" / case)], backend=backend)
+    text = ruleset.text(backend)
+    golden = GOLDEN / f"{case}.{SUFFIX[backend]}"
     if request.config.getoption("--update-golden"):
         golden.write_text(text, encoding="utf-8")
         return
@@ -31,5 +37,7 @@ def test_golden(case: str, request: pytest.FixtureRequest) -> None:
 
 
 def test_every_golden_has_a_fixture() -> None:
-    stale = sorted(p.stem for p in GOLDEN.glob("*.nft") if p.stem not in CASES)
+    stale = sorted(
+        p.name for s in SUFFIX.values() for p in GOLDEN.glob(f"*.{s}") if p.stem not in CASES
+    )
     assert not stale, f"goldens without a fixtures/ case: {stale}"

@@ -1,0 +1,152 @@
+"""The iptables backend without a kernel: layout, texts, diffs (kernel tests send them)."""
+
+from __future__ import annotations
+
+import io
+import re
+from fractions import Fraction
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import svcrules
+from svcrules.backends.iptables import CHAIN_MAX, PREFIX_MAX, family_section
+from svcrules.iptables_restore import (
+    diff_restore,
+    full_restore,
+    parse_restore,
+    parsed_from_save,
+    split_sections,
+)
+from tests.k8s import Obj, compile_objs, dump, endpoint, endpoint_slice, node_config, service
+from tests.strategies import clusters
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def text(*objs: Obj, **spec: object) -> str:
+    return compile_objs([node_config(**spec), *objs], backend="iptables").iptables
+
+
+def web(*ips: str, **spec: object) -> list[Obj]:
+    return [
+        service("web", "203.0.113.10", **spec),
+        endpoint_slice("web", [endpoint(ip) for ip in ips]),
+    ]
+
+
+@SETTINGS
+@given(clusters(), st.randoms(use_true_random=False))
+def test_order_does_not_matter_and_every_target_exists(objs: list[Obj], rnd: object) -> None:
+    base = compile_objs(objs, backend="iptables").iptables
+    shuffled = list(objs)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert compile_objs(shuffled, backend="iptables").iptables == base
+    builtin = {"RETURN", "DROP", "REJECT", "DNAT", "MARK", "MASQUERADE"}
+    for part, table in parse_restore(base).items():
+        for name, specs in table.chains.items():
+            assert len(name) <= CHAIN_MAX, name
+            for spec in specs:
+                for target in re.findall(r"-[jg] (\S+)", spec):
+                    assert target in builtin or target in table.chains, (part, target)
+                assert "ACCEPT" not in spec, "svcrules never opens the node"
+        for chain, spec in table.jumps:
+            assert spec.split()[-1] in table.chains, (part, chain)
+
+
+def test_random_cascade_gives_every_endpoint_the_same_chance() -> None:
+    ips = [f"198.51.100.{i}" for i in range(11, 18)]
+    out = text(*web(*ips))
+    svc = next(n for n in parse_restore(out)[("ipv4", "nat")].chains if "-SVC-" in n)
+    specs = parse_restore(out)[("ipv4", "nat")].chains[svc]
+    left, chances = Fraction(1), []
+    for spec in specs:
+        m = re.search(r"--probability (\S+)", spec)
+        p = Fraction(m.group(1)).limit_denominator(1000) if m else Fraction(1)
+        chances.append(left * p)
+        left -= left * p
+    assert chances == [Fraction(1, len(ips))] * len(ips)
+
+
+def test_long_table_names_fit_and_longer_ones_are_refused(tmp_path: object) -> None:
+    name = "t" * PREFIX_MAX
+    out = text(*web("198.51.100.11", sessionAffinity="ClientIP"), tableName=name)
+    for table in parse_restore(out).values():
+        assert all(len(c) <= CHAIN_MAX for c in table.chains)
+    with pytest.raises(svcrules.SvcrulesError, match=r"spec\.tableName"):
+        text(*web("198.51.100.11"), tableName=name + "x")
+
+
+def test_an_endpoint_change_names_only_its_chains() -> None:
+    other = [
+        service("b", "203.0.113.20"),
+        endpoint_slice("b", [endpoint("198.51.100.14")]),
+    ]
+    old = parse_restore(text(*web("198.51.100.11"), *other))
+    new = parse_restore(text(*web("198.51.100.12"), *other))
+    tx = diff_restore(old, new)
+    script = tx.script()
+    declared = {ln[1:].split()[0].split("-")[1] for ln in script.splitlines() if ln[:1] == ":"}
+    assert declared == {"SVC", "SEP", "STATE"}, script
+    assert "198.51.100.14" not in script and "-X SVCRULES-SEP-" in script
+    assert tx.chains_added == 1 and tx.chains_removed == 1
+    assert diff_restore(new, new).empty
+
+
+def test_full_replacement_keeps_other_owners_and_fixes_jumps() -> None:
+    new = parse_restore(text(*web("198.51.100.11")))
+    save = """*nat
+:PREROUTING ACCEPT [0:0]
+:SVCRULES-SERVICES - [0:0]
+:SVCRULES-SEP-OLD - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -m comment --comment "SVCRULES service portals" -j SVCRULES-SERVICES
+-A PREROUTING -m comment --comment "SVCRULES service portals" -j SVCRULES-SERVICES
+-A PREROUTING -j OTHER
+-A OTHER -j SVCRULES-SEP-OLD
+-A SVCRULES-SEP-OLD -j DNAT --to-destination 198.51.100.99:80
+COMMIT
+"""
+    have = {("ipv4", "nat"): parsed_from_save(save, "SVCRULES")}
+    assert (
+        have[("ipv4", "nat")].jumps
+        == [("PREROUTING", '-m comment --comment "SVCRULES service portals" -j SVCRULES-SERVICES')]
+        * 2
+    ), "the other owner's rules are not svcrules' to delete"
+    tx = full_restore(new, have)
+    lines = tx.parts[("ipv4", "nat")]
+    assert "-X SVCRULES-SEP-OLD" in lines and ":SVCRULES-SEP-OLD - [0:0]" in lines
+    assert sum(ln.startswith("-D PREROUTING") for ln in lines) == 1  # the duplicate
+    assert not any(ln.startswith("-I PREROUTING") for ln in lines)
+    assert any(ln.startswith("-I OUTPUT 1 ") for ln in lines)
+    assert not any("OTHER" in ln for ln in lines)
+    # Sections come back in a fixed order, one restore input each.
+    parts = [p for p, _ in split_sections(tx.script())]
+    assert parts == [("ipv4", "nat"), ("ipv4", "filter"), ("ipv6", "nat"), ("ipv6", "filter")]
+
+
+def test_family_section_is_one_restore_input() -> None:
+    full = text(*web("198.51.100.11"))
+    v6 = family_section(full, "ipv6")
+    assert v6.startswith("# Generated by svcrules") and "ip6tables-restore" in v6
+    assert "iptables-restore --noflush\n" not in v6 and v6.count("COMMIT") == 2
+    assert family_section(full, "ipv4") + v6.split("\n", 2)[2] == full
+
+
+def test_compile_cli_backend_and_family(tmp_path: object) -> None:
+    from typer.testing import CliRunner
+
+    from svcrules.cli import app
+
+    inputs = dump([node_config(), *web("198.51.100.11")])
+    run = CliRunner().invoke
+    res = run(app, ["compile", "-b", "iptables", "--family", "ipv4", "-"], input=inputs)
+    assert res.exit_code == 0 and "*nat" in res.stdout and "ipv6" not in res.stdout
+    res = run(app, ["compile", "-b", "iptables", "-f", "json", "-"], input=inputs)
+    assert res.exit_code == 2 and res.stdout == ""
+    res = run(app, ["compile", "--family", "ipv4", "-"], input=inputs)
+    assert res.exit_code == 2 and "--backend iptables" in res.stderr
+    same = svcrules.compile_paths(["-"], stdin=io.StringIO(inputs), backend="iptables")
+    res = run(app, ["compile", "-b", "iptables", "-"], input=inputs)
+    assert res.stdout == same.iptables
