@@ -52,12 +52,13 @@ class IptablesDriver:
         out: dict[str, str | None] = {}
         for fam in FAMILIES:
             for tbl in TABLES:
-                listing = self.kernel.list_chain(fam, tbl, f"{prefix}-STATE")
-                found = fingerprint_of(listing or "")
-                for chain, spec in jumps(prefix, tbl):
-                    have = self.kernel.list_chain(fam, tbl, chain) or ""
-                    if not has_jump(have, chain, spec, prefix):
-                        found = None
+                wanted = jumps(prefix, tbl)
+                listing = self.kernel.read_chains(
+                    fam, tbl, [f"{prefix}-STATE", *sorted({c for c, _ in wanted})]
+                )
+                found = fingerprint_of(listing)
+                if not all(has_jump(listing, c, spec, prefix) for c, spec in wanted):
+                    found = None
                 out[f"{fam} {tbl}"] = found
         return out
 
@@ -66,21 +67,24 @@ class IptablesDriver:
         self._before, self._after = before, after
         return diff_restore(before, after)
 
-    def full(self, ruleset: Ruleset, table: str) -> tuple[str, int]:
-        """Whatever the kernel holds of svcrules' chains (read with iptables-save) is
-        replaced: declared anew, and deleted when the new text has no such chain."""
+    def full(self, ruleset: Ruleset, table: str, previous: str | None) -> tuple[str, int]:
+        """Whatever the kernel holds of svcrules' chains is replaced: declared anew, and
+        deleted when the new text has no such chain. ``previous`` (the last text applied)
+        is what a refused change puts back where the kernel's rules were not read."""
         prefix = chain_prefix(table)
         existing = self._existing(prefix)
         after = parse_restore(ruleset.iptables)
-        self._before, self._after = existing, after
+        old = parse_restore(previous) if previous else {}
+        self._before = {
+            part: have if have.complete else old.get(part, have) for part, have in existing.items()
+        }
+        self._after = after
         tx = full_restore(after, existing)
         return tx.script(), tx.operations
 
     def _existing(self, prefix: str) -> Parsed:
         return {
-            (fam, tbl): parsed_from_save(self.kernel.save(fam, tbl), prefix)
-            for fam in FAMILIES
-            for tbl in TABLES
+            (fam, tbl): self.kernel.owned(fam, tbl, prefix) for fam in FAMILIES for tbl in TABLES
         }
 
     def send(self, script: str, tx: object) -> tuple[str, list[str]]:
@@ -96,11 +100,15 @@ class IptablesDriver:
         return script, []
 
     def _roll_back(self, sent: list[tuple[str, str]], exc: KernelError) -> None:
-        if not sent:
-            return
+        """Bring the tables already sent back to what they held. Where that is unknown
+        (iptables-nft, a full replacement without saved state: reading the rules back
+        would take minutes at scale), they keep the new rules, and the fingerprint
+        mismatch makes the next run replace everything."""
+        known = [p for p in sent if self._before.get(p, RestoreTable()).complete]
+        unknown = [f"{fam} {tbl}" for fam, tbl in sent if (fam, tbl) not in known]
         back = full_restore(
-            {p: self._before.get(p, RestoreTable()) for p in sent},
-            {p: self._after.get(p, RestoreTable()) for p in sent},
+            {p: self._before.get(p, RestoreTable()) for p in known},
+            {p: self._after.get(p, RestoreTable()) for p in known},
         )
         try:
             for (fam, _), text in split_sections(back.script()):
@@ -108,6 +116,11 @@ class IptablesDriver:
         except KernelError as again:
             raise KernelError(
                 f"{exc}; putting back the tables already changed failed too: {again}"
+            ) from None
+        if unknown:
+            raise KernelError(
+                f"{exc}; the tables already changed ({', '.join(unknown)}) keep the new "
+                "rules, and the next run replaces all of svcrules' chains"
             ) from None
 
     def check(self, script: str) -> None:
@@ -117,7 +130,12 @@ class IptablesDriver:
     def verify(self, table: str, script: str, stale: list[str]) -> list[str]:
         """Differences between the kernel's chains and a text: names and rule counts."""
         want = parse_restore(script)
-        have = self._existing(chain_prefix(table))
+        prefix = chain_prefix(table)
+        have = {
+            (fam, tbl): parsed_from_save(self.kernel.save(fam, tbl), prefix)
+            for fam in FAMILIES
+            for tbl in TABLES
+        }
         problems = []
         for part in sorted(set(want) | set(have)):
             w = want.get(part, RestoreTable())

@@ -44,7 +44,7 @@ class NftDriver:
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Transaction:
         return diff_scripts(old, ruleset.tables, stale)
 
-    def full(self, ruleset: Ruleset, table: str) -> tuple[str, int]:
+    def full(self, ruleset: Ruleset, table: str, previous: str | None) -> tuple[str, int]:
         """The rendered script replaces both tables whole (create, delete, recreate)."""
         ops = sum(1 + len(obj.items) for t in ruleset.tables.values() for obj in t.objects.values())
         return ruleset.nft, ops

@@ -7,10 +7,11 @@ package ships both variants; ``auto`` uses whichever the alternatives system cho
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
-from svcrules.iptables_restore import BUILTIN
+from svcrules.iptables_restore import BUILTIN, RestoreTable, parsed_from_save
 from svcrules.kernel import KernelError
 
 INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"
@@ -67,6 +68,40 @@ class Iptables:
         """``iptables -S CHAIN`` output, or None when the chain does not exist."""
         proc = self._run([self._tools[(family, "")], "-w", LOCK_WAIT, "-t", table, "-S", chain])
         return proc.stdout if proc.returncode == 0 else None
+
+    def read_chains(self, family: str, table: str, chains: list[str]) -> str:
+        """The rules of a few chains, in iptables-save form. iptables-legacy fetches the
+        whole table for any listing, so one iptables-save serves them all; iptables-nft
+        lists one chain cheaply but a whole table slowly (77 s at 10,000 Services)."""
+        if self.name == "iptables-legacy":
+            wanted = tuple(f"-A {c} " for c in chains)
+            return "".join(
+                f"{ln}\n" for ln in self.save(family, table).splitlines() if ln.startswith(wanted)
+            )
+        return "".join(self.list_chain(family, table, c) or "" for c in chains)
+
+    def owned(self, family: str, table: str, prefix: str) -> RestoreTable:
+        """svcrules' chains and jumps in one table. With iptables-legacy, read whole
+        (iptables-save is quick); with iptables-nft, only the chain names (from nft, as
+        iptables-nft-save takes minutes at scale) and the built-in chains' jumps."""
+        nft = shutil.which("nft")
+        if self.name != "iptables-nft" or nft is None:
+            return parsed_from_save(self.save(family, table), prefix)
+        nft_family = "ip" if family == "ipv4" else "ip6"
+        proc = self._run([nft, "-j", "list", "chains", nft_family])
+        if proc.returncode != 0:
+            return parsed_from_save(self.save(family, table), prefix)
+        names = [
+            o["chain"]["name"]
+            for o in json.loads(proc.stdout or "{}").get("nftables", [])
+            if "chain" in o
+            and o["chain"].get("table") == table
+            and o["chain"]["name"].startswith(prefix + "-")
+        ]
+        out = parsed_from_save(self.read_chains(family, table, list(BUILTIN)), prefix)
+        out.chains = {name: [] for name in sorted(names)}
+        out.complete = False
+        return out
 
     def drop_if_empty(self, family: str, table: str) -> bool:
         """With iptables-nft, delete the nft table behind ``table`` when it holds

@@ -26,6 +26,7 @@ class RestoreTable:
 
     chains: dict[str, list[str]] = field(default_factory=dict)  # name -> rule specs
     jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in chain, spec)
+    complete: bool = True  # False: chain names only, their rules were not read
 
 
 Parsed = dict[Part, RestoreTable]

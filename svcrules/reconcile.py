@@ -52,7 +52,7 @@ class Driver(Protocol):
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Tx: ...
 
-    def full(self, ruleset: Ruleset, table: str) -> tuple[str, int]: ...
+    def full(self, ruleset: Ruleset, table: str, previous: str | None) -> tuple[str, int]: ...
 
     def send(self, script: str, tx: Any) -> tuple[str, list[str]]: ...
 
@@ -177,7 +177,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 kernel_seconds=kernel_seconds,
             )
     started = time.monotonic()
-    script, operations = driver.full(ruleset, table)
+    script, operations = driver.full(ruleset, table, old_script)
     kernel_seconds += time.monotonic() - started
     return Change(
         "full",
