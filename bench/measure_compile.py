@@ -1,4 +1,7 @@
-"""Compile one input in a fresh process and report phases, size and peak memory (JSON)."""
+"""Compile one input in a fresh process and report phases, size and peak memory (JSON).
+
+python bench/measure_compile.py CLUSTER OUT [nftables|iptables]
+"""
 
 from __future__ import annotations
 
@@ -8,35 +11,45 @@ import resource
 import sys
 import time
 
+from svcrules.backends.iptables import render_iptables
 from svcrules.backends.nftables import layout
 from svcrules.config import node_config
 from svcrules.incremental import parse_script
+from svcrules.iptables_restore import parse_restore
 from svcrules.load import load_sources, read_sources
 from svcrules.render import render
 from svcrules.resolve import resolve
 
 
-def main(path: str, out: str) -> None:
+def main(path: str, out: str, backend: str = "nftables") -> None:
     gc.disable()  # as the svcrules command does
     t0 = time.perf_counter()
     sources = read_sources([path])
     inputs = load_sources(sources)
     t1 = time.perf_counter()
     plan = resolve(inputs, node_config(inputs, None, __import__("svcrules").Overrides()))
-    tables = layout(plan)
-    text = render("nftables/ruleset.nft.j2", tables=tables, plan=plan, fingerprint="0" * 32)
+    if backend == "iptables":
+        text = render_iptables(plan)
+    else:
+        tables = layout(plan)
+        text = render("nftables/ruleset.nft.j2", tables=tables, plan=plan, fingerprint="0" * 32)
     t2 = time.perf_counter()
     with open(out, "w") as fh:
         fh.write(text)
     chains = rules = sets = elements = 0
-    for table in parse_script(text).values():
-        for obj in table.objects.values():
-            if obj.kind == "chain":
-                chains += 1
-                rules += len(obj.items)
-            else:
-                sets += 1
-                elements += len(obj.items)
+    if backend == "iptables":
+        for part in parse_restore(text).values():
+            chains += len(part.chains)
+            rules += sum(len(r) for r in part.chains.values())
+    else:
+        for table in parse_script(text).values():
+            for obj in table.objects.values():
+                if obj.kind == "chain":
+                    chains += 1
+                    rules += len(obj.items)
+                else:
+                    sets += 1
+                    elements += len(obj.items)
     print(
         json.dumps(
             {
@@ -55,4 +68,4 @@ def main(path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

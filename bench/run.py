@@ -1,7 +1,11 @@
-"""svcrules benchmark: compile, full and incremental apply, and the data path.
+"""svcrules benchmark: compile, full and incremental apply, and the data path, per backend.
 
     python bench/run.py            # 1k, 10k and 50k Services x 10 endpoints
     python bench/run.py --quick    # 1k only (CI runs this as a smoke test)
+    python bench/run.py --backends nftables,iptables-legacy --sizes 1000,10000
+
+Backends: nftables, iptables (whichever variant 'iptables' is here), iptables-nft,
+iptables-legacy. The iptables ones stop at --iptables-max Services (default 10k).
 
 Prints a table and writes bench/results.json. Kernel measurements need root and
 nft; they run in network namespaces this script creates and deletes, never in the
@@ -68,12 +72,47 @@ def kernel_available() -> str | None:
     return None
 
 
-def compile_row(cluster: Path, out: Path) -> Row:
-    proc = sh(PY, str(HERE / "measure_compile.py"), str(cluster), str(out))
+def backend_flags(backend: str) -> list[str]:
+    """svcrules flags for a bench backend name."""
+    if backend == "nftables":
+        return []
+    variant = backend.split("-", 1)[1] if "-" in backend else "auto"
+    return ["--backend", "iptables", "--iptables", variant]
+
+
+def iptables_variant(backend: str) -> str:
+    """nft or legacy, for iptables-* tools ('iptables' means the system's default)."""
+    if "-" in backend:
+        return backend.split("-", 1)[1]
+    out = sh("iptables", "--version", check=False).stdout
+    return "nft" if "nf_tables" in out else "legacy"
+
+
+def load_compiled(ns: Netns, backend: str, compiled: Path) -> float:
+    """Time to load a compiled text into an empty namespace, as the tools do it."""
+    if backend == "nftables":
+        t, _ = ns.timed("nft", "-f", str(compiled))
+        return t
+    from svcrules.backends.iptables import family_section
+
+    text = compiled.read_text()
+    variant = iptables_variant(backend)
+    total = 0.0
+    for family, tool in (("ipv4", "iptables"), ("ipv6", "ip6tables")):
+        part = compiled.with_suffix(f".{family}")
+        part.write_text(family_section(text, family))
+        t, _ = ns.timed(f"{tool}-{variant}-restore", "--noflush", str(part))
+        total += t
+    return total
+
+
+def compile_row(cluster: Path, out: Path, backend: str) -> Row:
+    kind = "nftables" if backend == "nftables" else "iptables"
+    proc = sh(PY, str(HERE / "measure_compile.py"), str(cluster), str(out), kind)
     return dict(json.loads(proc.stdout))
 
 
-def sync(ns: Netns, inputs: Path, state: Path) -> Row:
+def sync(ns: Netns, inputs: Path, state: Path, backend: str) -> Row:
     """One `svcrules sync` as an operator runs it: wall time, and the kernel part."""
     wall, proc = ns.timed(
         PY,
@@ -86,6 +125,7 @@ def sync(ns: Netns, inputs: Path, state: Path) -> Row:
         "--log-format",
         "json",
         "-v",
+        *backend_flags(backend),
     )
     event = json.loads(proc.stderr.strip().splitlines()[-1])
     return {
@@ -97,7 +137,7 @@ def sync(ns: Netns, inputs: Path, state: Path) -> Row:
 
 
 def apply_rows(
-    n: int, endpoints: int, objs: list[dict[str, Any]], work: Path, compiled: Path
+    n: int, endpoints: int, objs: list[dict[str, Any]], work: Path, compiled: Path, backend: str
 ) -> Row:
     node = generate.node_config()
     variants = {
@@ -112,15 +152,14 @@ def apply_rows(
         generate.write(files[name], items)
     row: Row = {}
     with Netns(f"k{n}") as ns:
-        t, _ = ns.timed("nft", "-f", str(compiled))
-        row["kernel_load_s"] = round(t, 3)
+        row["kernel_load_s"] = round(load_compiled(ns, backend, compiled), 3)
     with Netns(f"a{n}") as ns:
-        state = work / f"state-{n}"
-        row["full_apply"] = sync(ns, files["base"], state)
-        row["noop_sync"] = sync(ns, files["base"], state)
+        state = work / f"state-{n}-{backend}"
+        row["full_apply"] = sync(ns, files["base"], state, backend)
+        row["noop_sync"] = sync(ns, files["base"], state, backend)
         for change in ("one_endpoint", "one_service", "one_percent"):
-            row[change] = sync(ns, files[change], state)
-            sync(ns, files["base"], state)  # back to base for the next change
+            row[change] = sync(ns, files[change], state, backend)
+            sync(ns, files["base"], state, backend)  # back to base for the next change
     return row
 
 
@@ -133,8 +172,9 @@ def kube_proxy_row(n: int, objs: list[dict[str, Any]], work: Path) -> Row:
     return {"kernel_load_s": round(t, 3), "bytes": len(text)}
 
 
-def latency(n: int, endpoints: int, connections: int) -> Row:
+def latency(n: int, endpoints: int, connections: int, backend: str) -> Row:
     """Connection setup to one ClusterIP, with n Services loaded (lab netns topology)."""
+    from tests.kernel import backends
     from tests.kernel.lab import Lab
 
     objs = generate.cluster(n, endpoints)
@@ -155,8 +195,9 @@ def latency(n: int, endpoints: int, connections: int) -> Row:
         _inputs([generate.node_config(), *objs]),
         svcrules.NodeConfig.model_validate(generate.node_config()),
     )
+    lab_backend = backend if backend == "nftables" else f"iptables-{iptables_variant(backend)}"
     with Lab() as lab:
-        lab.load(ruleset.nft)
+        backends.install(lab, ruleset, lab_backend)
         lab.probe("client", svc["spec"]["clusterIP"], 80, count=50)  # warm up
         results = lab.probe("client", svc["spec"]["clusterIP"], 80, count=connections, timeout=2.0)
     ok = sorted(r.elapsed for r in results if r.outcome == "ok")
@@ -178,10 +219,14 @@ def _inputs(objs: list[dict[str, Any]]) -> Any:
 
 def machine() -> Row:
     nft = sh("nft", "--version", check=False).stdout.strip() if shutil.which("nft") else ""
+    ipt = (
+        sh("iptables", "--version", check=False).stdout.strip() if shutil.which("iptables") else ""
+    )
     return {
         "python": platform.python_version(),
         "kernel": platform.release(),
         "nft": nft,
+        "iptables": ipt,
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -190,42 +235,55 @@ def machine() -> Row:
 def table(results: Row) -> str:
     lines = []
     for size in results["sizes"]:
-        c = size["compile"]
         lines.append(f"== {size['services']:,} Services x {size['endpoints']} endpoints")
-        lines.append(
-            f"  compile: load {c['load_s']}s + plan/render {c['compile_s']}s = "
-            f"{c['total_s']}s, peak RSS {c['peak_rss_mb']} MB"
-        )
-        lines.append(
-            f"  ruleset: {c['bytes']:,} bytes, {c['chains']:,} chains, "
-            f"{c['rules']:,} rules, {c['sets']:,} sets/maps, "
-            f"{c['elements']:,} elements"
-        )
-        k = size.get("kernel")
-        if k:
-            lines.append(f"  kernel load of the compiled script (nft -f): {k['kernel_load_s']}s")
-            for key in ("full_apply", "noop_sync", "one_endpoint", "one_service", "one_percent"):
-                r = k[key]
+        for backend, b in size["backends"].items():
+            c = b["compile"]
+            lines.append(f"  -- {backend}")
+            lines.append(
+                f"  compile: load {c['load_s']}s + plan/render {c['compile_s']}s = "
+                f"{c['total_s']}s, peak RSS {c['peak_rss_mb']} MB"
+            )
+            lines.append(
+                f"  ruleset: {c['bytes']:,} bytes, {c['chains']:,} chains, "
+                f"{c['rules']:,} rules, {c['sets']:,} sets/maps, "
+                f"{c['elements']:,} elements"
+            )
+            k = b.get("kernel")
+            if k:
+                lines.append(f"  kernel load of the compiled text: {k['kernel_load_s']}s")
+                for key in (
+                    "full_apply",
+                    "noop_sync",
+                    "one_endpoint",
+                    "one_service",
+                    "one_percent",
+                ):
+                    r = k[key]
+                    lines.append(
+                        f"  {key:13} {r['mode']:11} {r['wall_s']:>8}s end to end, "
+                        f"{r['kernel_s']:>7}s kernel, {r['operations']:>7,} operations"
+                    )
+            lat = b.get("latency")
+            if lat:
+                base = results.get("latency_baseline", {}).get(backend)
+                ratio = (
+                    f", p50 ratio vs 10 Services {lat['p50_ms'] / base['p50_ms']:.2f}"
+                    if base
+                    else ""
+                )
                 lines.append(
-                    f"  {key:13} {r['mode']:11} {r['wall_s']:>8}s end to end, "
-                    f"{r['kernel_s']:>7}s kernel, {r['operations']:>7,} operations"
+                    f"  data path: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
+                    f"over {lat['connections']} connections ({lat['failed']} failed){ratio}"
                 )
         kp = size.get("kube_proxy")
         if kp:
-            lines.append(f"  kube-proxy-style layout, kernel load (nft -f): {kp['kernel_load_s']}s")
-        lat = size.get("latency")
-        if lat:
             lines.append(
-                f"  data path: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
-                f"over {lat['connections']} connections ({lat['failed']} failed)"
+                f"  kube-proxy-style nft layout, kernel load (nft -f): {kp['kernel_load_s']}s"
             )
-    if results.get("latency_baseline"):
-        b = results["latency_baseline"]
-        lines.append(f"== data path with 10 Services: p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms")
-        for size in results["sizes"]:
-            if size.get("latency"):
-                ratio = size["latency"]["p50_ms"] / b["p50_ms"]
-                lines.append(f"  p50 ratio {size['services']:,} vs 10 Services: {ratio:.2f}")
+    for backend, b in results.get("latency_baseline", {}).items():
+        lines.append(
+            f"== data path with 10 Services, {backend}: p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms"
+        )
     return "\n".join(lines)
 
 
@@ -241,6 +299,17 @@ def main() -> None:
         help="largest size for the kube-proxy-style comparison (slow: 150 s at 10k)",
     )
     ap.add_argument("--connections", type=int, default=2000, help="connections per latency run")
+    ap.add_argument(
+        "--backends",
+        default="nftables,iptables",
+        help="comma-separated: nftables, iptables, iptables-nft, iptables-legacy",
+    )
+    ap.add_argument(
+        "--iptables-max",
+        type=int,
+        default=10000,
+        help="largest size for iptables backends (iptables-nft loads 10k in about 2 minutes)",
+    )
     ap.add_argument("--no-kernel", action="store_true", help="compile measurements only")
     ap.add_argument("--output", default=str(HERE / "results.json"))
     args = ap.parse_args()
@@ -249,24 +318,28 @@ def main() -> None:
     results: Row = {"machine": machine(), "sizes": [], "kernel_skipped": why_not}
     with tempfile.TemporaryDirectory(prefix="svcrules-bench-") as tmp:
         work = Path(tmp)
+        chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
         if why_not is None:
-            results["latency_baseline"] = latency(10, args.endpoints, args.connections)
+            results["latency_baseline"] = {
+                b: latency(10, args.endpoints, args.connections, b) for b in chosen
+            }
         for n in sizes:
-            print(f"-- {n} Services", file=sys.stderr, flush=True)
             objs = generate.cluster(n, args.endpoints)
             cluster = work / f"cluster-{n}.json"
             generate.write(cluster, [generate.node_config(), *objs])
-            compiled = work / f"compiled-{n}.nft"
-            size: Row = {
-                "services": n,
-                "endpoints": args.endpoints,
-                "compile": compile_row(cluster, compiled),
-            }
-            if why_not is None:
-                size["kernel"] = apply_rows(n, args.endpoints, objs, work, compiled)
-                if n <= args.kube_proxy_max:
-                    size["kube_proxy"] = kube_proxy_row(n, objs, work)
-                size["latency"] = latency(n, args.endpoints, args.connections)
+            size: Row = {"services": n, "endpoints": args.endpoints, "backends": {}}
+            for backend in chosen:
+                if backend != "nftables" and n > args.iptables_max:
+                    continue
+                print(f"-- {n} Services, {backend}", file=sys.stderr, flush=True)
+                compiled = work / f"compiled-{n}-{backend}.txt"
+                b: Row = {"compile": compile_row(cluster, compiled, backend)}
+                if why_not is None:
+                    b["kernel"] = apply_rows(n, args.endpoints, objs, work, compiled, backend)
+                    b["latency"] = latency(n, args.endpoints, args.connections, backend)
+                size["backends"][backend] = b
+            if why_not is None and n <= args.kube_proxy_max and "nftables" in chosen:
+                size["kube_proxy"] = kube_proxy_row(n, objs, work)
             results["sizes"].append(size)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

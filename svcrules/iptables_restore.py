@@ -10,6 +10,7 @@ deleting svcrules' own jump rules.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -114,10 +115,29 @@ class JumpsChanged(Exception):
     """The jumps in built-in chains differ: only a full replacement may change them."""
 
 
+def _edits(name: str, before: list[str], after: list[str]) -> list[str] | None:
+    """``-D``/``-I`` lines that turn a chain's rules from ``before`` into ``after`` in
+    place, or None when refilling the whole chain is shorter. Deleting by rule spec and
+    inserting at each new rule's final position (in ascending order) is exact because
+    svcrules never repeats a rule within a chain."""
+    matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
+    deletes: list[str] = []
+    inserts: list[str] = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag in ("delete", "replace"):
+            deletes += [f"-D {name} {spec}" for spec in before[i1:i2]]
+        if tag in ("insert", "replace"):
+            inserts += [f"-I {name} {j + 1} {after[j]}" for j in range(j1, j2)]
+    if len(deletes) + len(inserts) >= len(after) + 1:
+        return None
+    return deletes + inserts
+
+
 def diff_restore(old: Parsed, new: Parsed) -> RestoreTransaction:
     """The smallest restore input from ``old`` to ``new`` (both rendered by svcrules):
-    chains that are new or whose rules changed are declared and refilled, chains that
-    went are emptied and deleted, the others are not named."""
+    new chains are declared and filled; a changed chain gets its rules deleted and
+    inserted in place, or is declared anew and refilled when that is shorter; chains
+    that went are emptied and deleted; the others are not named."""
     tx = RestoreTransaction()
     for part in sorted(set(old) | set(new)):
         before, after = old.get(part, RestoreTable()), new.get(part, RestoreTable())
@@ -125,12 +145,17 @@ def diff_restore(old: Parsed, new: Parsed) -> RestoreTransaction:
             raise JumpsChanged(f"{part[0]} {part[1]}: the jumps from built-in chains changed")
         declare: list[str] = []
         rules: list[str] = []
+        edits: list[str] = []
         delete: list[str] = []
         for name, specs in after.chains.items():
             if name in before.chains and before.chains[name] == specs:
                 continue
             if name in before.chains:
                 tx.chains_changed += 1
+                in_place = _edits(name, before.chains[name], specs)
+                if in_place is not None:
+                    edits.extend(in_place)
+                    continue
             else:
                 tx.chains_added += 1
             declare.append(f":{name} - [0:0]")
@@ -140,9 +165,10 @@ def diff_restore(old: Parsed, new: Parsed) -> RestoreTransaction:
                 declare.append(f":{name} - [0:0]")
                 delete.append(f"-X {name}")
                 tx.chains_removed += 1
-        if declare:
-            tx.parts[part] = declare + rules + delete
-            tx.operations += len(declare) + len(rules) + len(delete)
+        lines = declare + rules + edits + delete
+        if lines:
+            tx.parts[part] = lines
+            tx.operations += len(lines)
     return tx
 
 

@@ -150,3 +150,31 @@ def test_compile_cli_backend_and_family(tmp_path: object) -> None:
     same = svcrules.compile_paths(["-"], stdin=io.StringIO(inputs), backend="iptables")
     res = run(app, ["compile", "-b", "iptables", "-"], input=inputs)
     assert res.stdout == same.iptables
+
+
+def test_a_new_service_is_inserted_in_place_into_long_chains() -> None:
+    def many(n: int) -> list[Obj]:
+        out: list[Obj] = []
+        for i in range(n):
+            out += [
+                service(f"s{i}", f"203.0.113.{10 + i}"),
+                endpoint_slice(f"s{i}", [endpoint("198.51.100.11")]),
+            ]
+        return out
+
+    old, new = parse_restore(text(*many(40))), parse_restore(text(*many(41)))
+    tx = diff_restore(old, new)
+    nat = tx.parts[("ipv4", "nat")]
+    assert [ln for ln in nat if ln.startswith("-I SVCRULES-SERVICES ")] == [
+        ln.replace("-A SVCRULES-SERVICES", "-I SVCRULES-SERVICES 41", 1)
+        for ln in (
+            f"-A SVCRULES-SERVICES {s}" for s in new[("ipv4", "nat")].chains["SVCRULES-SERVICES"]
+        )
+        if "203.0.113.50/32" in ln
+    ]
+    assert ":SVCRULES-SERVICES - [0:0]" not in nat
+    assert tx.operations < 20
+    # And back: the rules go by -D, the Service's chains by -X.
+    back = diff_restore(new, old).parts[("ipv4", "nat")]
+    assert sum(ln.startswith("-D SVCRULES-SERVICES ") for ln in back) == 1
+    assert sum(ln.startswith("-X ") for ln in back) == 2
