@@ -331,6 +331,10 @@ def main() -> None:
             for backend in chosen:
                 if backend != "nftables" and n > args.iptables_max:
                     continue
+                if backend != "nftables" and not shutil.which(
+                    f"iptables-{iptables_variant(backend)}-restore"
+                ):
+                    sys.exit(f"{backend}: iptables tools missing (apt-get install iptables)")
                 print(f"-- {n} Services, {backend}", file=sys.stderr, flush=True)
                 compiled = work / f"compiled-{n}-{backend}.txt"
                 b: Row = {"compile": compile_row(cluster, compiled, backend)}
@@ -341,6 +345,7 @@ def main() -> None:
             if why_not is None and n <= args.kube_proxy_max and "nftables" in chosen:
                 size["kube_proxy"] = kube_proxy_row(n, objs, work)
             results["sizes"].append(size)
+            Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # so far
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     if why_not:

@@ -18,6 +18,9 @@ if [[ "${1:-}" == "--dev" ]]; then
     command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
     command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
     command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
+    # The iptables backend is tested on both variants; Debian's iptables package has both.
+    command -v iptables-nft-restore >/dev/null 2>&1 &&
+        command -v iptables-legacy-restore >/dev/null 2>&1 || need_apt+=(iptables)
 fi
 [[ -e /usr/lib/x86_64-linux-gnu/libnftables.so.1 || -e /usr/lib/aarch64-linux-gnu/libnftables.so.1 ]] ||
     ldconfig -p 2>/dev/null | grep -q libnftables.so.1 || need_apt+=(libnftables1)

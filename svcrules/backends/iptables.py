@@ -22,7 +22,6 @@ Only this module and templates/iptables/ know iptables syntax.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -31,7 +30,7 @@ from svcrules.addr import ip_sort_key
 from svcrules.errors import SvcrulesError
 from svcrules.names import comment, digest32
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
-from svcrules.render import render
+from svcrules.render import render_fingerprinted
 
 CHAIN_MAX = 28  # iptables chain names: 28 characters (XT_EXTENSION_MAXNAMELEN - 1)
 DIGEST = 10  # base32 characters (50 bits) in per-Service and per-endpoint chain names
@@ -277,7 +276,6 @@ def layout(plan: NodePlan) -> list[FamilyRules]:
     return [layout_family(f, plan.node_name) for f in plan.families]
 
 
-FINGERPRINT_PLACEHOLDER = "@@fingerprint@@"
 _FINGERPRINT = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')
 
 
@@ -286,14 +284,9 @@ def render_iptables(plan: NodePlan) -> str:
 
     Each table's ``<P>-STATE`` chain carries a digest of the whole text, so that a
     later run learns what the kernel holds by listing one one-rule chain."""
-    text = render(
-        "iptables/ruleset.j2",
-        families=layout(plan),
-        node_label=comment(plan.node_name, 90),
-        fingerprint=FINGERPRINT_PLACEHOLDER,
+    return render_fingerprinted(
+        "iptables/ruleset.j2", families=layout(plan), node_label=comment(plan.node_name, 90)
     )
-    digest_ = hashlib.sha256(text.encode()).hexdigest()[:32]
-    return text.replace(FINGERPRINT_PLACEHOLDER, digest_)
 
 
 def fingerprint_of(text: str) -> str | None:

@@ -11,7 +11,6 @@ Only this module and templates/nftables/ know nft.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -19,7 +18,7 @@ from typing import NamedTuple
 from svcrules.addr import collapse_cidrs, ip_sort_key, packed
 from svcrules.names import chain_name, comment, digest
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
-from svcrules.render import render
+from svcrules.render import render_fingerprinted
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 # Backend maps are split into buckets by slot block. The kernel walks every element of
@@ -274,7 +273,6 @@ def layout(plan: NodePlan) -> list[Table]:
     return [layout_family(f, plan.node_name) for f in plan.families]
 
 
-FINGERPRINT_PLACEHOLDER = "@@fingerprint@@"
 _FINGERPRINT = re.compile(r'comment "svcrules ([0-9a-f]{32})"')
 
 
@@ -284,14 +282,7 @@ def render_nft(plan: NodePlan) -> str:
     Each table's ``state`` set carries a digest of the whole script (as an element
     comment), so that a later run learns what the kernel holds by listing one tiny set:
     in nft 1.0.6 listing a set is fast, while listing a chain fetches the whole table."""
-    text = render(
-        "nftables/ruleset.nft.j2",
-        tables=layout(plan),
-        plan=plan,
-        fingerprint=FINGERPRINT_PLACEHOLDER,
-    )
-    digest_ = hashlib.sha256(text.encode()).hexdigest()[:32]
-    return text.replace(FINGERPRINT_PLACEHOLDER, digest_)
+    return render_fingerprinted("nftables/ruleset.nft.j2", tables=layout(plan), plan=plan)
 
 
 def fingerprint_of(text: str) -> str | None:

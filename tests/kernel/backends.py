@@ -8,8 +8,11 @@ run: read what the node holds with iptables-save, then one ``iptables-restore
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+
+import pytest
 
 import svcrules
 from svcrules.iptables_restore import (
@@ -24,6 +27,7 @@ from svcrules.iptables_restore import (
 from .lab import Lab
 
 BACKENDS = ("nftables", "iptables-nft", "iptables-legacy")
+LOAD_TIMEOUT = 900.0  # bench/ loads 10,000 Services: iptables-nft-restore takes minutes
 _PREFIX = re.compile(r"^:(\S+)-STATE ", re.M)
 
 
@@ -39,6 +43,17 @@ def available(backend: str) -> bool:
     return shutil.which(tool(backend.split("-", 1)[1], "ipv4", "-restore")) is not None
 
 
+def require(backend: str) -> None:
+    """Skip a test whose backend is not installed; with SVCRULES_REQUIRE_KERNEL=1 (CI),
+    fail instead, so that a missing iptables cannot pass silently."""
+    if available(backend):
+        return
+    why = f"{backend} is not installed (Debian: apt-get install iptables)"
+    if os.environ.get("SVCRULES_REQUIRE_KERNEL") == "1":
+        pytest.fail(f"SVCRULES_REQUIRE_KERNEL=1 but {why}", pytrace=False)
+    pytest.skip(why)
+
+
 def install(lab: Lab, ruleset: svcrules.Ruleset, backend: str) -> str:
     """Replace svcrules' rules in the node with ``ruleset``; return the loaded text."""
     if backend == "nftables":
@@ -50,14 +65,17 @@ def install(lab: Lab, ruleset: svcrules.Ruleset, backend: str) -> str:
     assert m, "no STATE chain in the iptables text"
     existing = {
         (fam, tbl): parsed_from_save(
-            lab.exec("node", tool(variant, fam, "-save"), "-t", tbl).stdout, m.group(1)
+            lab.exec("node", tool(variant, fam, "-save"), "-t", tbl, timeout=LOAD_TIMEOUT).stdout,
+            m.group(1),
         )
         for fam in FAMILIES
         for tbl in TABLES
     }
     tx = full_restore(parse_restore(text), existing)
     for (fam, _), part in split_sections(tx.script()):
-        lab.exec("node", tool(variant, fam, "-restore"), "--noflush", input=part)
+        lab.exec(
+            "node", tool(variant, fam, "-restore"), "--noflush", input=part, timeout=LOAD_TIMEOUT
+        )
     return text
 
 

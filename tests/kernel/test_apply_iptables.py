@@ -14,11 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s import Obj, endpoint_slice, service
+from tests.k8s import Obj, endpoint_slice
 
 from . import backends
 from .lab import Lab
-from .test_apply import CIP_B, Node, ops, svc_a, svc_b
+from .test_apply import (  # the same tests, collected here with this module's node fixture
+    CIP_B,
+    Node,
+    ops,
+    svc_a,
+    svc_b,
+    test_affinity_survives_an_apply_that_changes_another_service,  # noqa: F401
+    test_udp_client_moves_off_a_removed_backend,  # noqa: F401
+)
 from .test_semantics import CIP, FOREIGN_IPTABLES, LB, NODE, dropped, eps, ok, refused, web
 
 VARIANTS = ("nft", "legacy")
@@ -60,8 +68,7 @@ class IptablesNode(Node):
 @pytest.fixture(params=VARIANTS)
 def node(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> object:
     variant = request.param
-    if not backends.available(f"iptables-{variant}"):
-        pytest.skip(f"iptables-{variant} is not installed")
+    backends.require(f"iptables-{variant}")
     yield IptablesNode(lab, tmp_path, variant)
     if variant == "legacy":
         backends.reset_legacy(lab)
@@ -184,35 +191,6 @@ def test_dry_run_and_verify(lab: Lab, node: IptablesNode) -> None:
     proc = node.run("apply", "--verify")
     assert "full replacement (verification found drift" in proc.stdout, proc.stdout
     assert not [ln for ln in node.own() if "192.0.2.252" in ln]
-
-
-def test_affinity_survives_an_apply_that_changes_another_service(
-    lab: Lab, node: IptablesNode
-) -> None:
-    a = svc_a("pod1", "pod2", "pod3", sessionAffinity="ClientIP")
-    node.apply(*a, *svc_b("pod4"))
-    pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=8)))
-    assert len(pinned) == 1
-    for pods in (("pod1",), ("pod2", "pod4")):
-        assert "incremental" in node.apply(*a, *svc_b(*pods))
-        assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
-
-
-def test_udp_client_moves_off_a_removed_backend(lab: Lab, node: IptablesNode) -> None:
-    def dns(*pods: str) -> list[Obj]:
-        return [
-            service("dns", CIP, ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]),
-            endpoint_slice(
-                "dns", eps(*pods), ports=[{"name": "dns", "port": 5353, "protocol": "UDP"}]
-            ),
-        ]
-
-    node.apply(*dns("pod2", "pod3"))
-    (backend,) = lab.backends(ok(lab.probe("client", CIP, 53, "udp", count=3, sport=41055)))
-    other = ({"pod2", "pod3"} - {backend}).pop()
-    node.apply(*dns(other))
-    again = ok(lab.probe("client", CIP, 53, "udp", count=3, sport=41055))
-    assert lab.backends(again) == {other}
 
 
 def test_switching_backends_with_cleanup_leaves_no_trace(lab: Lab, node: IptablesNode) -> None:

@@ -43,12 +43,10 @@ def test_random_clusters_load_with_iptables_and_reload_to_the_same_state(
     too long, an unknown match): every random cluster must load, with both variants."""
     ruleset = compile_objs(objs, backend="iptables")
     for backend in ("iptables-nft", "iptables-legacy"):
-        if not backends.available(backend):
-            continue
+        backends.require(backend)
         backends.install(lab, ruleset, backend)
         first = backends.rules_only(backends.save(lab, backend))
         backends.install(lab, ruleset, backend)
         assert backends.rules_only(backends.save(lab, backend)) == first
     lab.reset()
-    if backends.available("iptables-legacy"):
-        backends.reset_legacy(lab)
+    backends.reset_legacy(lab)

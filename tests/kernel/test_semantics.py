@@ -53,8 +53,7 @@ def cfg(**spec: Any) -> Obj:
 def lab(kernel_lab: Lab, request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The shared lab, emptied, with ``lab.backend`` naming the backend under test."""
     backend = request.param
-    if not backends.available(backend):
-        pytest.skip(f"{backend} is not installed")
+    backends.require(backend)
     kernel_lab.reset()
     kernel_lab.backend = backend  # type: ignore[attr-defined]
     yield kernel_lab
