@@ -11,7 +11,13 @@ that a refused change leaves the previous rules in place.
 
 from __future__ import annotations
 
-from svcrules.backends.iptables import chain_prefix, fingerprint_of, jumps
+from svcrules.backends.iptables import (
+    chain_prefix,
+    fingerprint_of,
+    jumps,
+    part_fingerprints,
+    state_fingerprint,
+)
 from svcrules.compiler import Ruleset
 from svcrules.iptables_kernel import Iptables
 from svcrules.iptables_restore import (
@@ -45,6 +51,12 @@ class IptablesDriver:
     def fingerprint_of(self, text: str) -> str | None:
         return fingerprint_of(text)
 
+    def expected(self, text: str) -> dict[str, str | None]:
+        """Each table carries the fingerprint of its own part of the text, so that a change
+        to one table leaves the others alone (iptables-legacy copies a whole table for any
+        change to it)."""
+        return part_fingerprints(text)
+
     def fingerprints(self, table: str) -> dict[str, str | None]:
         """Per family and table, the fingerprint in ``<P>-STATE``; None when that chain
         or one of the jumps from the built-in chains is missing."""
@@ -56,7 +68,7 @@ class IptablesDriver:
                 listing = self.kernel.read_chains(
                     fam, tbl, [f"{prefix}-STATE", *sorted({c for c, _ in wanted})]
                 )
-                found = fingerprint_of(listing)
+                found = state_fingerprint(listing)
                 if not all(has_jump(listing, c, spec, prefix) for c, spec in wanted):
                     found = None
                 out[f"{fam} {tbl}"] = found

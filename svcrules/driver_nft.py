@@ -27,6 +27,10 @@ class NftDriver:
     def fingerprint_of(self, text: str) -> str | None:
         return fingerprint_of(text)
 
+    def expected(self, text: str) -> dict[str, str | None]:
+        """Both tables carry the fingerprint of the whole script."""
+        return dict.fromkeys(FAMILIES, fingerprint_of(text))
+
     def fingerprints(self, table: str) -> dict[str, str | None]:
         """The fingerprint in each owned table's state set (None: absent)."""
         out: dict[str, str | None] = {}

@@ -48,6 +48,8 @@ class Driver(Protocol):
 
     def fingerprint_of(self, text: str) -> str | None: ...
 
+    def expected(self, text: str) -> dict[str, str | None]: ...
+
     def fingerprints(self, table: str) -> dict[str, str | None]: ...
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Tx: ...
@@ -84,8 +86,9 @@ class Change:
         return self.mode != "noop"
 
 
-def _agree(kernel: dict[str, str | None], fingerprint: str) -> bool:
-    return bool(kernel) and all(v == fingerprint for v in kernel.values())
+def _agree(kernel: dict[str, str | None], expected: dict[str, str | None]) -> bool:
+    """Whether every place the kernel was read holds the fingerprint the text carries."""
+    return bool(kernel) and all(kernel.get(k) == v is not None for k, v in expected.items())
 
 
 def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> None:
@@ -109,7 +112,8 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     started = time.monotonic()
     kernel = driver.fingerprints(table) if table else {}
     kernel_seconds = time.monotonic() - started
-    in_kernel = bool(table) and _agree(kernel, old_meta.fingerprint)
+    old_expected = driver.expected(old_script) if old_script is not None else {}
+    in_kernel = bool(table) and _agree(kernel, old_expected)
     if (
         old_script is not None
         and in_kernel
@@ -150,7 +154,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         reason = "no saved state (first run)"
     elif old_meta.table != table:
         reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
-    elif not _agree(kernel, old_meta.fingerprint):
+    elif not _agree(kernel, old_expected):
         reason = f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
     elif verify:
         drift = driver.verify(table, old_script, old_meta.stale)
@@ -202,11 +206,9 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
     change.stale_after = sorted(set(change.stale_after) | set(left))
     kernel = driver.fingerprints(table)
     change.kernel_seconds += time.monotonic() - started
-    if not _agree(kernel, change.new_meta.fingerprint):
-        raise KernelError(
-            f"verification failed: the kernel holds {kernel}, "
-            f"expected {change.new_meta.fingerprint}"
-        )
+    expected = driver.expected(change.new_script)
+    if not _agree(kernel, expected):
+        raise KernelError(f"verification failed: the kernel holds {kernel}, expected {expected}")
     change.new_meta.stale = change.stale_after
     change.new_meta.last_success = time.time()
     store.save(change.new_script, change.new_meta)

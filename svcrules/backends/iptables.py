@@ -22,6 +22,7 @@ Only this module and templates/iptables/ know iptables syntax.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -30,7 +31,7 @@ from svcrules.addr import ip_sort_key
 from svcrules.errors import SvcrulesError
 from svcrules.names import comment, digest32
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
-from svcrules.render import render_fingerprinted
+from svcrules.render import render
 
 CHAIN_MAX = 28  # iptables chain names: 28 characters (XT_EXTENSION_MAXNAMELEN - 1)
 DIGEST = 10  # base32 characters (50 bits) in per-Service and per-endpoint chain names
@@ -276,22 +277,66 @@ def layout(plan: NodePlan) -> list[FamilyRules]:
     return [layout_family(f, plan.node_name) for f in plan.families]
 
 
-_FINGERPRINT = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')
+_STATE = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')
+_PART = re.compile(r"^# family (ipv[46])\b.*?$|^\*(nat|filter)$|^COMMIT$", re.M)
 
 
 def render_iptables(plan: NodePlan) -> str:
     """Both families' ``iptables-restore`` inputs, each headed by a ``# family`` line.
 
-    Each table's ``<P>-STATE`` chain carries a digest of the whole text, so that a
-    later run learns what the kernel holds by listing one one-rule chain."""
-    return render_fingerprinted(
-        "iptables/ruleset.j2", families=layout(plan), node_label=comment(plan.node_name, 90)
+    Each table's ``<P>-STATE`` chain carries a digest of that table's part of the text,
+    so that a later run learns what the kernel holds by listing one one-rule chain, and
+    a change that leaves a table's part alone does not touch that table."""
+    text = render(
+        "iptables/ruleset.j2",
+        families=layout(plan),
+        node_label=comment(plan.node_name, 90),
+        fingerprint="@@fingerprint@@",
     )
+    out: list[str] = []
+    pos = 0
+    start = 0
+    for m in _PART.finditer(text):
+        if m.group(2):  # *nat / *filter: a part begins
+            out.append(text[pos : m.start()])
+            pos = start = m.start()
+        elif m.group(0) == "COMMIT":
+            part = text[start : m.end()]
+            digest = hashlib.sha256(part.encode()).hexdigest()[:32]
+            out.append(part.replace("@@fingerprint@@", digest))
+            pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def part_fingerprints(text: str) -> dict[str, str | None]:
+    """ "family table" -> the fingerprint that table's part of a rendered text carries."""
+    out: dict[str, str | None] = {}
+    family = ""
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("# family "):
+            family = line.split()[2].rstrip(":")
+        elif line.startswith("*"):
+            table = line[1:]
+        elif m := _STATE.search(line):
+            out[f"{family} {table}"] = m.group(1)
+    return out
+
+
+def state_fingerprint(listing: str) -> str | None:
+    """The fingerprint in a listing of a ``<P>-STATE`` chain."""
+    m = _STATE.search(listing)
+    return m.group(1) if m else None
 
 
 def fingerprint_of(text: str) -> str | None:
-    m = _FINGERPRINT.search(text)
-    return m.group(1) if m else None
+    """One digest naming a whole text (for the state directory and logs)."""
+    parts = part_fingerprints(text)
+    if not parts:
+        return None
+    joined = " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
 def family_section(text: str, family: str) -> str:
