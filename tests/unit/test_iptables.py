@@ -19,6 +19,7 @@ from svcrules.iptables_restore import (
     parsed_from_save,
     split_sections,
 )
+from svcrules.kernel import KernelError
 from tests.k8s import Obj, compile_objs, dump, endpoint, endpoint_slice, node_config, service
 from tests.strategies import clusters
 
@@ -178,3 +179,59 @@ def test_a_new_service_is_inserted_in_place_into_long_chains() -> None:
     back = diff_restore(new, old).parts[("ipv4", "nat")]
     assert sum(ln.startswith("-D SVCRULES-SERVICES ") for ln in back) == 1
     assert sum(ln.startswith("-X ") for ln in back) == 2
+
+
+def test_check_against_an_iptables_golden() -> None:
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from svcrules.cli import app
+
+    root = Path(__file__).resolve().parents[2]
+    golden = str(root / "tests" / "golden" / "demo.iptables")
+    demo = str(root / "fixtures" / "demo")
+    res = CliRunner().invoke(app, ["check", "-b", "iptables", "-g", golden, demo])
+    assert res.exit_code == 0, res.stdout
+    res = CliRunner().invoke(app, ["check", "-g", golden, demo])  # the nft text differs
+    assert res.exit_code == 1 and res.stdout.startswith("---")
+
+
+class FakeIptables:
+    """Refuses the IPv4 filter table; reads chain names only, as with iptables-nft."""
+
+    name = "iptables-nft"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def restore(self, family: str, text: str, *, check_only: bool = False) -> None:
+        if family == "ipv4" and text.startswith("*filter"):
+            raise KernelError("iptables-nft-restore refused the change: line 3 failed")
+        self.sent.append((family, text))
+
+    def owned(self, family: str, table: str, prefix: str) -> object:
+        from svcrules.iptables_restore import RestoreTable
+
+        return RestoreTable(chains={f"{prefix}-SEP-OLD": []}, complete=False)
+
+
+def test_a_refused_table_puts_back_what_it_can_and_says_what_it_could_not() -> None:
+    from svcrules.driver_iptables import IptablesDriver
+
+    ruleset = compile_objs([node_config(), *web("198.51.100.11")], backend="iptables")
+    old = compile_objs([node_config(), *web("198.51.100.12")], backend="iptables").iptables
+    for previous, known in ((old, True), (None, False)):
+        kernel = FakeIptables()
+        driver = IptablesDriver(kernel)  # type: ignore[arg-type]
+        script, _ = driver.full(ruleset, "svcrules", previous)
+        with pytest.raises(KernelError) as err:
+            driver.send(script, None)
+        first, *back = kernel.sent
+        assert first[0] == "ipv4" and first[1].startswith("*nat")
+        if known:  # the last text svcrules applied goes back into IPv4 nat
+            assert len(back) == 1 and "198.51.100.12" in back[0][1]
+            assert "keep the new rules" not in str(err.value)
+        else:  # nothing known to put back: say so; the next run replaces everything
+            assert back == [] and "ipv4 nat" in str(err.value)
+            assert "keep the new rules" in str(err.value)
