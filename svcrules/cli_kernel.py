@@ -335,8 +335,8 @@ def cleanup_cmd(
             "--backend",
             "-b",
             help="Whose rules to remove: nftables (the owned tables) or iptables (the "
-            "owned chains and their jumps). Default: the backend the state directory "
-            "names, else nftables.",
+            "owned chains and their jumps). Default: the backend (and iptables variant) "
+            "the state directory names, else nftables.",
         ),
     ] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
@@ -347,7 +347,11 @@ def cleanup_cmd(
     in nat and filter and its jumps from the built-in chains) and its saved state;
     nothing else."""
     store = StateStore(state_dir)
-    chosen = backend or BackendChoice(store.load()[1].backend)
+    meta = store.load()[1]
+    chosen = backend or BackendChoice(meta.backend)
+    if chosen is BackendChoice.iptables and iptables is IptablesChoice.auto and meta.tool:
+        # The variant that applied them is the one that can see them.
+        iptables = IptablesChoice(meta.tool.removeprefix("iptables-"))
     try:
         driver = open_driver(chosen, nft, iptables)
         with exclusive(state_dir / "lock", True, 60.0):

@@ -93,11 +93,20 @@ def _agree(kernel: dict[str, str | None], expected: dict[str, str | None]) -> bo
 
 def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> None:
     """One state directory, one backend at a time: both at once would fight over packets."""
-    if old_script is not None and old_meta.backend != driver.backend:
+    if old_script is None:
+        return
+    if old_meta.backend != driver.backend:
         raise SvcrulesError(
             f"the node holds svcrules' {old_meta.backend} rules (per the state directory); "
             f"remove them with 'svcrules cleanup --backend {old_meta.backend}' before "
             f"applying with --backend {driver.backend}"
+        )
+    if driver.backend == "iptables" and old_meta.tool and old_meta.tool != driver.name:
+        variant = old_meta.tool.removeprefix("iptables-")
+        raise SvcrulesError(
+            f"svcrules' rules on this node were applied with {old_meta.tool}, and this run "
+            f"would use {driver.name}: pass --iptables {variant}, or remove them first with "
+            f"'svcrules cleanup --backend iptables --iptables {variant}'"
         )
 
 
@@ -142,6 +151,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     new_meta.input_digest = job.digest
     new_meta.table = ruleset.plan.table
     new_meta.backend = driver.backend
+    new_meta.tool = driver.name if driver.backend == "iptables" else ""
     new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
     if ruleset.plan.table != table:
         table = ruleset.plan.table

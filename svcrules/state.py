@@ -57,6 +57,7 @@ class Meta:
     input_digest: str = ""  # of the inputs and svcrules' code: same digest, same script
     table: str = ""  # the owned table's name
     backend: str = "nftables"  # which backend wrote the script
+    tool: str = ""  # iptables backend: iptables-nft or iptables-legacy (they do not mix)
     counts: dict[str, int] = field(default_factory=dict)  # stats.Stats of that script
 
     @classmethod
@@ -107,6 +108,7 @@ class StateStore:
             table=raw.get("table", ""),
             counts=raw.get("counts", {}),
             backend=raw.get("backend", "nftables"),
+            tool=raw.get("tool", ""),
         )
         return script, meta
 

@@ -210,7 +210,13 @@ def test_switching_backends_with_cleanup_leaves_no_trace(lab: Lab, node: Iptable
     node.apply(*svc_a("pod3"), web("NodePort", node_port=30080, cluster_ip="203.0.113.30"))
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod3"}
     assert "svcrules" not in lab.nft("list", "tables")
-    assert node.run("cleanup", with_inputs=False).returncode == 0
+    # The other iptables variant does not see these rules: it refuses to take over.
+    other = IptablesNode(lab, node.tmp, "legacy" if node.variant == "nft" else "nft")
+    other.write(*svc_a("pod3"))
+    proc = other.run("apply")
+    assert proc.returncode == 2 and f"--iptables {node.variant}" in proc.stderr, proc.stderr
+    # A plain cleanup finds backend and variant in the state directory.
+    assert nft.run("cleanup", with_inputs=False).returncode == 0
     assert node.own() == []
     assert lab.nft("list", "ruleset") == empty_ruleset, "iptables-nft tables left behind"
     nft.apply(*svc_a("pod2"))
