@@ -70,7 +70,8 @@ class Frontend(NamedTuple):
     protocol: str
     port: int
     comment: str
-    target: str  # a chain name (nat), or REJECT / DROP (filter)
+    nat: str  # the chain to go to, or ACCEPT: leave untranslated, and no other nat rule
+    filter: str  # "", or REJECT / DROP for what nat left untranslated
 
 
 class Firewall(NamedTuple):
@@ -93,10 +94,8 @@ class FamilyRules:
     mark: int
     host: str  # "/32" or "/128"
     loopback: str
-    nat_frontends: list[Frontend] = field(default_factory=list)
-    nat_nodeports: list[Frontend] = field(default_factory=list)
-    filter_frontends: list[Frontend] = field(default_factory=list)
-    filter_nodeports: list[Frontend] = field(default_factory=list)
+    frontends: list[Frontend] = field(default_factory=list)
+    nodeports: list[Frontend] = field(default_factory=list)
     firewalls: list[Firewall] = field(default_factory=list)
     chains: list[Chain] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
@@ -191,6 +190,15 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
             names.append((name, _probability(i, len(backends))))
         return Pick(tuple(names), p.affinity_timeout)
 
+    claimed: set[tuple[str, str, int]] = set()
+
+    def claim(f: Frontend) -> None:
+        """A Service may list its own ClusterIP among its externalIPs (the API allows it):
+        the first claim of an address, protocol and port wins, in nat and filter alike."""
+        if f[:3] not in claimed:
+            claimed.add(f[:3])
+            fam.frontends.append(f)
+
     for p in plan.ports:
         proto = p.protocol.lower()
         label = comment(p.key)
@@ -202,7 +210,7 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
         # ClusterIP frontend
         if p.internal_route in (Route.REJECT, Route.DROP):
             target = "REJECT" if p.internal_route is Route.REJECT else "DROP"
-            fam.filter_frontends.append(Frontend(p.cluster_ip, proto, p.port, label, target))
+            claim(Frontend(p.cluster_ip, proto, p.port, label, "ACCEPT", target))
         else:
             masq = {Masquerade.ALWAYS: "all", Masquerade.NON_POD: "non-pod"}.get(
                 p.internal_masquerade, "none"
@@ -210,7 +218,7 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
             local = p.internal_route is Route.LOCAL
             backends = p.local_backends if local else p.cluster_backends
             fam.chains.append(Chain(svc, label, masq, "", "", pick(p, backends)))
-            fam.nat_frontends.append(Frontend(p.cluster_ip, proto, p.port, label, svc))
+            claim(Frontend(p.cluster_ip, proto, p.port, label, svc, ""))
 
         # external frontends: LB ingress IPs, externalIPs, NodePort
         if not p.has_external:
@@ -230,18 +238,13 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
             )
             fam.chains.append(Chain(clu, label, "none", "", "", pick(p, p.cluster_backends)))
         # What nat leaves untranslated: rejected (no endpoint) or dropped (eTP Local
-        # without a local endpoint: only outside sources get this far).
-        refused = {Route.REJECT: "REJECT", Route.DROP: "DROP"}.get(p.external_route)
+        # without a local endpoint: only outside sources get that far in the -EXT- chain).
+        refused = {Route.REJECT: "REJECT", Route.DROP: "DROP"}.get(p.external_route, "")
+        target = "ACCEPT" if p.external_route is Route.REJECT else ext
         for ip in (*p.lb_ips, *p.external_ips):
-            if refused:
-                fam.filter_frontends.append(Frontend(ip, proto, p.port, label, refused))
-            if p.external_route is not Route.REJECT:
-                fam.nat_frontends.append(Frontend(ip, proto, p.port, label, ext))
+            claim(Frontend(ip, proto, p.port, label, target, refused))
         if p.node_port:
-            if refused:
-                fam.filter_nodeports.append(Frontend("", proto, p.node_port, label, refused))
-            if p.external_route is not Route.REJECT:
-                fam.nat_nodeports.append(Frontend("", proto, p.node_port, label, ext))
+            fam.nodeports.append(Frontend("", proto, p.node_port, label, target, refused))
         if p.firewall:
             for ip in p.lb_ips:
                 allowed = list(p.source_ranges)
@@ -252,20 +255,8 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
                     Firewall(ip, proto, p.port, fw, comment(f"{p.key} {ip}"), tuple(allowed))
                 )
 
-    def by_dest(f: Frontend) -> tuple[tuple[int, bytes, int], str, int]:
-        return (ip_sort_key(f.ip), f.protocol, f.port)
-
-    # A Service may list its own ClusterIP among its externalIPs: the first wins.
-    for attr in ("nat_frontends", "filter_frontends"):
-        seen: set[tuple[str, str, int]] = set()
-        unique = []
-        for f in getattr(fam, attr):
-            if f[:3] not in seen:
-                seen.add(f[:3])
-                unique.append(f)
-        setattr(fam, attr, sorted(unique, key=by_dest))
-    fam.nat_nodeports.sort(key=lambda f: (f.protocol, f.port))
-    fam.filter_nodeports.sort(key=lambda f: (f.protocol, f.port))
+    fam.frontends.sort(key=lambda f: (ip_sort_key(f.ip), f.protocol, f.port))
+    fam.nodeports.sort(key=lambda f: (f.protocol, f.port))
     fam.firewalls.sort(key=lambda f: (ip_sort_key(f.ip), f.protocol, f.port))
     fam.chains.sort(key=lambda c: c.name)
     fam.endpoints = sorted(seps.values(), key=lambda e: e.chain)

@@ -620,3 +620,21 @@ def test_loopback_is_never_a_node_port_address(lab: Lab) -> None:
     )
     assert lab.backends(ok(lab.probe("node", NODE, 30080, count=3))) == {"pod2"}
     refused(lab.probe("node", "127.0.0.1", 30080, count=2))  # the node's own stack answers
+
+
+def test_own_cluster_ip_among_external_ips_keeps_the_cluster_ip_decision(lab: Lab) -> None:
+    """The ClusterIP's claim comes first: with internalTrafficPolicy Local and no local
+    endpoint it drops, even though the same address is also one of its externalIPs."""
+    svc = web(externalIPs=[CIP], internalTrafficPolicy="Local")
+    load(lab, svc, web_slice(eps("pod3", node="node-b")))
+    dropped(lab.probe("client", CIP, 80, count=2, timeout=0.5, concurrency=2))
+    dropped(lab.probe("pod1", CIP, 80, count=2, timeout=0.5, concurrency=2))
+
+
+def test_a_refused_frontend_is_not_translated_by_a_later_rule(lab: Lab) -> None:
+    """Service a (no endpoint) claims the node IP as an externalIP on port 30080; Service
+    b's NodePort is 30080 too. The refusal wins, as the frontend comes first."""
+    a = service("a", "203.0.113.20", externalIPs=[NODE], ports=[{"name": "p", "port": 30080}])
+    load(lab, a, web("NodePort", node_port=30080), web_slice(eps("pod2")))
+    refused(lab.probe("client", NODE, 30080, count=3))
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
