@@ -11,7 +11,7 @@ import json
 import shutil
 import subprocess
 
-from svcrules.iptables_restore import BUILTIN, RestoreTable, parsed_from_save
+from svcrules.iptables_restore import BUILTIN, RestoreTable, is_own_chain, parsed_from_save
 from svcrules.kernel import KernelError
 
 INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"
@@ -96,7 +96,7 @@ class Iptables:
             for o in json.loads(proc.stdout or "{}").get("nftables", [])
             if "chain" in o
             and o["chain"].get("table") == table
-            and o["chain"]["name"].startswith(prefix + "-")
+            and is_own_chain(o["chain"]["name"], prefix)
         ]
         out = parsed_from_save(self.read_chains(family, table, list(BUILTIN)), prefix)
         out.chains = {name: [] for name in sorted(names)}
@@ -104,19 +104,25 @@ class Iptables:
         return out
 
     def drop_if_empty(self, family: str, table: str) -> bool:
-        """With iptables-nft, delete the nft table behind ``table`` when it holds
-        nothing but empty built-in chains that accept (as iptables-nft creates them), so
-        that cleanup leaves no trace in ``nft list ruleset``. iptables-legacy tables
-        cannot be deleted (they are modules); they stay, empty."""
+        """With iptables-nft, delete the nft table behind ``table`` when it holds nothing
+        but the built-in base chains, without a rule, as iptables-nft creates them, so
+        that cleanup leaves no trace in ``nft list ruleset``. It is read with nft itself:
+        iptables-nft-save leaves out what it cannot show (native nft chains of another
+        owner). iptables-legacy tables cannot be deleted; they stay, empty."""
         if self.name != "iptables-nft" or (nft := shutil.which("nft")) is None:
             return False
-        for line in self.save(family, table).splitlines():
-            if line.startswith(("#", "*")) or line == "COMMIT" or not line:
-                continue
-            if line.startswith(":") and " ACCEPT " in line and line[1:].split()[0] in BUILTIN:
-                continue
-            return False
         nft_family = "ip" if family == "ipv4" else "ip6"
+        proc = self._run([nft, "-j", "list", "table", nft_family, table])
+        if proc.returncode != 0:
+            return False
+        for obj in json.loads(proc.stdout or "{}").get("nftables", []):
+            kind = next(iter(obj))
+            if kind in ("metainfo", "table"):
+                continue
+            body = obj[kind]
+            builtin = body.get("name") in BUILTIN and "hook" in body
+            if kind != "chain" or not builtin or body.get("policy", "accept") != "accept":
+                return False
         proc = self._run([nft, "delete", "table", nft_family, table])
         return proc.returncode == 0
 

@@ -220,6 +220,16 @@ def _target(spec: str) -> str:
 
 
 BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+# The chains svcrules makes, after "<P>-": other owners' chains that merely share the
+# prefix (KUBE-SVC-… for a table named "kube", SVC-B-… for "svc") are not svcrules'.
+_OWN = re.compile(
+    r"-(?:STATE|SERVICES|NODEPORTS|POSTROUTING|MARK-MASQ|MASQ-NON-POD"
+    r"|(?:SVC|EXT|CLU|SEP|FW)-[A-Z2-7]{10})$"
+)
+
+
+def is_own_chain(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and bool(_OWN.fullmatch(name[len(prefix) :]))
 
 
 def parsed_from_save(save: str, prefix: str) -> RestoreTable:
@@ -228,16 +238,17 @@ def parsed_from_save(save: str, prefix: str) -> RestoreTable:
     (they carry a ``PREFIX …`` comment). Rules of other owners are never returned, so
     never deleted, even when they point at svcrules' chains."""
     out = RestoreTable()
-    own = f"{prefix}-"
     marker = f'--comment "{prefix} '
     for line in save.splitlines():
-        if line.startswith(":" + own):
-            out.chains.setdefault(line[1:].split(" ", 1)[0], [])
+        if line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if is_own_chain(name, prefix):
+                out.chains.setdefault(name, [])
         elif line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
-            if chain.startswith(own):
+            if is_own_chain(chain, prefix):
                 out.chains.setdefault(chain, []).append(spec)
-            elif chain in BUILTIN and marker in spec and _target(spec).startswith(own):
+            elif chain in BUILTIN and marker in spec and is_own_chain(_target(spec), prefix):
                 out.jumps.append((chain, spec))
     return out
 

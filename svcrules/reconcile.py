@@ -230,6 +230,7 @@ def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
     went. Without a table name, the one svcrules last wrote (or the default) is meant."""
     _, meta = store.load()
     gone = driver.cleanup(table or meta.table or "svcrules")
-    if meta.backend == driver.backend or not store.has_script():
+    same_tool = driver.backend != "iptables" or not meta.tool or meta.tool == driver.name
+    if (meta.backend == driver.backend and same_tool) or not store.has_script():
         store.clear()
     return gone

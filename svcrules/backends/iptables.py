@@ -142,9 +142,18 @@ def jumps(prefix: str, table: str) -> list[tuple[str, str]]:
     return [("INPUT", new), ("FORWARD", new), ("OUTPUT", new)]
 
 
+# Prefixes of other software's chains: a table name that is one of them is refused.
+TAKEN = ("KUBE", "DOCKER", "CALI", "CILIUM", "FLANNEL", "WEAVE", "ISTIO", "LIBVIRT", "FORWARD")
+
+
 def chain_prefix(table_name: str) -> str:
     """Owned chains start with the table name in capitals (SVCRULES-...)."""
     prefix = table_name.upper()
+    if prefix.split("-")[0].split("_")[0] in TAKEN:
+        raise SvcrulesError(
+            f"NodeConfig spec.tableName (or --table-name): {table_name!r} cannot name the "
+            f"iptables backend's chains: {prefix}-* may be another program's chains"
+        )
     if len(prefix) > PREFIX_MAX:
         raise SvcrulesError(
             f"NodeConfig spec.tableName (or --table-name): {table_name!r} is too long for "

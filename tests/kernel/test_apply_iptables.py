@@ -235,3 +235,18 @@ def test_missing_iptables_variant_is_a_clear_error(lab: Lab, node: IptablesNode)
         check=False,
     )
     assert proc.returncode == 2 and "apt-get install iptables" in proc.stderr, proc.stderr
+
+
+def test_cleanup_keeps_native_nft_chains_in_the_iptables_nft_tables(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """iptables-nft-save does not show nft chains it cannot express, so "empty" is
+    decided by nft itself before a table goes."""
+    backends.require("iptables-nft")
+    node = IptablesNode(lab, tmp_path, "nft")
+    node.apply(*svc_a("pod2"))
+    lab.nft("add", "chain", "ip", "nat", "mine", "{ type nat hook postrouting priority 200; }")
+    lab.nft("add", "rule", "ip", "nat", "mine", "oifname", "nonexistent0", "masquerade")
+    assert node.run("cleanup", with_inputs=False).returncode == 0
+    assert "oifname" in lab.nft("list", "chain", "ip", "nat", "mine")
+    assert "table ip filter" not in lab.nft("list", "tables"), "the empty one goes"

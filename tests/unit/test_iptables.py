@@ -102,13 +102,14 @@ def test_full_replacement_keeps_other_owners_and_fixes_jumps() -> None:
     save = """*nat
 :PREROUTING ACCEPT [0:0]
 :SVCRULES-SERVICES - [0:0]
-:SVCRULES-SEP-OLD - [0:0]
+:SVCRULES-SEP-AAAAAAAAAA - [0:0]
 :OTHER - [0:0]
+:SVCRULES-SIDECAR - [0:0]
 -A PREROUTING -m comment --comment "SVCRULES service portals" -j SVCRULES-SERVICES
 -A PREROUTING -m comment --comment "SVCRULES service portals" -j SVCRULES-SERVICES
 -A PREROUTING -j OTHER
--A OTHER -j SVCRULES-SEP-OLD
--A SVCRULES-SEP-OLD -j DNAT --to-destination 198.51.100.99:80
+-A OTHER -j SVCRULES-SEP-AAAAAAAAAA
+-A SVCRULES-SEP-AAAAAAAAAA -j DNAT --to-destination 198.51.100.99:80
 COMMIT
 """
     have = {("ipv4", "nat"): parsed_from_save(save, "SVCRULES")}
@@ -119,11 +120,11 @@ COMMIT
     ), "the other owner's rules are not svcrules' to delete"
     tx = full_restore(new, have)
     lines = tx.parts[("ipv4", "nat")]
-    assert "-X SVCRULES-SEP-OLD" in lines and ":SVCRULES-SEP-OLD - [0:0]" in lines
+    assert "-X SVCRULES-SEP-AAAAAAAAAA" in lines and ":SVCRULES-SEP-AAAAAAAAAA - [0:0]" in lines
     assert sum(ln.startswith("-D PREROUTING") for ln in lines) == 1  # the duplicate
     assert not any(ln.startswith("-I PREROUTING") for ln in lines)
     assert any(ln.startswith("-I OUTPUT 1 ") for ln in lines)
-    assert not any("OTHER" in ln for ln in lines)
+    assert not any("OTHER" in ln or "SIDECAR" in ln for ln in lines), "not svcrules' shapes"
     # Sections come back in a fixed order, one restore input each.
     parts = [p for p, _ in split_sections(tx.script())]
     assert parts == [("ipv4", "nat"), ("ipv4", "filter"), ("ipv6", "nat"), ("ipv6", "filter")]
@@ -235,3 +236,8 @@ def test_a_refused_table_puts_back_what_it_can_and_says_what_it_could_not() -> N
         else:  # nothing known to put back: say so; the next run replaces everything
             assert back == [] and "ipv4 nat" in str(err.value)
             assert "keep the new rules" in str(err.value)
+
+
+def test_table_names_that_are_other_programs_prefixes_are_refused() -> None:
+    with pytest.raises(svcrules.SvcrulesError, match="another program"):
+        text(*web("198.51.100.11"), tableName="kube")
