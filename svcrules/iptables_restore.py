@@ -223,7 +223,7 @@ BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 # The chains svcrules makes, after "<P>-": other owners' chains that merely share the
 # prefix (KUBE-SVC-… for a table named "kube", SVC-B-… for "svc") are not svcrules'.
 _OWN = re.compile(
-    r"-(?:STATE|SERVICES|NODEPORTS|POSTROUTING|MARK-MASQ|MASQ-NON-POD"
+    r"-(?:STATE|SERVICES|NODEPORTS|POSTROUTING|MARK-MASQ|MASQ-NON-POD|CLUSTER-IPS"
     r"|(?:SVC|EXT|CLU|SEP|FW)-[A-Z2-7]{10})$"
 )
 

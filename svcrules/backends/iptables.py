@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from svcrules.addr import ip_sort_key
+from svcrules.addr import ip_in_cidr, ip_sort_key
 from svcrules.errors import SvcrulesError
 from svcrules.names import comment, digest32
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
@@ -99,7 +99,8 @@ class FamilyRules:
     firewalls: list[Firewall] = field(default_factory=list)
     chains: list[Chain] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
-    cluster_ips: list[str] = field(default_factory=list)
+    cluster_ips: list[str] = field(default_factory=list)  # outside every serviceCIDR
+    cidr_cluster_ips: list[str] = field(default_factory=list)  # inside one
 
     def chain(self, kind: str) -> str:
         return f"{self.prefix}-{kind}"
@@ -124,8 +125,10 @@ class FamilyRules:
 
     @property
     def filter_chains(self) -> list[str]:
-        fixed = [self.chain(k) for k in ("STATE", "SERVICES", "NODEPORTS")]
-        return sorted(fixed + [f.chain for f in self.firewalls])
+        kinds = ["STATE", "SERVICES", "NODEPORTS"]
+        if self.plan.service_cidrs:
+            kinds.append("CLUSTER-IPS")
+        return sorted([self.chain(k) for k in kinds] + [f.chain for f in self.firewalls])
 
     def jumps(self, table: str) -> list[tuple[str, str]]:
         return jumps(self.prefix, table)
@@ -269,7 +272,12 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
     fam.firewalls.sort(key=lambda f: (ip_sort_key(f.ip), f.protocol, f.port))
     fam.chains.sort(key=lambda c: c.name)
     fam.endpoints = sorted(seps.values(), key=lambda e: e.chain)
-    fam.cluster_ips = sorted(set(fam.cluster_ips), key=ip_sort_key)
+    # Addresses inside serviceCIDRs are refused behind one jump per CIDR, so that the
+    # node's other traffic does not walk a rule per ClusterIP.
+    ips = sorted(set(fam.cluster_ips), key=ip_sort_key)
+    inside = [ip for ip in ips if any(ip_in_cidr(ip, c) for c in plan.service_cidrs)]
+    fam.cidr_cluster_ips = inside
+    fam.cluster_ips = [ip for ip in ips if ip not in set(inside)]
     return fam
 
 
