@@ -214,9 +214,8 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
     for p in plan.ports:
         proto = p.protocol.lower()
         label = comment(p.key)
-        svc = f"{prefix}-SVC-{digest32(p.key)}"
-        ext = f"{prefix}-EXT-{digest32(p.key)}"
-        clu = f"{prefix}-CLU-{digest32(p.key)}"
+        key = digest32(p.key)
+        svc, ext, clu = f"{prefix}-SVC-{key}", f"{prefix}-EXT-{key}", f"{prefix}-CLU-{key}"
         fam.cluster_ips.append(p.cluster_ip)
 
         # ClusterIP frontend
@@ -275,9 +274,9 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
     # Addresses inside serviceCIDRs are refused behind one jump per CIDR, so that the
     # node's other traffic does not walk a rule per ClusterIP.
     ips = sorted(set(fam.cluster_ips), key=ip_sort_key)
-    inside = [ip for ip in ips if any(ip_in_cidr(ip, c) for c in plan.service_cidrs)]
-    fam.cidr_cluster_ips = inside
-    fam.cluster_ips = [ip for ip in ips if ip not in set(inside)]
+    inside = {ip for ip in ips if any(ip_in_cidr(ip, c) for c in plan.service_cidrs)}
+    fam.cidr_cluster_ips = [ip for ip in ips if ip in inside]
+    fam.cluster_ips = [ip for ip in ips if ip not in inside]
     return fam
 
 
