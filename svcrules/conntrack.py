@@ -12,10 +12,10 @@ netlink library for conntrack is as well kept.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 from svcrules.state import UdpPort
+from svcrules.tools import find_tool
 
 
 def cleanup_commands(old: dict[str, UdpPort], new: dict[str, UdpPort]) -> list[list[str]]:
@@ -52,7 +52,7 @@ def run_cleanup(cmds: list[list[str]]) -> list[str]:
     """Run the deletions; return problems (a missing tool is one), never raise."""
     if not cmds:
         return []
-    tool = shutil.which("conntrack")
+    tool = find_tool("conntrack")
     if tool is None:
         return [
             "conntrack not found (install the OS package 'conntrack'): stale UDP "

@@ -8,11 +8,11 @@ package ships both variants; ``auto`` uses whichever the alternatives system cho
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 from svcrules.iptables_restore import BUILTIN, RestoreTable, is_own_chain, parsed_from_save
 from svcrules.kernel import KernelError
+from svcrules.tools import find_tool
 
 INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"
 VARIANTS = ("auto", "nft", "legacy")
@@ -30,7 +30,7 @@ class Iptables:
         for family, base in (("ipv4", "iptables"), ("ipv6", "ip6tables")):
             for role in ("", "-save", "-restore"):
                 name = f"{base}{suffix}{role}"
-                path = shutil.which(name)
+                path = find_tool(name)
                 if path is None:
                     raise KernelError(f"the {name} command was not found; {INSTALL_HINT}")
                 self._tools[(family, role)] = path
@@ -84,7 +84,7 @@ class Iptables:
         """svcrules' chains and jumps in one table. With iptables-legacy, read whole
         (iptables-save is quick); with iptables-nft, only the chain names (from nft, as
         iptables-nft-save takes minutes at scale) and the built-in chains' jumps."""
-        nft = shutil.which("nft")
+        nft = find_tool("nft")
         if self.name != "iptables-nft" or nft is None:
             return parsed_from_save(self.save(family, table), prefix)
         nft_family = "ip" if family == "ipv4" else "ip6"
@@ -109,7 +109,7 @@ class Iptables:
         that cleanup leaves no trace in ``nft list ruleset``. It is read with nft itself:
         iptables-nft-save leaves out what it cannot show (native nft chains of another
         owner). iptables-legacy tables cannot be deleted; they stay, empty."""
-        if self.name != "iptables-nft" or (nft := shutil.which("nft")) is None:
+        if self.name != "iptables-nft" or (nft := find_tool("nft")) is None:
             return False
         nft_family = "ip" if family == "ipv4" else "ip6"
         proc = self._run([nft, "-j", "list", "table", nft_family, table])

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 import subprocess
 from typing import Any, Protocol
 
 from svcrules.errors import SvcrulesError
+from svcrules.tools import find_tool
 
 INSTALL_HINT = (
     "neither libnftables (libnftables.so.1) nor the nft command was found; install the OS "
@@ -88,7 +88,7 @@ def open_backend(prefer: str = "auto") -> Backend:
         except (ImportError, OSError, AttributeError) as exc:
             if prefer == "libnftables":
                 raise KernelError(f"cannot load libnftables: {exc}; {INSTALL_HINT}") from None
-    path = shutil.which("nft")
+    path = find_tool("nft")
     if path is None:
         raise KernelError(INSTALL_HINT)
     return NftCommand(path)
