@@ -68,13 +68,16 @@ def _compile(
     config: str | None,
     overrides: Overrides,
     backend: BackendChoice = BackendChoice.nftables,
+    allow_empty: bool = True,
 ) -> Ruleset:
     if not paths:
         print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
         raise typer.Exit(2)
     try:
         # Rendering happens inside: its problems are reported like input problems.
-        return compile_paths(paths, config, overrides, backend=backend.value)
+        return compile_paths(
+            paths, config, overrides, backend=backend.value, allow_empty=allow_empty
+        )
     except SvcrulesError as exc:
         _fail(exc)
 
@@ -134,13 +137,21 @@ def compile_cmd(
     ] = False,
     backend: BackendOpt = BackendChoice.nftables,
     family: FamilyOpt = FamilyChoice.both,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Accept inputs without a single Service. Without it an empty input (a "
+            "failed command before a pipe) is an error: its rules would remove every Service.",
+        ),
+    ] = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Print the ruleset. With nftables, loading it with 'nft -f' creates or replaces
     the owned tables (ip/ip6 svcrules) in one transaction and touches nothing else.
     With iptables, it is one iptables-restore input per family ('apply' sends it and
     also installs the jumps from the built-in chains)."""
-    ruleset = _compile(paths, config, overrides, backend)
+    ruleset = _compile(paths, config, overrides, backend, allow_empty)
     if explain:
         from svcrules.explain import explain_text
 

@@ -1,16 +1,16 @@
 """``diff``, ``apply``, ``sync`` and ``cleanup``: the commands that touch the kernel.
 
 Exit codes follow ``kubectl diff``: 0 no change, 1 changes (``diff`` only),
-2 bad input or a refused transaction.
+2 nothing applied (bad input, a refused transaction, a safety limit, the
+environment); see cli_run.py for how every failure is reported.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
@@ -24,15 +24,16 @@ from svcrules.cli_options import (
     TableName,
     node_options,
 )
+from svcrules.cli_run import Run, log_fields, reporting, require_net_admin
 from svcrules.compiler import Job, prepare
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
-from svcrules.lock import LockBusy, exclusive
+from svcrules.lock import DEFAULT_TIMEOUT, LockBusy, exclusive
 from svcrules.logs import LOG, setup
-from svcrules.metrics import SyncMetrics, write_metrics
 from svcrules.reconcile import Change, Driver, cleanup, execute, plan_change
 from svcrules.report import summary
-from svcrules.state import DEFAULT_STATE_DIR, Meta, StateStore
+from svcrules.safety import DEFAULT_MAX_REMOVALS, Limits, check_removals
+from svcrules.state import DEFAULT_STATE_DIR, StateStore
 
 
 class NftChoice(StrEnum):
@@ -91,10 +92,41 @@ Verify = Annotated[
 ]
 
 
-def _die(exc: SvcrulesError) -> NoReturn:
-    for line in str(exc).splitlines():
-        print(f"svcrules: error: {line}", file=sys.stderr)
-    raise typer.Exit(2)
+MetricsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--metrics-file",
+        help="Write Prometheus text-format metrics here (atomically), on success and on "
+        "failure alike.",
+    ),
+]
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option("--log-format", help="stderr logs as text or JSON lines (both timestamped)."),
+]
+LockTimeoutOpt = Annotated[
+    float, typer.Option("--lock-timeout", help="Seconds to wait for another run's lock.")
+]
+AllowEmpty = Annotated[
+    bool,
+    typer.Option(
+        "--allow-empty",
+        help="Accept inputs without a single Service (removes every Service). Without it "
+        "an empty input, such as a failed command before a pipe, is an error.",
+    ),
+]
+MaxRemovals = Annotated[
+    float,
+    typer.Option(
+        "--max-removals",
+        min=0.0,
+        max=100.0,
+        metavar="PERCENT",
+        help="Refuse a run that removes more than this share of the programmed Service "
+        "ports; removing all of them is always refused without --force.",
+    ),
+]
+Force = Annotated[bool, typer.Option("--force", help="No removal limit (see --max-removals).")]
 
 
 def open_driver(backend: BackendChoice, nft: NftChoice, iptables: IptablesChoice) -> Driver:
@@ -114,20 +146,19 @@ def _prepare(
     paths: list[str] | None,
     config: str | None,
     ov: Overrides,
-    state_dir: Path,
     driver: tuple[BackendChoice, NftChoice, IptablesChoice],
-) -> tuple[Job, Driver, StateStore]:
+    allow_empty: bool,
+) -> tuple[Job, Driver]:
     """Read the inputs (compiling waits: an unchanged input may need none) and open
     the kernel interface."""
     if not paths:
-        print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
-        raise typer.Exit(2)
-    try:
-        job = prepare(paths, config, ov)
-        opened = open_driver(*driver)
-    except SvcrulesError as exc:
-        _die(exc)
-    return job, opened, StateStore(state_dir)
+        raise UsageError("no input given (a file, a directory or '-')")
+    job = prepare(paths, config, ov, allow_empty=allow_empty)
+    return job, open_driver(*driver)
+
+
+class UsageError(SvcrulesError):
+    """The command line is incomplete."""
 
 
 @app.command("diff")
@@ -148,16 +179,53 @@ def diff_cmd(
     nft: NftOpt = NftChoice.auto,
     iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
+    allow_empty: AllowEmpty = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
-    job, driver, store = _prepare(paths, config, overrides, state_dir, (backend, nft, iptables))
-    try:
-        change = plan_change(job, driver, store, verify)
-    except SvcrulesError as exc:
-        _die(exc)
+    setup("text")
+    with reporting(None):
+        require_net_admin()
+        job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), allow_empty)
+        change = plan_change(job, driver, StateStore(state_dir), verify)
     sys.stdout.write(change.script if output is not DiffOutput.summary else summary(change))
     raise typer.Exit(1 if change.changed else 0)
+
+
+def _apply(
+    paths: list[str] | None,
+    config: str | None,
+    overrides: Overrides,
+    driver_choice: tuple[BackendChoice, NftChoice, IptablesChoice],
+    run: Run,
+    lock: tuple[bool, float],
+    limits: Limits,
+    verify: bool,
+    dry_run: bool = False,
+) -> Change | None:
+    """The work shared by apply and sync, under the lock. None: skipped (lock busy)."""
+    require_net_admin()
+    store = StateStore(run.state_dir)
+    if dry_run:
+        job, driver = _prepare(paths, config, overrides, driver_choice, limits.allow_empty)
+        change = plan_change(job, driver, store, verify)
+        check_removals(change.old_meta, change.new_meta, limits)
+        if change.changed:
+            driver.check(change.script)
+        return change
+    store.check_dir()
+    try:
+        with exclusive(run.state_dir / "lock", *lock):
+            job, driver = _prepare(paths, config, overrides, driver_choice, limits.allow_empty)
+            change = plan_change(job, driver, store, verify)
+            run.table = change.new_meta.table
+            if change.changed:
+                check_removals(change.old_meta, change.new_meta, limits)
+            execute(change, driver, store)
+    except LockBusy as exc:
+        LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
+        return None
+    return change
 
 
 @app.command("apply")
@@ -177,75 +245,39 @@ def apply_cmd(
     nft: NftOpt = NftChoice.auto,
     iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
+    allow_empty: AllowEmpty = False,
+    max_removals: MaxRemovals = DEFAULT_MAX_REMOVALS,
+    force: Force = False,
+    lock_timeout: LockTimeoutOpt = DEFAULT_TIMEOUT,
+    metrics_file: MetricsFile = None,
+    log_format: LogFormatOpt = LogFormat.text,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Bring the kernel to the compiled ruleset with only what changed: one atomic nft
     transaction, or one iptables-restore --noflush per table naming only the chains
     that change. The first run, or rules changed behind svcrules' back, get a full
     replacement. A refused change leaves the previous rules in place."""
-    job, driver, store = _prepare(paths, config, overrides, state_dir, (backend, nft, iptables))
-    try:
-        change = plan_change(job, driver, store, verify)
-        if dry_run:
-            if change.changed:
-                driver.check(change.script)
-            sys.stdout.write(summary(change))
-            return
-        execute(change, driver, store)
-    except SvcrulesError as exc:
-        _die(exc)
+    setup(log_format.value)
+    run = Run(state_dir, metrics_file, overrides.table_name or "")
+    limits = Limits(max_removals, force, allow_empty)
+    with reporting(run):
+        change = _apply(
+            paths,
+            config,
+            overrides,
+            (backend, nft, iptables),
+            run,
+            (True, lock_timeout),
+            limits,
+            verify,
+            dry_run,
+        )
+        assert change is not None  # apply always waits for the lock
+        if not dry_run:
+            run.succeeded(change)
     sys.stdout.write(summary(change))
     for problem in change.problems:
-        print(f"svcrules: warning: {problem}", file=sys.stderr)
-
-
-def _sync_once(
-    paths: list[str] | None,
-    config: str | None,
-    ov: Overrides,
-    state_dir: Path,
-    driver: tuple[BackendChoice, NftChoice, IptablesChoice],
-    verify: bool,
-    metrics_file: Path | None,
-    started: float,
-) -> Change:
-    job, opened, store = _prepare(paths, config, ov, state_dir, driver)
-    try:
-        change = plan_change(job, opened, store, verify)
-        execute(change, opened, store)
-    except SvcrulesError:
-        _, meta = store.load()
-        meta.failures += 1
-        store.save(None, meta)
-        if metrics_file:
-            _metrics(metrics_file, meta, None, started)
-        raise
-    if metrics_file:
-        _metrics(metrics_file, change.new_meta, change, started)
-    return change
-
-
-def _metrics(path: Path, meta: Meta, change: Change | None, started: float) -> None:
-    """``change`` None: the sync failed; ``meta`` then holds the previous success."""
-    c = meta.counts
-    write_metrics(
-        path,
-        SyncMetrics(
-            table=meta.table or "svcrules",
-            success=change is not None,
-            last_success=meta.last_success,
-            duration=time.monotonic() - started,
-            operations=change.operations if change else 0,
-            mode=change.mode if change else "none",
-            services=c.get("services", 0),
-            service_ports=c.get("service_ports", 0),
-            endpoints=c.get("endpoints", 0),
-            chains=c.get("chains", 0),
-            rules=c.get("rules", 0),
-            elements=c.get("elements", 0),
-            failures=meta.failures,
-        ),
-    )
+        LOG.warning("%s", problem)
 
 
 @app.command("sync")
@@ -260,18 +292,9 @@ def sync_cmd(
             help="When another run holds the lock: wait for it (default), or exit 0 at once.",
         ),
     ] = True,
-    lock_timeout: Annotated[
-        float, typer.Option("--lock-timeout", help="Seconds to wait for the lock.")
-    ] = 60.0,
-    metrics_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--metrics-file", help="Write Prometheus text-format metrics here (atomically)."
-        ),
-    ] = None,
-    log_format: Annotated[
-        LogFormat, typer.Option("--log-format", help="stderr logs as text or JSON lines.")
-    ] = LogFormat.text,
+    lock_timeout: LockTimeoutOpt = DEFAULT_TIMEOUT,
+    metrics_file: MetricsFile = None,
+    log_format: LogFormatOpt = LogFormat.text,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log runs that changed nothing too.")
     ] = False,
@@ -280,39 +303,34 @@ def sync_cmd(
     nft: NftOpt = NftChoice.auto,
     iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
+    allow_empty: AllowEmpty = False,
+    max_removals: MaxRemovals = DEFAULT_MAX_REMOVALS,
+    force: Force = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """'apply' for cron and timers: an exclusive lock, silence when nothing changed,
-    one log line when something did, optional metrics."""
+    one log line when something did, optional metrics. Every failure is logged,
+    counted in the metrics and exits 2."""
     setup(log_format.value)
-    started = time.monotonic()
-    try:
-        with exclusive(state_dir / "lock", wait, lock_timeout):
-            change = _sync_once(
-                paths,
-                config,
-                overrides,
-                state_dir,
-                (backend, nft, iptables),
-                verify,
-                metrics_file,
-                started,
-            )
-    except LockBusy as exc:
-        LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
-        return
-    except SvcrulesError as exc:
-        LOG.error("sync failed: %s", exc, extra={"fields": {"event": "failed"}})
-        raise typer.Exit(2) from None
+    run = Run(state_dir, metrics_file, overrides.table_name or "")
+    limits = Limits(max_removals, force, allow_empty)
+    with reporting(run):
+        change = _apply(
+            paths,
+            config,
+            overrides,
+            (backend, nft, iptables),
+            run,
+            (wait, lock_timeout),
+            limits,
+            verify,
+        )
+        if change is None:
+            return
+        run.succeeded(change)
     for problem in change.problems:
         LOG.warning("%s", problem)
-    fields = {
-        "event": "applied" if change.changed else "unchanged",
-        "mode": change.mode,
-        "operations": change.operations,
-        "seconds": round(time.monotonic() - started, 4),
-        "kernel_seconds": round(change.kernel_seconds, 4),
-    }
+    fields = log_fields(change, run)
     if change.changed:
         reason = f" ({change.reason})" if change.reason else ""
         LOG.info(
@@ -342,20 +360,22 @@ def cleanup_cmd(
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
     iptables: IptablesOpt = IptablesChoice.auto,
+    lock_timeout: LockTimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Delete svcrules' own rules (nftables: the ip and ip6 tables; iptables: its chains
     in nat and filter and its jumps from the built-in chains) and its saved state;
     nothing else."""
-    store = StateStore(state_dir)
-    meta = store.load()[1]
-    chosen = backend or BackendChoice(meta.backend)
-    if chosen is BackendChoice.iptables and iptables is IptablesChoice.auto and meta.tool:
-        # The variant that applied them is the one that can see them.
-        iptables = IptablesChoice(meta.tool.removeprefix("iptables-"))
-    try:
-        driver = open_driver(chosen, nft, iptables)
-        with exclusive(state_dir / "lock", True, 60.0):
+    setup("text")
+    with reporting(None):
+        require_net_admin()
+        store = StateStore(state_dir)
+        store.check_dir()
+        with exclusive(state_dir / "lock", True, lock_timeout):
+            meta = store.load()[1]
+            chosen = backend or BackendChoice(meta.backend)
+            if chosen is BackendChoice.iptables and iptables is IptablesChoice.auto and meta.tool:
+                # The variant that applied them is the one that can see them.
+                iptables = IptablesChoice(meta.tool.removeprefix("iptables-"))
+            driver = open_driver(chosen, nft, iptables)
             gone = cleanup(driver, store, table_name)
-    except SvcrulesError as exc:
-        _die(exc)
     print(f"removed: {', '.join(gone)}" if gone else "nothing to remove")

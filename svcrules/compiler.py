@@ -13,6 +13,7 @@ from typing import TextIO
 
 from svcrules.backends.nftables import render_nft
 from svcrules.config import Overrides, node_config
+from svcrules.errors import InputError, Problem
 from svcrules.incremental import Tables, parse_script
 from svcrules.load import Inputs, Source, load_sources, read_sources
 from svcrules.model import NodeConfig
@@ -67,6 +68,9 @@ class Job:
     sources: tuple[Source, ...]
     config: tuple[Source, ...]
     overrides: Overrides
+    # False refuses inputs without a single Service: on a node, an empty or failed
+    # source must never read as "remove every Service".
+    allow_empty: bool = True
 
     @cached_property
     def digest(self) -> str:
@@ -81,10 +85,34 @@ class Job:
     def compile(self, backend: str = "nftables") -> Ruleset:
         with _no_cyclic_gc():
             inputs = load_sources(self.sources)
+            if not self.allow_empty:
+                refuse_empty(self.sources, inputs)
             config_inputs = load_sources(self.config) if self.config else None
             ruleset = compile(inputs, node_config(inputs, config_inputs, self.overrides))
             _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
+
+
+EMPTY_HINT = (
+    "refusing to program a node with no Services (that would remove every Service); "
+    "if the inputs come from a pipe, did the command before it fail? (use 'set -o pipefail'). "
+    "Pass --allow-empty if no Services is really what you want"
+)
+
+
+def refuse_empty(sources: Sequence[Source], inputs: Inputs) -> None:
+    """Raise InputError when the inputs hold no Service at all, naming empty sources."""
+    if inputs.services:
+        return
+    problems = [
+        Problem(None, "", f"{s.path}: empty input (nothing but white space)")
+        for s in sources
+        if not s.text.strip()
+    ]
+    if not sources:
+        problems.append(Problem(None, "", "no input files found"))
+    problems.append(Problem(None, "", EMPTY_HINT))
+    raise InputError(problems)
 
 
 def prepare(
@@ -92,12 +120,14 @@ def prepare(
     config: str | None = None,
     overrides: Overrides | None = None,
     stdin: TextIO | None = None,
+    allow_empty: bool = True,
 ) -> Job:
     """Read ``paths`` (and ``config``) without parsing them yet."""
     return Job(
         tuple(read_sources(paths, stdin)),
         tuple(read_sources([config], stdin)) if config else (),
         overrides or Overrides(),
+        allow_empty,
     )
 
 
@@ -107,9 +137,10 @@ def compile_paths(
     overrides: Overrides | None = None,
     stdin: TextIO | None = None,
     backend: str = "nftables",
+    allow_empty: bool = True,
 ) -> Ruleset:
     """Load ``paths`` (and ``config``), find the NodeConfig and compile."""
-    return prepare(paths, config, overrides, stdin).compile(backend)
+    return prepare(paths, config, overrides, stdin, allow_empty).compile(backend)
 
 
 @contextmanager

@@ -1,4 +1,6 @@
-"""An exclusive lock so that overlapping cron or timer runs never interleave."""
+"""One exclusive lock per state directory, taken by every command that writes
+(``apply``, ``sync``, ``cleanup``), so that runs never interleave: two changes sent
+at once would leave the kernel holding a mix that neither state describes."""
 
 from __future__ import annotations
 
@@ -11,16 +13,29 @@ from pathlib import Path
 
 from svcrules.errors import SvcrulesError
 
+DEFAULT_TIMEOUT = 60.0
+
 
 class LockBusy(SvcrulesError):
-    """Another run holds the lock and we were told not to wait (or waited too long)."""
+    """Another run holds the lock and we were told not to wait: not a failure."""
+
+
+class LockTimeout(SvcrulesError):
+    """Another run held the lock for longer than we were willing to wait."""
+
+
+class LockError(SvcrulesError):
+    """The lock file cannot be opened."""
 
 
 @contextmanager
-def exclusive(path: Path, wait: bool, timeout: float) -> Iterator[None]:
+def exclusive(path: Path, wait: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
     """Hold ``path`` locked (flock) for the block; released even if the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise LockError(f"cannot open the lock file {path}: {exc.strerror}") from None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -31,7 +46,10 @@ def exclusive(path: Path, wait: bool, timeout: float) -> Iterator[None]:
                 if not wait:
                     raise LockBusy(f"{path} is held by another svcrules run") from None
                 if time.monotonic() >= deadline:
-                    raise LockBusy(f"gave up after {timeout:g}s waiting for {path}") from None
+                    raise LockTimeout(
+                        f"gave up after {timeout:g}s waiting for {path}: another svcrules "
+                        f"run holds it (raise --lock-timeout, or find the stuck run)"
+                    ) from None
                 time.sleep(0.05)
         yield
     finally:

@@ -1,4 +1,8 @@
-"""Logging to stderr, as text for people or JSON lines for machines."""
+"""Logging to stderr, as text for people or JSON lines for machines.
+
+Both carry an ISO 8601 UTC timestamp: cron appends stderr to a file, where a line
+without a time is of little use.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,23 @@ import time
 LOG = logging.getLogger("svcrules")
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z"
+    )
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        return f"{_timestamp(record)} svcrules: {level}: {record.getMessage()}"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _timestamp(record),
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
         }
@@ -24,10 +40,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup(fmt: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("svcrules: %(levelname)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     LOG.handlers[:] = [handler]
     LOG.setLevel(level)
     LOG.propagate = False

@@ -3,9 +3,14 @@ textfile collector (``--metrics-file``)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from svcrules.errors import SvcrulesError
 
 
 @dataclass
@@ -23,6 +28,7 @@ class SyncMetrics:
     rules: int
     elements: int
     failures: int
+    invalid_objects: int = 0
 
     def render(self) -> str:
         label = f'{{table="{self.table}"}}'
@@ -63,6 +69,12 @@ class SyncMetrics:
             ("chains", "gauge", "Chains in the owned tables.", self.chains),
             ("rules", "gauge", "Rules in the owned tables.", self.rules),
             ("elements", "gauge", "Set and map elements in the owned tables.", self.elements),
+            (
+                "invalid_objects",
+                "gauge",
+                "Objects the last sync left out as invalid or conflicting (--on-invalid skip).",
+                self.invalid_objects,
+            ),
         ]
         out = []
         for name, kind, help_, value in rows:
@@ -85,8 +97,35 @@ class SyncMetrics:
         return "\n".join(out) + "\n"
 
 
+class MetricsError(SvcrulesError):
+    """The metrics file cannot be written."""
+
+
 def write_metrics(path: str | Path, metrics: SyncMetrics) -> None:
+    """Temporary file and rename: the collector never reads half a file."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(metrics.render(), encoding="utf-8")
-    tmp.replace(target)
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        tmp.write_text(metrics.render(), encoding="utf-8")
+        tmp.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise MetricsError(f"cannot write metrics file {target}: {exc.strerror}") from None
+
+
+_FAILURES = re.compile(r"^svcrules_sync_failures_total\{[^}]*\} (\d+)$", re.MULTILINE)
+
+
+def previous_failures(path: str | Path | None) -> int:
+    """The failure counter of an earlier metrics file: where the state directory cannot
+    keep the counter, the metrics file still counts up."""
+    if path is None:
+        return 0
+    try:
+        found = _FAILURES.search(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return 0
+    return int(found.group(1)) if found else 0

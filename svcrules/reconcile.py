@@ -93,7 +93,7 @@ def _agree(kernel: dict[str, str | None], expected: dict[str, str | None]) -> bo
 
 def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> None:
     """One state directory, one backend at a time: both at once would fight over packets."""
-    if old_script is None:
+    if old_script is None and not old_meta.table:
         return
     if old_meta.backend != driver.backend:
         raise SvcrulesError(
@@ -116,6 +116,9 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     When the inputs (and svcrules itself) are byte-for-byte those of the last apply and
     the kernel still holds its fingerprint, nothing is compiled at all."""
     old_script, old_meta = store.load()
+    if old_script is not None and driver.fingerprint_of(old_script) != old_meta.fingerprint:
+        store.damaged = "the saved script does not carry the saved fingerprint"
+        old_script = None
     _check_backend(driver, old_script, old_meta)
     table = job.overrides.table_name or old_meta.table
     started = time.monotonic()
@@ -161,7 +164,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
 
     reason = ""
     if old_script is None:
-        reason = "no saved state (first run)"
+        reason = f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
     elif old_meta.table != table:
         reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
     elif not _agree(kernel, old_expected):
@@ -231,6 +234,6 @@ def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
     _, meta = store.load()
     gone = driver.cleanup(table or meta.table or "svcrules")
     same_tool = driver.backend != "iptables" or not meta.tool or meta.tool == driver.name
-    if (meta.backend == driver.backend and same_tool) or not store.has_script():
+    if (meta.backend == driver.backend and same_tool) or not store.has_state():
         store.clear()
     return gone

@@ -15,7 +15,11 @@ SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/s
 
 
 def search_path() -> str:
-    """$PATH first (a user's choice wins), then the system directories."""
+    """$PATH first (a user's choice wins), then the system directories.
+    ``SVCRULES_TOOL_PATH``, when set, is searched instead of both."""
+    forced = os.environ.get("SVCRULES_TOOL_PATH")
+    if forced is not None:
+        return forced
     parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
     parts += [d for d in SYSTEM_DIRS if d not in parts]
     return os.pathsep.join(parts)

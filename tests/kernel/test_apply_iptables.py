@@ -227,7 +227,7 @@ def test_switching_backends_with_cleanup_leaves_no_trace(lab: Lab, node: Iptable
 
 def test_missing_iptables_variant_is_a_clear_error(lab: Lab, node: IptablesNode) -> None:
     node.write(*svc_a("pod2"))
-    env_cmd = ["env", "PATH=/nonexistent", *Node.cmd(node, "apply", str(node.inputs))]
+    env_cmd = ["env", "SVCRULES_TOOL_PATH=/nonexistent", *Node.cmd(node, "apply", str(node.inputs))]
     proc = subprocess.run(
         ["ip", "netns", "exec", lab.netns("node"), *env_cmd, "--backend", "iptables"],
         capture_output=True,
