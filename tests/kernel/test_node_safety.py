@@ -1,0 +1,232 @@
+"""Safety on a node, with real rules: a failed source never wipes Services, a large
+removal is refused, every failure is visible, a kill at any moment converges, the
+lock covers apply, tools are found under cron's PATH, non-root is told so."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.k8s import Obj, endpoint_slice, service
+
+from .lab import Lab
+from .test_apply import CIP_B, Node, svc_a, svc_b
+from .test_semantics import CIP, ok
+
+CIP_C = "203.0.113.30"
+
+# Runs the svcrules CLI, but SIGKILLs itself the moment the kernel has the new rules
+# and the state is about to be written: the window a crash can hit.
+KILL_BEFORE_STATE = (
+    "import os, signal, sys\n"
+    "from svcrules import state\n"
+    "def die(*a, **k):\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "state.StateStore.save = die\n"
+    "from svcrules.cli import main\n"
+    "sys.argv = ['svcrules', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+@pytest.fixture
+def node(lab: Lab, tmp_path: Path) -> Node:
+    return Node(lab, tmp_path)
+
+
+def svc_c(*pods: str) -> list[Obj]:
+    return [
+        service("c", CIP_C, ports=[{"name": "http", "port": 80}]),
+        endpoint_slice("c", [e for e in svc_a(*pods)[1]["endpoints"]]),
+    ]
+
+
+def ns_cmd(lab: Lab, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", lab.netns("node"), *cmd]
+
+
+def content(lab: Lab) -> list[str]:
+    """The node's whole ruleset as sorted canonical JSON objects: what it holds, not
+    the order it was built in (handles dropped, elements sorted)."""
+    out = []
+    for obj in json.loads(lab.nft("-j", "list", "ruleset"))["nftables"]:
+        kind = next(iter(obj))
+        if kind == "metainfo":
+            continue
+        body = dict(obj[kind])
+        body.pop("handle", None)
+        if "elem" in body:
+            body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
+        out.append(json.dumps({kind: body}, sort_keys=True))
+    return sorted(out)
+
+
+def clean_content(lab: Lab, node: Node, tmp: Path) -> list[str]:
+    """What a clean apply of the node's current inputs gives, for comparison."""
+    lab.nft("flush", "ruleset")
+    fresh = Node(lab, tmp)
+    fresh.inputs = node.inputs
+    proc = fresh.run("apply", "--force")
+    assert proc.returncode == 0, proc.stderr
+    return content(lab)
+
+
+def test_failed_kubectl_pipe_keeps_every_service(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"), *svc_b("pod3"))
+    before = lab.nft("list", "ruleset")
+    prom = node.tmp / "m.prom"
+    pipe = "(echo 'error: You must be logged in to the server (Unauthorized)' >&2) | "
+    pipe += " ".join([*node.cmd("sync", "-"), "--metrics-file", str(prom)])
+    proc = subprocess.run(
+        ns_cmd(lab, "bash", "-c", pipe), capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert "<stdin>: empty input" in proc.stderr and "pipefail" in proc.stderr
+    assert lab.nft("list", "ruleset") == before
+    assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod3"}
+    text = prom.read_text()
+    assert 'svcrules_last_sync_success{table="svcrules"} 0' in text
+    assert 'svcrules_sync_failures_total{table="svcrules"} 1' in text
+    # A file holding only other kinds is just as empty.
+    node.inputs.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
+    proc = node.run("sync", "--config", str(node.tmp / "none.yaml"))
+    assert proc.returncode == 2 and lab.nft("list", "ruleset") == before
+
+
+def test_large_removal_is_refused_unless_forced(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"), *svc_b("pod3"), *svc_c("pod4"))
+    before = lab.nft("list", "ruleset")
+    node.write(*svc_a("pod2"))
+    proc = node.run("sync")
+    assert proc.returncode == 2 and "refusing to remove 2 of 3" in proc.stderr, proc.stderr
+    assert lab.nft("list", "ruleset") == before
+    assert lab.backends(ok(lab.probe("client", CIP_C, 80, count=3))) == {"pod4"}
+    assert node.run("sync", "--max-removals", "70").returncode == 0
+    assert CIP_C not in lab.nft("list", "ruleset")
+
+
+def test_a_kill_after_the_kernel_commit_converges(lab: Lab, node: Node) -> None:
+    """The kernel holds v2 but the state still v1; the input goes back to v1: the next
+    run must see the difference (it used to say "no change")."""
+    v1 = [*svc_a("pod2"), *svc_b("pod3")]
+    node.apply(*v1)
+    node.write(*svc_a("pod4"), *svc_b("pod3"))
+    code = ns_cmd(lab, sys.executable, "-c", KILL_BEFORE_STATE, "apply", str(node.inputs))
+    proc = subprocess.run([*code, "--state-dir", str(node.state)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=4))) == {"pod4"}
+    node.write(*v1)
+    proc = node.run("diff")
+    assert proc.returncode == 1 and "full replacement" in proc.stdout, proc.stdout
+    proc = node.run("sync")
+    assert proc.returncode == 0 and "applied: full" in proc.stderr, proc.stderr
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=4))) == {"pod2"}
+    got = content(lab)
+    assert got == clean_content(lab, node, node.tmp / "clean")
+
+
+def test_kills_at_random_moments_converge(lab: Lab, node: Node) -> None:
+    rng = random.Random(1)
+    versions = [
+        [*svc_a("pod2"), *svc_b("pod3")],
+        [*svc_a("pod1", "pod4", sessionAffinity="ClientIP"), *svc_b("pod3"), *svc_c("pod2")],
+        [*svc_a("pod3"), *svc_c("pod2", "pod4")],
+    ]
+    for i in range(6):
+        node.write(*versions[i % len(versions)])
+        cmd = ns_cmd(lab, *node.cmd("apply", str(node.inputs), "--force"))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(0.05, 0.6))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        synced = node.run("sync", "--force")
+        assert synced.returncode == 0, synced.stderr
+        got = content(lab)
+        assert got == clean_content(lab, node, node.tmp / f"clean{i}"), f"after kill {i}"
+        node.apply(*versions[i % len(versions)])  # back to the node's own state dir
+
+
+def test_apply_waits_for_the_lock(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"))
+    before = lab.nft("list", "ruleset")
+    node.write(*svc_a("pod3"))
+    fd = os.open(node.state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        proc = node.run("apply", "--lock-timeout", "0.5")
+        assert proc.returncode == 2 and "gave up after 0.5s" in proc.stderr, proc.stderr
+        assert lab.nft("list", "ruleset") == before
+        proc = node.run("cleanup", "--lock-timeout", "0.5", with_inputs=False)
+        assert proc.returncode == 2 and lab.nft("list", "ruleset") == before
+    finally:
+        os.close(fd)
+    assert "incremental" in node.apply(*svc_a("pod3"))
+
+
+def test_cron_path_finds_iptables_and_conntrack(lab: Lab, node: Node) -> None:
+    udp = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    objs = [service("a", CIP, ports=udp), endpoint_slice("a", svc_a("pod2")[1]["endpoints"])]
+    objs[1]["ports"] = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    cron = ["env", "-i", "PATH=/usr/bin:/bin"]
+    for backend in ("iptables", "nftables"):
+        node.state = node.tmp / f"state-{backend}"
+        node.write(*objs)
+        proc = lab.exec(
+            "node",
+            *cron,
+            *node.cmd("sync", str(node.inputs), "--backend", backend),
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        lab.exec(
+            "node",
+            "conntrack",
+            "-I",
+            "-p",
+            "udp",
+            "-s",
+            "192.0.2.100",
+            "-d",
+            CIP,
+            "--sport",
+            "4000",
+            "--dport",
+            "53",
+            "--timeout",
+            "100",
+            check=False,
+        )
+        objs[1]["endpoints"] = svc_a("pod3")[1]["endpoints"]
+        node.write(*objs)
+        proc = lab.exec(
+            "node",
+            *cron,
+            *node.cmd("sync", str(node.inputs), "--backend", backend),
+            check=False,
+        )
+        assert proc.returncode == 0 and "not found" not in proc.stderr, proc.stderr
+        proc = lab.exec("node", *cron, *node.cmd("cleanup", "--backend", backend), check=False)
+        assert proc.returncode == 0, proc.stderr
+        objs[1]["endpoints"] = svc_a("pod2")[1]["endpoints"]
+
+
+def test_non_root_is_told_it_needs_cap_net_admin(lab: Lab, node: Node) -> None:
+    node.apply(*svc_a("pod2"))
+    before = lab.nft("list", "ruleset")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    for verb in ("diff", "sync", "apply", "cleanup"):
+        args = [] if verb == "cleanup" else [str(node.inputs)]
+        proc = lab.exec("node", *nobody, *node.cmd(verb, *args), check=False)
+        assert proc.returncode == 2 and proc.stdout == "", (verb, proc.stdout, proc.stderr)
+        assert "CAP_NET_ADMIN" in proc.stderr and "Traceback" not in proc.stderr
+    assert lab.nft("list", "ruleset") == before
