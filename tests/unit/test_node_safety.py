@@ -302,3 +302,10 @@ def test_tools_are_found_under_crons_path(monkeypatch: pytest.MonkeyPatch) -> No
             assert find_tool(name) is not None, name
     monkeypatch.setenv("SVCRULES_TOOL_PATH", "/nonexistent")
     assert find_tool("sh") is None
+
+
+def test_lock_that_is_a_directory_is_a_one_line_error(tmp_path: Path, as_admin: None) -> None:
+    (tmp_path / "st" / "lock").mkdir(parents=True)
+    res = runner.invoke(app, ["sync", str(_inputs(tmp_path)), "--state-dir", str(tmp_path / "st")])
+    assert res.exit_code == 2 and "cannot open the lock file" in res.stderr
+    assert "Traceback" not in res.stderr
