@@ -65,6 +65,9 @@ def _block(p: PortPlan) -> list[str]:
 def explain_text(plan: NodePlan) -> str:
     out = [f"node {plan.node_name}" + (f" (zone {plan.zone})" if plan.zone else "")]
     for fam in plan.families:
+        name = "IPv4" if fam.family == 4 else "IPv6"
+        out += [f"  {name}  {n}" for n in fam.notes]
+    for fam in plan.families:
         for p in fam.ports:
             out.append("")
             out.extend(_block(p))

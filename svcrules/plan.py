@@ -102,6 +102,7 @@ class FamilyPlan:
     nodeport_cidrs: tuple[str, ...]
     masquerade_bit: int
     ports: tuple[PortPlan, ...]
+    notes: tuple[str, ...] = ()  # decisions about the whole family, for explain
 
     @property
     def masquerade_mark(self) -> int:

@@ -319,11 +319,20 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
         ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
         npa = node.spec.node_port_addresses
         cidrs: tuple[str, ...] = ()
+        fam_notes: list[str] = []
         if npa == ["primary"]:
             mode = "primary"
         else:
             fam_cidrs = _cidrs_in_family(npa, fam)
-            if any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
+            if not fam_cidrs:
+                # kube-proxy falls back to the zero CIDR of a family the list leaves out.
+                mode = "all"
+                name = "IPv4" if fam == 4 else "IPv6"
+                fam_notes.append(
+                    f"nodePortAddresses has no {name} CIDR: "
+                    f"NodePorts on every local {name} address except loopback"
+                )
+            elif any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
                 mode, cidrs = "all", ()
             else:
                 mode, cidrs = "cidrs", fam_cidrs
@@ -339,6 +348,7 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
                 nodeport_cidrs=cidrs,
                 masquerade_bit=node.spec.masquerade_bit,
                 ports=tuple(ports),
+                notes=tuple(fam_notes),
             )
         )
     _check_claims(inputs, all_ports)

@@ -278,6 +278,29 @@ def test_nodeport_on_cidr_selected_addresses(lab: Lab) -> None:
     refused(lab.probe("client", NODE, 30080, count=3))
 
 
+def test_node_port_cidrs_of_one_family_leave_the_other_on_every_local_address(
+    lab: Lab,
+) -> None:
+    """kube-proxy reads a family without a CIDR in nodePortAddresses as its zero CIDR."""
+    svc = service("web", [CIP, CIP6], ports=[{"name": "http", "port": 80}], type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = 30080
+    v4 = endpoint_slice("web", eps("pod2"), ports=[{"name": "http", "port": 8080}])
+    v6 = endpoint_slice(
+        "web", [endpoint(POD6["pod3"])], ports=[{"name": "http", "port": 8080}], family="IPv6"
+    )
+    load(lab, svc, v4, v6, node=cfg(nodePortAddresses=["198.18.0.0/15"]))
+    assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip4, 30080, count=3))) == {"pod2"}
+    refused(lab.probe("client", NODE, 30080, count=3))
+    for addr in (lab.node_ip6, lab.node_dummy_ip6):
+        assert lab.backends(ok(lab.probe("client", addr, 30080, count=3))) == {"pod3"}
+    refused(lab.probe("node", "::1", 30080, count=2))  # never loopback
+    load(lab, svc, v4, v6, node=cfg(nodePortAddresses=["2001:db8:18::/64"]))
+    for addr in (NODE, lab.node_dummy_ip4):
+        assert lab.backends(ok(lab.probe("client", addr, 30080, count=3))) == {"pod2"}
+    assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip6, 30080, count=3))) == {"pod3"}
+    refused(lab.probe("client", lab.node_ip6, 30080, count=3))
+
+
 def test_load_balancer_and_external_ips(lab: Lab) -> None:
     svc = web("LoadBalancer", node_port=30080, lb_ips=[LB], externalIPs=[EXT])
     svc["status"]["loadBalancer"]["ingress"].append({"ip": "203.0.113.201", "ipMode": "Proxy"})

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from svcrules.errors import InputError
+from svcrules.explain import explain_text
 from svcrules.plan import Masquerade, PortPlan, Route
 from tests.k8s import compile_objs, endpoint, endpoint_slice, node_config, service
 
@@ -250,7 +251,28 @@ def test_flags_override_node_config() -> None:
     r = compile_objs([NODE], table_name="other", node_port_addresses=["0.0.0.0/0"])
     assert r.plan.table == "other"
     assert r.plan.families[0].nodeport_mode == "all"
-    assert r.plan.families[1].nodeport_mode == "cidrs" and r.plan.families[1].nodeport_cidrs == ()
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "modes"),
+    [
+        (["192.0.2.0/24"], [("cidrs", ("192.0.2.0/24",)), ("all", ())]),
+        (["2001:db8:1::/64"], [("all", ()), ("cidrs", ("2001:db8:1::/64",))]),
+        (
+            ["192.0.2.0/24", "2001:db8:1::/64"],
+            [("cidrs", ("192.0.2.0/24",)), ("cidrs", ("2001:db8:1::/64",))],
+        ),
+    ],
+)
+def test_node_port_cidrs_without_a_family_mean_every_local_address_of_it(
+    cidrs: list[str], modes: list[tuple[str, tuple[str, ...]]]
+) -> None:
+    r = compile_objs([NODE], node_port_addresses=cidrs)
+    assert [(f.nodeport_mode, f.nodeport_cidrs) for f in r.plan.families] == modes
+    for fam, (mode, _) in zip(r.plan.families, modes, strict=True):
+        name = "IPv4" if fam.family == 4 else "IPv6"
+        said = f"nodePortAddresses has no {name} CIDR: NodePorts on every local {name} address"
+        assert (said in explain_text(r.plan)) == (mode == "all")
 
 
 def test_own_cluster_ip_among_external_ips_is_one_frontend() -> None:
