@@ -54,7 +54,9 @@ def _block(p: PortPlan) -> list[str]:
         lines.append(f"  external   {ext}")
     if p.firewall:
         allowed = ", ".join(p.source_ranges) or "nothing in this family"
-        self_ok = " (+ the LB IPs themselves)" if p.allow_lb_self else ""
+        self_ok = ""
+        if p.allow_lb_self:
+            self_ok = " (+ every LB IP of the Service: a range holds the node IP)"
         lines.append(f"  sources    LB IPs allow {allowed}{self_ok}; others DROP")
     if p.affinity_timeout is not None:
         lines.append(f"  affinity   ClientIP, {p.affinity_timeout}s")

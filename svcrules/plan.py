@@ -59,6 +59,9 @@ class PortPlan(NamedTuple):
     firewall: bool  # loadBalancerSourceRanges set: LB IPs are source-filtered
     source_ranges: tuple[str, ...]  # allowed sources in this family
     allow_lb_self: bool  # a range holds a node IP: LB IPs may be sources too
+    # Every allowed source of every LB frontend: source_ranges, plus each LB IP as a host
+    # prefix when allow_lb_self (the node may reach one LB IP from another)
+    allowed_sources: tuple[str, ...]
     cluster_backends: tuple[Backend, ...]
     local_backends: tuple[Backend, ...]
     internal_route: Route

@@ -193,7 +193,13 @@ def _plan_port(
     firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
     ranges = _cidrs_in_family(spec.load_balancer_source_ranges, family)
     node_ip = node.node_ip(family)
-    allow_self = bool(node_ip and any(ip_in_cidr(node_ip, r) for r in ranges))
+    allow_self = firewall and bool(node_ip and any(ip_in_cidr(node_ip, r) for r in ranges))
+    allowed: tuple[str, ...] = ranges if firewall else ()
+    if allow_self:
+        # The node may reach one LB IP with another as source (kube-proxy allows every
+        # LB IP of the Service, for each of its LB frontends).
+        host = 32 if family == 4 else 128
+        allowed = tuple(dict.fromkeys((*ranges, *(f"{ip}/{host}" for ip in lb_ips))))
     notes: list[str] = []
 
     if not cluster:
@@ -237,7 +243,8 @@ def _plan_port(
         lb_ips=lb_ips,
         firewall=firewall,
         source_ranges=ranges if firewall else (),
-        allow_lb_self=allow_self and firewall,
+        allow_lb_self=allow_self,
+        allowed_sources=allowed,
         cluster_backends=cluster,
         local_backends=local,
         internal_route=internal_route,

@@ -364,7 +364,12 @@ FEATURES: dict[str, tuple[str, ...]] = {
     ),
     "no-endpoints": ("tcp . 30021 : goto no-endpoints", "198.18.0.21 . tcp . 80 : goto no-end"),
     "itp-local": ("203.0.113.30 . tcp . 80 : drop", "2001:db8:3::1f . tcp . 80 : goto svc-"),
-    "source-ranges": ("udp . 53 . 10.0.0.0/8", "198.18.1.40/32", "2001:db8:ff::40/128"),
+    # Every LB IP is a source for every LB frontend (merged: .40 and .41 make a /31).
+    "source-ranges": (
+        "udp . 53 . 10.0.0.0/8",
+        "198.18.1.41 . tcp . 80 . 198.18.1.40/31",
+        "2001:db8:ff::40/128",
+    ),
     "affinity": ("timeout 60s", "meta l4proto sctp dnat ip to 198.51.100.5", "vmap @affinity-"),
     "ipv6-only": ("2001:db8:2::60 . 8080", "2001:db8:fe::60 . udp . 53", "tcp . 30060 : goto"),
 }

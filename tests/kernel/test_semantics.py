@@ -359,6 +359,24 @@ def test_range_holding_a_node_ip_allows_the_lb_ip_as_source(lab: Lab) -> None:
         lab.exec("node", "ip", "addr", "del", f"{LB}/32", "dev", "dummy0")
 
 
+def test_range_holding_a_node_ip_allows_every_lb_ip_for_every_lb_frontend(lab: Lab) -> None:
+    """A node process bound to one LB IP of the Service reaches its other LB IP."""
+    lb2 = "203.0.113.201"
+    svc = web("LoadBalancer", lb_ips=[LB, lb2], loadBalancerSourceRanges=["192.0.2.0/30"])
+    load(lab, svc, web_slice(eps("pod2")))
+    dropped(lab.probe("client", lb2, 80, count=2, timeout=0.5, concurrency=2))
+    lab.exec("node", "ip", "addr", "add", f"{LB}/32", "dev", "dummy0")
+    try:
+        assert lab.backends(ok(lab.probe("node", lb2, 80, count=3, bind=LB))) == {"pod2"}
+    finally:
+        lab.exec("node", "ip", "addr", "del", f"{LB}/32", "dev", "dummy0")
+    lab.exec("node", "ip", "addr", "add", f"{lb2}/32", "dev", "dummy0")
+    try:
+        assert lab.backends(ok(lab.probe("node", LB, 80, count=3, bind=lb2))) == {"pod2"}
+    finally:
+        lab.exec("node", "ip", "addr", "del", f"{lb2}/32", "dev", "dummy0")
+
+
 # --- 3. traffic policies ---------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from svcrules.backends import nftables
 from svcrules.errors import InputError
 from svcrules.explain import explain_text
 from svcrules.plan import Masquerade, PortPlan, Route
@@ -172,6 +173,31 @@ def test_load_balancer_frontends_and_source_ranges() -> None:
     assert p.lb_ips == ("203.0.113.200",) and p.node_port is None
     assert p.firewall and p.source_ranges == ("192.0.2.0/24",)
     assert p.allow_lb_self  # 192.0.2.0/24 holds the node IP 192.0.2.1
+    assert p.allowed_sources == ("192.0.2.0/24", "203.0.113.200/32")
+
+
+def test_range_holding_a_node_ip_allows_every_lb_ip_for_every_lb_frontend() -> None:
+    lbs = ["203.0.113.200", "203.0.113.201"]
+    eps = endpoint_slice("a", [endpoint("198.51.100.11")])
+    svc = service("a", "203.0.113.1", type="LoadBalancer", lb_ips=lbs)
+    svc["spec"]["loadBalancerSourceRanges"] = ["192.0.2.0/30"]
+    r = compile_objs([NODE, svc, eps])
+    p = r.plan.families[0].ports[0]
+    assert p.allowed_sources == ("192.0.2.0/30", "203.0.113.200/32", "203.0.113.201/32")
+    # Each frontend allows both LB IPs, on both backends (nft merges them into one prefix).
+    assert sorted(nftables.layout(r.plan)[0].fw_allow) == [
+        (lb, "tcp", 80, src) for lb in lbs for src in ("192.0.2.0/30", "203.0.113.200/31")
+    ]
+    ipt = compile_objs([NODE, svc, eps], backend="iptables").iptables
+    fw_chains = {ln.split()[-1] for ln in ipt.splitlines() if "--ctorigdst" in ln}
+    assert len(fw_chains) == 2
+    for chain in fw_chains:
+        allowed = [ln.split()[3] for ln in ipt.splitlines() if ln.startswith(f"-A {chain} -s ")]
+        assert allowed == ["192.0.2.0/30", "203.0.113.200/32", "203.0.113.201/32"]
+    # Without a range holding the node IP, no LB IP is a source.
+    svc["spec"]["loadBalancerSourceRanges"] = ["192.0.2.96/28"]
+    p = compile_objs([NODE, svc, eps]).plan.families[0].ports[0]
+    assert not p.allow_lb_self and p.allowed_sources == ("192.0.2.96/28",)
 
 
 def test_dual_stack_filters_every_address_by_family() -> None:
