@@ -69,6 +69,11 @@ def explain_text(plan: NodePlan) -> str:
     for fam in plan.families:
         name = "IPv4" if fam.family == 4 else "IPv6"
         out += [f"  {name}  {n}" for n in fam.notes]
+    out += [
+        f"  EndpointSlice {i.namespace}/{i.name} (Service {i.namespace}/{i.service}) "
+        f"ignored: labelled {i.label}"
+        for i in plan.ignored_slices
+    ]
     for fam in plan.families:
         for p in fam.ports:
             out.append("")

@@ -112,9 +112,26 @@ class FamilyPlan:
         return 1 << self.masquerade_bit
 
 
+class IgnoredSlice(NamedTuple):
+    """An EndpointSlice left out as if it did not exist, and the label that hides it."""
+
+    namespace: str
+    name: str
+    service: str  # its kubernetes.io/service-name
+    label: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f"EndpointSlice {self.namespace}/{self.name} ignored: "
+            f"labelled {self.label}, as kube-proxy ignores it"
+        )
+
+
 @dataclass(frozen=True)
 class NodePlan:
     node_name: str
     zone: str
     table: str
     families: tuple[FamilyPlan, ...]  # IPv4 first, then IPv6
+    ignored_slices: tuple[IgnoredSlice, ...] = ()  # sorted by namespace/name

@@ -29,7 +29,15 @@ from svcrules.model import (
     Service,
     ServicePort,
 )
-from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
+from svcrules.plan import (
+    Backend,
+    FamilyPlan,
+    IgnoredSlice,
+    Masquerade,
+    NodePlan,
+    PortPlan,
+    Route,
+)
 
 
 def _foreign_cluster_ips(services: Iterable[Service], family: Family) -> tuple[str, ...]:
@@ -58,17 +66,27 @@ def programmed_services(services: Iterable[Service]) -> list[Service]:
     return sorted(out, key=lambda s: (s.metadata.namespace, s.metadata.name))
 
 
+SliceKey = tuple[str, str, int]  # namespace, Service name, family
+
+
 def _slices_by_service(
     slices: Iterable[EndpointSlice],
-) -> dict[tuple[str, str, int], list[EndpointSlice]]:
-    out: dict[tuple[str, str, int], list[EndpointSlice]] = defaultdict(list)
+) -> tuple[dict[SliceKey, list[EndpointSlice]], dict[SliceKey, list[IgnoredSlice]]]:
+    """The slices of each Service per family, and those hidden by a label (section 2:
+    kube-proxy's label selector leaves them out, so they count as absent)."""
+    out: dict[SliceKey, list[EndpointSlice]] = defaultdict(list)
+    ignored: dict[SliceKey, list[IgnoredSlice]] = defaultdict(list)
     for sl in slices:
         svc = sl.service_name()
         if svc is None or sl.address_type == "FQDN":
             continue
-        fam = 4 if sl.address_type == "IPv4" else 6
-        out[(sl.metadata.namespace, svc, fam)].append(sl)
-    return out
+        key = (sl.metadata.namespace, svc, 4 if sl.address_type == "IPv4" else 6)
+        label = sl.metadata.skip_label()
+        if label is None:
+            out[key].append(sl)
+        else:
+            ignored[key].append(IgnoredSlice(sl.metadata.namespace, sl.metadata.name, svc, label))
+    return out, ignored
 
 
 def _conditions(ep: Endpoint) -> EndpointConditions:
@@ -177,6 +195,7 @@ def _plan_port(
     pairs: list[tuple[Backend, Endpoint]],
     node: NodeConfig,
     pod_cidrs: tuple[str, ...],
+    notes: list[str],
 ) -> PortPlan:
     spec = svc.spec
     cluster = _cluster_backends(pairs, node.metadata.name, node.spec.zone)
@@ -200,7 +219,6 @@ def _plan_port(
         # LB IP of the Service, for each of its LB frontends).
         host = 32 if family == 4 else 128
         allowed = tuple(dict.fromkeys((*ranges, *(f"{ip}/{host}" for ip in lb_ips))))
-    notes: list[str] = []
 
     if not cluster:
         internal_route = external_route = Route.REJECT
@@ -304,7 +322,7 @@ def _check_claims(inputs: Inputs, ports: list[tuple[Service, int, PortPlan]]) ->
 
 def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
     """Build the node plan; raise InputError for conflicts between objects."""
-    slices = _slices_by_service(inputs.slices)
+    slices, ignored = _slices_by_service(inputs.slices)
     families: list[FamilyPlan] = []
     all_ports: list[tuple[Service, int, PortPlan]] = []
     for family in (4, 6):
@@ -317,10 +335,12 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
             )
             if cluster_ip is None:
                 continue
-            svc_slices = slices.get((svc.metadata.namespace, svc.metadata.name, fam), [])
+            key = (svc.metadata.namespace, svc.metadata.name, fam)
+            svc_slices = slices.get(key, [])
+            hidden = sorted({i.text for i in ignored.get(key, [])})
             for idx, port in enumerate(svc.spec.ports):
                 pairs = _merge_endpoints(svc_slices, port)
-                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs)
+                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs, hidden[:])
                 ports.append(plan)
                 all_ports.append((svc, idx, plan))
         ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
@@ -364,4 +384,10 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
         zone=node.spec.zone,
         table=node.spec.table_name,
         families=tuple(families),
+        ignored_slices=tuple(
+            sorted(
+                {i for group in ignored.values() for i in group},
+                key=lambda i: (i.namespace, i.name, i.label),
+            )
+        ),
     )

@@ -652,6 +652,26 @@ def test_cluster_ips_of_other_proxies_are_left_alone(lab: Lab) -> None:
     assert lab.backends(ok(lab.probe("client", "203.0.113.9", 80, count=3))) == {"pod3"}
 
 
+@pytest.mark.parametrize(
+    "label", ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"]
+)
+def test_endpoint_slices_labelled_for_another_proxy_or_headless_are_ignored(
+    lab: Lab, label: str
+) -> None:
+    """kube-proxy selects EndpointSlices with the same labels as Services: such a slice
+    does not exist for it, whatever the label's value."""
+    theirs = endpoint_slice(
+        "web", eps("pod3"), ports=[{"name": "http", "port": 8080}], name="web-theirs"
+    )
+    theirs["metadata"]["labels"][label] = "other"
+    load(lab, web(), web_slice(eps("pod2")), theirs)
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=N))) == {"pod2"}
+    # The only slice hidden: no usable endpoint, so REJECT.
+    load(lab, web("NodePort", node_port=30080), theirs)
+    refused(lab.probe("client", CIP, 80, count=3))
+    refused(lab.probe("client", NODE, 30080, count=3))
+
+
 def test_loopback_is_never_a_node_port_address(lab: Lab) -> None:
     load(
         lab,

@@ -323,6 +323,26 @@ def test_terminating_not_serving_is_never_used_even_without_ready() -> None:
     assert ips(p) == [] and p.internal_route is Route.REJECT
 
 
+@pytest.mark.parametrize(
+    "label", ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"]
+)
+def test_endpoint_slices_with_a_proxy_label_are_ignored(label: str) -> None:
+    ours = endpoint_slice("a", [endpoint("198.51.100.11")], name="a-ours")
+    theirs = endpoint_slice("a", [endpoint("198.51.100.12")], name="a-theirs")
+    theirs["metadata"]["labels"][label] = ""  # any value, the empty one too
+    svc = service("a", "203.0.113.1")
+    assert ips(one([svc, ours, theirs])) == ["198.51.100.11"]
+    r = compile_objs([NODE, svc, theirs])
+    (p,) = r.plan.families[0].ports
+    assert ips(p) == [] and p.internal_route is Route.REJECT
+    said = f"EndpointSlice default/a-theirs ignored: labelled {label}"
+    assert any(n.startswith(said) for n in p.notes)
+    assert f"EndpointSlice default/a-theirs (Service default/a) ignored: labelled {label}" in (
+        explain_text(r.plan)
+    )
+    assert [(i.name, i.label) for i in r.plan.ignored_slices] == [("a-theirs", label)]
+
+
 def test_services_of_other_proxies_keep_their_cluster_ips() -> None:
     other = service("x", "203.0.113.9", labels={"service.kubernetes.io/service-proxy-name": "o"})
     fam = compile_objs([NODE, other, service("a", "203.0.113.1")]).plan.families[0]
