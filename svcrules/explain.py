@@ -54,7 +54,9 @@ def _block(p: PortPlan) -> list[str]:
         lines.append(f"  external   {ext}")
     if p.firewall:
         allowed = ", ".join(p.source_ranges) or "nothing in this family"
-        self_ok = " (+ the LB IPs themselves)" if p.allow_lb_self else ""
+        self_ok = ""
+        if p.allow_lb_self:
+            self_ok = " (+ every LB IP of the Service: a range holds the node IP)"
         lines.append(f"  sources    LB IPs allow {allowed}{self_ok}; others DROP")
     if p.affinity_timeout is not None:
         lines.append(f"  affinity   ClientIP, {p.affinity_timeout}s")
@@ -64,6 +66,14 @@ def _block(p: PortPlan) -> list[str]:
 
 def explain_text(plan: NodePlan) -> str:
     out = [f"node {plan.node_name}" + (f" (zone {plan.zone})" if plan.zone else "")]
+    for fam in plan.families:
+        name = "IPv4" if fam.family == 4 else "IPv6"
+        out += [f"  {name}  {n}" for n in fam.notes]
+    out += [
+        f"  EndpointSlice {i.namespace}/{i.name} (Service {i.namespace}/{i.service}) "
+        f"ignored: labelled {i.label}"
+        for i in plan.ignored_slices
+    ]
     for fam in plan.families:
         for p in fam.ports:
             out.append("")

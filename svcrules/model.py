@@ -54,6 +54,10 @@ class K8sModel(BaseModel):
 _DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
+# kube-proxy watches Services and EndpointSlices through one label selector that leaves
+# out every object carrying either label, whatever its value (SEMANTICS.md section 2).
+PROXY_SKIP_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
+
 
 class ObjectMeta(K8sModel):
     name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
@@ -64,6 +68,10 @@ class ObjectMeta(K8sModel):
     @classmethod
     def _none_labels(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    def skip_label(self) -> str | None:
+        """The label that hides this object from kube-proxy, and so from svcrules."""
+        return next((k for k in PROXY_SKIP_LABELS if k in self.labels), None)
 
 
 class ServicePort(K8sModel):
@@ -217,11 +225,7 @@ class Service(K8sModel):
         return self
 
     def is_skipped_by_label(self) -> bool:
-        labels = self.metadata.labels
-        return (
-            "service.kubernetes.io/service-proxy-name" in labels
-            or "service.kubernetes.io/headless" in labels
-        )
+        return self.metadata.skip_label() is not None
 
 
 # Endpoints are the bulk of any large input (hundreds of thousands), so they are

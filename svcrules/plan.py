@@ -59,6 +59,9 @@ class PortPlan(NamedTuple):
     firewall: bool  # loadBalancerSourceRanges set: LB IPs are source-filtered
     source_ranges: tuple[str, ...]  # allowed sources in this family
     allow_lb_self: bool  # a range holds a node IP: LB IPs may be sources too
+    # Every allowed source of every LB frontend: source_ranges, plus each LB IP as a host
+    # prefix when allow_lb_self (the node may reach one LB IP from another)
+    allowed_sources: tuple[str, ...]
     cluster_backends: tuple[Backend, ...]
     local_backends: tuple[Backend, ...]
     internal_route: Route
@@ -102,10 +105,27 @@ class FamilyPlan:
     nodeport_cidrs: tuple[str, ...]
     masquerade_bit: int
     ports: tuple[PortPlan, ...]
+    notes: tuple[str, ...] = ()  # decisions about the whole family, for explain
 
     @property
     def masquerade_mark(self) -> int:
         return 1 << self.masquerade_bit
+
+
+class IgnoredSlice(NamedTuple):
+    """An EndpointSlice left out as if it did not exist, and the label that hides it."""
+
+    namespace: str
+    name: str
+    service: str  # its kubernetes.io/service-name
+    label: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f"EndpointSlice {self.namespace}/{self.name} ignored: "
+            f"labelled {self.label}, as kube-proxy ignores it"
+        )
 
 
 @dataclass(frozen=True)
@@ -114,3 +134,4 @@ class NodePlan:
     zone: str
     table: str
     families: tuple[FamilyPlan, ...]  # IPv4 first, then IPv6
+    ignored_slices: tuple[IgnoredSlice, ...] = ()  # sorted by namespace/name

@@ -29,7 +29,15 @@ from svcrules.model import (
     Service,
     ServicePort,
 )
-from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
+from svcrules.plan import (
+    Backend,
+    FamilyPlan,
+    IgnoredSlice,
+    Masquerade,
+    NodePlan,
+    PortPlan,
+    Route,
+)
 
 
 def _foreign_cluster_ips(services: Iterable[Service], family: Family) -> tuple[str, ...]:
@@ -58,17 +66,27 @@ def programmed_services(services: Iterable[Service]) -> list[Service]:
     return sorted(out, key=lambda s: (s.metadata.namespace, s.metadata.name))
 
 
+SliceKey = tuple[str, str, int]  # namespace, Service name, family
+
+
 def _slices_by_service(
     slices: Iterable[EndpointSlice],
-) -> dict[tuple[str, str, int], list[EndpointSlice]]:
-    out: dict[tuple[str, str, int], list[EndpointSlice]] = defaultdict(list)
+) -> tuple[dict[SliceKey, list[EndpointSlice]], dict[SliceKey, list[IgnoredSlice]]]:
+    """The slices of each Service per family, and those hidden by a label (section 2:
+    kube-proxy's label selector leaves them out, so they count as absent)."""
+    out: dict[SliceKey, list[EndpointSlice]] = defaultdict(list)
+    ignored: dict[SliceKey, list[IgnoredSlice]] = defaultdict(list)
     for sl in slices:
         svc = sl.service_name()
         if svc is None or sl.address_type == "FQDN":
             continue
-        fam = 4 if sl.address_type == "IPv4" else 6
-        out[(sl.metadata.namespace, svc, fam)].append(sl)
-    return out
+        key = (sl.metadata.namespace, svc, 4 if sl.address_type == "IPv4" else 6)
+        label = sl.metadata.skip_label()
+        if label is None:
+            out[key].append(sl)
+        else:
+            ignored[key].append(IgnoredSlice(sl.metadata.namespace, sl.metadata.name, svc, label))
+    return out, ignored
 
 
 def _conditions(ep: Endpoint) -> EndpointConditions:
@@ -177,6 +195,7 @@ def _plan_port(
     pairs: list[tuple[Backend, Endpoint]],
     node: NodeConfig,
     pod_cidrs: tuple[str, ...],
+    notes: list[str],
 ) -> PortPlan:
     spec = svc.spec
     cluster = _cluster_backends(pairs, node.metadata.name, node.spec.zone)
@@ -193,8 +212,13 @@ def _plan_port(
     firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
     ranges = _cidrs_in_family(spec.load_balancer_source_ranges, family)
     node_ip = node.node_ip(family)
-    allow_self = bool(node_ip and any(ip_in_cidr(node_ip, r) for r in ranges))
-    notes: list[str] = []
+    allow_self = firewall and bool(node_ip and any(ip_in_cidr(node_ip, r) for r in ranges))
+    allowed: tuple[str, ...] = ranges if firewall else ()
+    if allow_self:
+        # The node may reach one LB IP with another as source (kube-proxy allows every
+        # LB IP of the Service, for each of its LB frontends).
+        host = 32 if family == 4 else 128
+        allowed = tuple(dict.fromkeys((*ranges, *(f"{ip}/{host}" for ip in lb_ips))))
 
     if not cluster:
         internal_route = external_route = Route.REJECT
@@ -237,7 +261,8 @@ def _plan_port(
         lb_ips=lb_ips,
         firewall=firewall,
         source_ranges=ranges if firewall else (),
-        allow_lb_self=allow_self and firewall,
+        allow_lb_self=allow_self,
+        allowed_sources=allowed,
         cluster_backends=cluster,
         local_backends=local,
         internal_route=internal_route,
@@ -297,7 +322,7 @@ def _check_claims(inputs: Inputs, ports: list[tuple[Service, int, PortPlan]]) ->
 
 def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
     """Build the node plan; raise InputError for conflicts between objects."""
-    slices = _slices_by_service(inputs.slices)
+    slices, ignored = _slices_by_service(inputs.slices)
     families: list[FamilyPlan] = []
     all_ports: list[tuple[Service, int, PortPlan]] = []
     for family in (4, 6):
@@ -310,20 +335,31 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
             )
             if cluster_ip is None:
                 continue
-            svc_slices = slices.get((svc.metadata.namespace, svc.metadata.name, fam), [])
+            key = (svc.metadata.namespace, svc.metadata.name, fam)
+            svc_slices = slices.get(key, [])
+            hidden = sorted({i.text for i in ignored.get(key, [])})
             for idx, port in enumerate(svc.spec.ports):
                 pairs = _merge_endpoints(svc_slices, port)
-                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs)
+                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs, hidden[:])
                 ports.append(plan)
                 all_ports.append((svc, idx, plan))
         ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
         npa = node.spec.node_port_addresses
         cidrs: tuple[str, ...] = ()
+        fam_notes: list[str] = []
         if npa == ["primary"]:
             mode = "primary"
         else:
             fam_cidrs = _cidrs_in_family(npa, fam)
-            if any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
+            if not fam_cidrs:
+                # kube-proxy falls back to the zero CIDR of a family the list leaves out.
+                mode = "all"
+                name = "IPv4" if fam == 4 else "IPv6"
+                fam_notes.append(
+                    f"nodePortAddresses has no {name} CIDR: "
+                    f"NodePorts on every local {name} address except loopback"
+                )
+            elif any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
                 mode, cidrs = "all", ()
             else:
                 mode, cidrs = "cidrs", fam_cidrs
@@ -339,6 +375,7 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
                 nodeport_cidrs=cidrs,
                 masquerade_bit=node.spec.masquerade_bit,
                 ports=tuple(ports),
+                notes=tuple(fam_notes),
             )
         )
     _check_claims(inputs, all_ports)
@@ -347,4 +384,10 @@ def resolve(inputs: Inputs, node: NodeConfig) -> NodePlan:
         zone=node.spec.zone,
         table=node.spec.table_name,
         families=tuple(families),
+        ignored_slices=tuple(
+            sorted(
+                {i for group in ignored.values() for i in group},
+                key=lambda i: (i.namespace, i.name, i.label),
+            )
+        ),
     )

@@ -258,12 +258,9 @@ def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
             fam.nodeports.append(Frontend("", proto, p.node_port, label, target, refused))
         if p.firewall:
             for ip in p.lb_ips:
-                allowed = list(p.source_ranges)
-                if p.allow_lb_self:
-                    allowed.append(f"{ip}{fam.host}")
                 fw = f"{prefix}-FW-{digest32(p.key, ip)}"
                 fam.firewalls.append(
-                    Firewall(ip, proto, p.port, fw, comment(f"{p.key} {ip}"), tuple(allowed))
+                    Firewall(ip, proto, p.port, fw, comment(f"{p.key} {ip}"), p.allowed_sources)
                 )
 
     fam.frontends.sort(key=lambda f: (ip_sort_key(f.ip), f.protocol, f.port))

@@ -237,12 +237,11 @@ def layout_family(plan: FamilyPlan, node_name: str) -> Table:
         if p.node_port:
             table.nodeports.append((proto, p.node_port, verdict))
         if p.firewall:
+            # Interval sets refuse overlapping elements: merge them.
+            allowed = collapse_cidrs(p.allowed_sources)
             for ip in p.lb_ips:
                 table.fw_frontends.append((ip, proto, p.port))
-                allowed = list(p.source_ranges)
-                if p.allow_lb_self:
-                    allowed.append(f"{ip}/{32 if plan.family == 4 else 128}")
-                for cidr in collapse_cidrs(allowed):
+                for cidr in allowed:
                     table.fw_allow.append((ip, proto, p.port, cidr))
 
     table.chains.sort(key=lambda c: c.name)

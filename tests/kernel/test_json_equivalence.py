@@ -209,8 +209,14 @@ CASES: dict[str, list[Obj]] = {
         node_config(nodePortAddresses=["0.0.0.0/0", "::/0"], **CIDRS),
         *_web(),
     ],
-    "nodeport-addresses-v4-all-only": [
-        node_config(nodePortAddresses=["0.0.0.0/0"], **CIDRS),
+    # No IPv6 CIDR: IPv6 NodePorts on every local address, IPv4 on the CIDR's.
+    "nodeport-addresses-v4-cidrs-only": [
+        node_config(nodePortAddresses=["192.0.2.0/24"], **CIDRS),
+        *_web(),
+    ],
+    # Primary addresses without an IPv6 node IP: an empty IPv6 nodeport-ips set.
+    "nodeport-primary-without-ipv6-node-ip": [
+        node_config(nodeIPs=["192.0.2.1"], **CIDRS),
         *_web(),
     ],
     "nodeport-addresses-cidrs": [
@@ -338,9 +344,13 @@ CASES: dict[str, list[Obj]] = {
 FEATURES: dict[str, tuple[str, ...]] = {
     "masquerade-all": ("set pod-cidrs", "!saddr != @pod-cidrs jump", "set service-cidrs"),
     "nodeport-addresses-all": ("ip daddr != 127.0.0.0/8", "ip6 daddr != ::1", "!nodeport-ips"),
-    "nodeport-addresses-v4-all-only": (
-        "ip daddr != 127.0.0.0/8",
-        "fib daddr type local ip6 daddr != ::1 ip6 daddr @nodeport-ips",
+    "nodeport-addresses-v4-cidrs-only": (
+        "fib daddr type local ip daddr != 127.0.0.0/8 ip daddr @nodeport-ips",
+        "fib daddr type local ip6 daddr != ::1 meta l4proto",
+    ),
+    "nodeport-primary-without-ipv6-node-ip": (
+        'comment "addresses that serve NodePorts"\n\t}',
+        "ip6 daddr @nodeport-ips meta l4proto",
     ),
     "nodeport-addresses-cidrs": (
         "fib daddr type local ip daddr != 127.0.0.0/8 ip daddr @nodeport-ips",
@@ -354,7 +364,12 @@ FEATURES: dict[str, tuple[str, ...]] = {
     ),
     "no-endpoints": ("tcp . 30021 : goto no-endpoints", "198.18.0.21 . tcp . 80 : goto no-end"),
     "itp-local": ("203.0.113.30 . tcp . 80 : drop", "2001:db8:3::1f . tcp . 80 : goto svc-"),
-    "source-ranges": ("udp . 53 . 10.0.0.0/8", "198.18.1.40/32", "2001:db8:ff::40/128"),
+    # Every LB IP is a source for every LB frontend (merged: .40 and .41 make a /31).
+    "source-ranges": (
+        "udp . 53 . 10.0.0.0/8",
+        "198.18.1.41 . tcp . 80 . 198.18.1.40/31",
+        "2001:db8:ff::40/128",
+    ),
     "affinity": ("timeout 60s", "meta l4proto sctp dnat ip to 198.51.100.5", "vmap @affinity-"),
     "ipv6-only": ("2001:db8:2::60 . 8080", "2001:db8:fe::60 . udp . 53", "tcp . 30060 : goto"),
 }

@@ -278,6 +278,29 @@ def test_nodeport_on_cidr_selected_addresses(lab: Lab) -> None:
     refused(lab.probe("client", NODE, 30080, count=3))
 
 
+def test_node_port_cidrs_of_one_family_leave_the_other_on_every_local_address(
+    lab: Lab,
+) -> None:
+    """kube-proxy reads a family without a CIDR in nodePortAddresses as its zero CIDR."""
+    svc = service("web", [CIP, CIP6], ports=[{"name": "http", "port": 80}], type="NodePort")
+    svc["spec"]["ports"][0]["nodePort"] = 30080
+    v4 = endpoint_slice("web", eps("pod2"), ports=[{"name": "http", "port": 8080}])
+    v6 = endpoint_slice(
+        "web", [endpoint(POD6["pod3"])], ports=[{"name": "http", "port": 8080}], family="IPv6"
+    )
+    load(lab, svc, v4, v6, node=cfg(nodePortAddresses=["198.18.0.0/15"]))
+    assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip4, 30080, count=3))) == {"pod2"}
+    refused(lab.probe("client", NODE, 30080, count=3))
+    for addr in (lab.node_ip6, lab.node_dummy_ip6):
+        assert lab.backends(ok(lab.probe("client", addr, 30080, count=3))) == {"pod3"}
+    refused(lab.probe("node", "::1", 30080, count=2))  # never loopback
+    load(lab, svc, v4, v6, node=cfg(nodePortAddresses=["2001:db8:18::/64"]))
+    for addr in (NODE, lab.node_dummy_ip4):
+        assert lab.backends(ok(lab.probe("client", addr, 30080, count=3))) == {"pod2"}
+    assert lab.backends(ok(lab.probe("client", lab.node_dummy_ip6, 30080, count=3))) == {"pod3"}
+    refused(lab.probe("client", lab.node_ip6, 30080, count=3))
+
+
 def test_load_balancer_and_external_ips(lab: Lab) -> None:
     svc = web("LoadBalancer", node_port=30080, lb_ips=[LB], externalIPs=[EXT])
     svc["status"]["loadBalancer"]["ingress"].append({"ip": "203.0.113.201", "ipMode": "Proxy"})
@@ -334,6 +357,24 @@ def test_range_holding_a_node_ip_allows_the_lb_ip_as_source(lab: Lab) -> None:
         assert lab.backends(res) == {"pod2"}
     finally:
         lab.exec("node", "ip", "addr", "del", f"{LB}/32", "dev", "dummy0")
+
+
+def test_range_holding_a_node_ip_allows_every_lb_ip_for_every_lb_frontend(lab: Lab) -> None:
+    """A node process bound to one LB IP of the Service reaches its other LB IP."""
+    lb2 = "203.0.113.201"
+    svc = web("LoadBalancer", lb_ips=[LB, lb2], loadBalancerSourceRanges=["192.0.2.0/30"])
+    load(lab, svc, web_slice(eps("pod2")))
+    dropped(lab.probe("client", lb2, 80, count=2, timeout=0.5, concurrency=2))
+    lab.exec("node", "ip", "addr", "add", f"{LB}/32", "dev", "dummy0")
+    try:
+        assert lab.backends(ok(lab.probe("node", lb2, 80, count=3, bind=LB))) == {"pod2"}
+    finally:
+        lab.exec("node", "ip", "addr", "del", f"{LB}/32", "dev", "dummy0")
+    lab.exec("node", "ip", "addr", "add", f"{lb2}/32", "dev", "dummy0")
+    try:
+        assert lab.backends(ok(lab.probe("node", LB, 80, count=3, bind=lb2))) == {"pod2"}
+    finally:
+        lab.exec("node", "ip", "addr", "del", f"{lb2}/32", "dev", "dummy0")
 
 
 # --- 3. traffic policies ---------------------------------------------------------------
@@ -609,6 +650,26 @@ def test_cluster_ips_of_other_proxies_are_left_alone(lab: Lab) -> None:
     # Loaded second, svcrules' prerouting chain runs first at the same priority.
     load(lab, other, web(), web_slice(eps("pod2")))
     assert lab.backends(ok(lab.probe("client", "203.0.113.9", 80, count=3))) == {"pod3"}
+
+
+@pytest.mark.parametrize(
+    "label", ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"]
+)
+def test_endpoint_slices_labelled_for_another_proxy_or_headless_are_ignored(
+    lab: Lab, label: str
+) -> None:
+    """kube-proxy selects EndpointSlices with the same labels as Services: such a slice
+    does not exist for it, whatever the label's value."""
+    theirs = endpoint_slice(
+        "web", eps("pod3"), ports=[{"name": "http", "port": 8080}], name="web-theirs"
+    )
+    theirs["metadata"]["labels"][label] = "other"
+    load(lab, web(), web_slice(eps("pod2")), theirs)
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=N))) == {"pod2"}
+    # The only slice hidden: no usable endpoint, so REJECT.
+    load(lab, web("NodePort", node_port=30080), theirs)
+    refused(lab.probe("client", CIP, 80, count=3))
+    refused(lab.probe("client", NODE, 30080, count=3))
 
 
 def test_loopback_is_never_a_node_port_address(lab: Lab) -> None:

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from svcrules.backends import nftables
 from svcrules.errors import InputError
+from svcrules.explain import explain_text
 from svcrules.plan import Masquerade, PortPlan, Route
 from tests.k8s import compile_objs, endpoint, endpoint_slice, node_config, service
 
@@ -171,6 +173,31 @@ def test_load_balancer_frontends_and_source_ranges() -> None:
     assert p.lb_ips == ("203.0.113.200",) and p.node_port is None
     assert p.firewall and p.source_ranges == ("192.0.2.0/24",)
     assert p.allow_lb_self  # 192.0.2.0/24 holds the node IP 192.0.2.1
+    assert p.allowed_sources == ("192.0.2.0/24", "203.0.113.200/32")
+
+
+def test_range_holding_a_node_ip_allows_every_lb_ip_for_every_lb_frontend() -> None:
+    lbs = ["203.0.113.200", "203.0.113.201"]
+    eps = endpoint_slice("a", [endpoint("198.51.100.11")])
+    svc = service("a", "203.0.113.1", type="LoadBalancer", lb_ips=lbs)
+    svc["spec"]["loadBalancerSourceRanges"] = ["192.0.2.0/30"]
+    r = compile_objs([NODE, svc, eps])
+    p = r.plan.families[0].ports[0]
+    assert p.allowed_sources == ("192.0.2.0/30", "203.0.113.200/32", "203.0.113.201/32")
+    # Each frontend allows both LB IPs, on both backends (nft merges them into one prefix).
+    assert sorted(nftables.layout(r.plan)[0].fw_allow) == [
+        (lb, "tcp", 80, src) for lb in lbs for src in ("192.0.2.0/30", "203.0.113.200/31")
+    ]
+    ipt = compile_objs([NODE, svc, eps], backend="iptables").iptables
+    fw_chains = {ln.split()[-1] for ln in ipt.splitlines() if "--ctorigdst" in ln}
+    assert len(fw_chains) == 2
+    for chain in fw_chains:
+        allowed = [ln.split()[3] for ln in ipt.splitlines() if ln.startswith(f"-A {chain} -s ")]
+        assert allowed == ["192.0.2.0/30", "203.0.113.200/32", "203.0.113.201/32"]
+    # Without a range holding the node IP, no LB IP is a source.
+    svc["spec"]["loadBalancerSourceRanges"] = ["192.0.2.96/28"]
+    p = compile_objs([NODE, svc, eps]).plan.families[0].ports[0]
+    assert not p.allow_lb_self and p.allowed_sources == ("192.0.2.96/28",)
 
 
 def test_dual_stack_filters_every_address_by_family() -> None:
@@ -250,7 +277,28 @@ def test_flags_override_node_config() -> None:
     r = compile_objs([NODE], table_name="other", node_port_addresses=["0.0.0.0/0"])
     assert r.plan.table == "other"
     assert r.plan.families[0].nodeport_mode == "all"
-    assert r.plan.families[1].nodeport_mode == "cidrs" and r.plan.families[1].nodeport_cidrs == ()
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "modes"),
+    [
+        (["192.0.2.0/24"], [("cidrs", ("192.0.2.0/24",)), ("all", ())]),
+        (["2001:db8:1::/64"], [("all", ()), ("cidrs", ("2001:db8:1::/64",))]),
+        (
+            ["192.0.2.0/24", "2001:db8:1::/64"],
+            [("cidrs", ("192.0.2.0/24",)), ("cidrs", ("2001:db8:1::/64",))],
+        ),
+    ],
+)
+def test_node_port_cidrs_without_a_family_mean_every_local_address_of_it(
+    cidrs: list[str], modes: list[tuple[str, tuple[str, ...]]]
+) -> None:
+    r = compile_objs([NODE], node_port_addresses=cidrs)
+    assert [(f.nodeport_mode, f.nodeport_cidrs) for f in r.plan.families] == modes
+    for fam, (mode, _) in zip(r.plan.families, modes, strict=True):
+        name = "IPv4" if fam.family == 4 else "IPv6"
+        said = f"nodePortAddresses has no {name} CIDR: NodePorts on every local {name} address"
+        assert (said in explain_text(r.plan)) == (mode == "all")
 
 
 def test_own_cluster_ip_among_external_ips_is_one_frontend() -> None:
@@ -273,6 +321,26 @@ def test_terminating_not_serving_is_never_used_even_without_ready() -> None:
     gone = endpoint("198.51.100.11", ready=None, serving=False, terminating=True)
     p = one([service("a", "203.0.113.1"), endpoint_slice("a", [gone])])
     assert ips(p) == [] and p.internal_route is Route.REJECT
+
+
+@pytest.mark.parametrize(
+    "label", ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"]
+)
+def test_endpoint_slices_with_a_proxy_label_are_ignored(label: str) -> None:
+    ours = endpoint_slice("a", [endpoint("198.51.100.11")], name="a-ours")
+    theirs = endpoint_slice("a", [endpoint("198.51.100.12")], name="a-theirs")
+    theirs["metadata"]["labels"][label] = ""  # any value, the empty one too
+    svc = service("a", "203.0.113.1")
+    assert ips(one([svc, ours, theirs])) == ["198.51.100.11"]
+    r = compile_objs([NODE, svc, theirs])
+    (p,) = r.plan.families[0].ports
+    assert ips(p) == [] and p.internal_route is Route.REJECT
+    said = f"EndpointSlice default/a-theirs ignored: labelled {label}"
+    assert any(n.startswith(said) for n in p.notes)
+    assert f"EndpointSlice default/a-theirs (Service default/a) ignored: labelled {label}" in (
+        explain_text(r.plan)
+    )
+    assert [(i.name, i.label) for i in r.plan.ignored_slices] == [("a-theirs", label)]
 
 
 def test_services_of_other_proxies_keep_their_cluster_ips() -> None:
