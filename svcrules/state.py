@@ -59,6 +59,9 @@ class Meta:
     backend: str = "nftables"  # which backend wrote the script
     tool: str = ""  # iptables backend: iptables-nft or iptables-legacy (they do not mix)
     counts: dict[str, int] = field(default_factory=dict)  # stats.Stats of that script
+    # Every table name whose objects svcrules made with this state and may still hold:
+    # the current one and earlier ones not yet proven gone (a tableName change).
+    owned: list[str] = field(default_factory=list)
 
     @classmethod
     def of_plan(cls, plan: NodePlan, fingerprint: str) -> Meta:
@@ -109,6 +112,7 @@ class StateStore:
             counts=raw.get("counts", {}),
             backend=raw.get("backend", "nftables"),
             tool=raw.get("tool", ""),
+            owned=raw.get("owned", [raw["table"]] if raw.get("table") else []),
         )
         return script, meta
 

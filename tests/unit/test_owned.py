@@ -14,6 +14,8 @@ from svcrules.cli import app
 from svcrules.errors import InputError
 from svcrules.load import load_paths
 from svcrules.owned import RESERVED, check_name, reserved
+from svcrules.reconcile import cleanup
+from svcrules.state import StateStore
 from tests.k8s import compile_objs, dump, endpoint, endpoint_slice, node_config, service
 
 # Other programs' names: tables of iptables-nft, ebtables-nft, kube-proxy, firewalld,
@@ -79,3 +81,19 @@ def test_a_reserved_flag_is_exit_2(tmp_path: Path, backend: str) -> None:
     inputs.write_text(dump([node_config()]))
     res = CliRunner().invoke(app, ["compile", "-b", backend, str(inputs), "--table-name", "nat"])
     assert res.exit_code == 2 and "spec.tableName" in res.stderr and res.stdout == ""
+
+
+class Untouchable:
+    """A driver that fails the test when it is asked to delete anything."""
+
+    backend = "nftables"
+    name = "nft"
+
+    def cleanup(self, table: str | None, known: object = ()) -> list[str]:
+        raise AssertionError(f"cleanup reached the kernel with {table!r}")
+
+
+def test_cleanup_with_a_reserved_name_is_refused_before_the_kernel(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    with pytest.raises(svcrules.SvcrulesError, match=r"spec\.tableName.*another program's"):
+        cleanup(Untouchable(), store, "nat")  # type: ignore[arg-type]
