@@ -93,7 +93,10 @@ def test_nft_refuses_a_foreign_table_of_the_owned_name(lab: Lab, node: Node) -> 
         err = refused(node, verb, "--table-name", "mytable")
         assert "ip mytable exists and was not created by svcrules" in err, err
         assert "--table-name" in err
-    err = refused(node, "cleanup", "--table-name", "mytable", with_inputs=False)
+    for tool in ("libnftables", "nft"):  # the nft command sees the foreign table too
+        err = refused(node, "cleanup", "--table-name", "mytable", "--nft", tool, with_inputs=False)
+        assert "ip mytable exists and was not created by svcrules" in err
+    err = refused(node, "apply", "--table-name", "mytable", "--nft", "nft")
     assert "ip mytable exists and was not created by svcrules" in err
     assert "ip6 mytable" not in lab.nft("list", "tables")  # nothing half-made either
     # A cleanup of everything svcrules made does not take it either.
