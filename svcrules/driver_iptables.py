@@ -131,7 +131,7 @@ class IptablesDriver:
             names = sorted({c for t in existing.values() for c in t.chains})
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise not_ours(
-                f"iptables chain {shown}" if names else f"a jump to {prefix}-SERVICES",
+                f"the iptables chain prefix {prefix}- ({shown or 'jumps'})",
                 f"no {prefix}-STATE chain with svcrules' comment",
             )
 

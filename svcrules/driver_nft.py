@@ -62,12 +62,15 @@ class NftDriver:
             if "table" in o and o["table"]["family"] in FAMILIES
         }
 
-    def _ours(self, fam: str, table: str) -> bool:
+    def _ours(self, fam: str, table: str, deep: bool = True) -> bool:
         """Whether an existing table was made by svcrules: its state set carries the
-        svcrules comment, or (the set deleted by hand) its own comment says so. Only
-        that table is read: the tiny set first, the whole table only without it."""
+        svcrules comment, or (the set deleted by hand; only when ``deep``) its own comment
+        says so. Only that table is read: the tiny set first, the whole table only
+        without it."""
         if any(c.startswith(MARK) for c in self._state_comments(fam, table)):
             return True
+        if not deep:
+            return False
         try:
             listing = self.kernel.run(f"list table {fam} {table}")
         except KernelError:
@@ -76,7 +79,7 @@ class NftDriver:
         return any(ln.strip().startswith(f'comment "{TABLE_COMMENT}') for ln in head)
 
     def owned_tables(
-        self, names: Sequence[str], tables: set[tuple[str, str]] | None = None
+        self, names: Sequence[str], tables: set[tuple[str, str]] | None = None, deep: bool = True
     ) -> list[str]:
         """Of the tables ``FAMILY NAME`` for each name, those that exist and svcrules made."""
         present = self._tables() if tables is None else tables
@@ -84,7 +87,7 @@ class NftDriver:
             f"{fam} {name}"
             for name in dict.fromkeys(names)
             for fam in FAMILIES
-            if (fam, name) in present and self._ours(fam, name)
+            if (fam, name) in present and self._ours(fam, name, deep)
         ]
 
     def _check_ours(self, table: str, present: set[tuple[str, str]]) -> None:
@@ -174,8 +177,11 @@ class NftDriver:
             self._check_ours(table, present)
             gone = self.owned_tables([table], present)
         else:
-            names = [*known, *sorted({n for _, n in present})]
-            gone = self.owned_tables(names, present)
+            gone = self.owned_tables(known, present)
+            # Every other table is asked for its state set only: other programs' tables
+            # are never listed whole.
+            others = sorted({n for _, n in present} - set(known))
+            gone += self.owned_tables(others, present, deep=False)
         if gone:
             self.kernel.run("".join(f"delete table {t}\n" for t in gone))
         return gone
