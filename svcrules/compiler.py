@@ -85,10 +85,11 @@ class Job:
     def compile(self, backend: str = "nftables") -> Ruleset:
         with _no_cyclic_gc():
             inputs = load_sources(self.sources)
+            config_inputs = load_sources(self.config) if self.config else None
+            node = node_config(inputs, config_inputs, self.overrides)
             if not self.allow_empty:
                 refuse_empty(self.sources, inputs)
-            config_inputs = load_sources(self.config) if self.config else None
-            ruleset = compile(inputs, node_config(inputs, config_inputs, self.overrides))
+            ruleset = compile(inputs, node)
             _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
 

@@ -7,9 +7,15 @@ both families, plus one jump per built-in chain it hooks. Each table's
 A change is up to four ``iptables-restore`` inputs (two families, two tables),
 each atomic on its own. If one is refused, those already sent are put back, so
 that a refused change leaves the previous rules in place.
+
+A prefix is svcrules' only when a ``<P>-STATE`` chain carrying svcrules' comment proves
+it (svcrules.owned): chains of svcrules' shapes without that proof are another
+program's, and are neither replaced nor deleted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from svcrules.backends.iptables import (
     chain_prefix,
@@ -34,6 +40,7 @@ from svcrules.iptables_restore import (
     split_sections,
 )
 from svcrules.kernel import KernelError
+from svcrules.owned import not_ours
 
 
 class IptablesDriver:
@@ -79,12 +86,22 @@ class IptablesDriver:
         self._before, self._after = before, after
         return diff_restore(before, after)
 
-    def full(self, ruleset: Ruleset, table: str, previous: str | None) -> tuple[str, int]:
+    def full(
+        self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
+    ) -> tuple[str, int]:
         """Whatever the kernel holds of svcrules' chains is replaced: declared anew, and
-        deleted when the new text has no such chain. ``previous`` (the last text applied)
-        is what a refused change puts back where the kernel's rules were not read."""
+        deleted when the new text has no such chain. The chains and jumps of earlier
+        names (``retire``) that svcrules made go in the same per-table restores. Chains
+        of the owned prefix that svcrules did not make are refused. ``previous`` (the
+        last text applied) is what a refused change puts back where the kernel's rules
+        were not read."""
         prefix = chain_prefix(table)
         existing = self._existing(prefix)
+        self._check_ours(prefix, existing)
+        for name in dict.fromkeys(retire):
+            other = name.upper()
+            if other != prefix and _holds(found := self._existing(other)) and self._proven(other):
+                existing = _merge(existing, found)
         after = parse_restore(ruleset.iptables)
         old = parse_restore(previous) if previous else {}
         self._before = {
@@ -98,6 +115,38 @@ class IptablesDriver:
         return {
             (fam, tbl): self.kernel.owned(fam, tbl, prefix) for fam in FAMILIES for tbl in TABLES
         }
+
+    def _proven(self, prefix: str) -> bool:
+        """Whether a ``<P>-STATE`` chain with svcrules' comment exists in any table."""
+        return any(
+            state_fingerprint(self.kernel.read_chains(fam, tbl, [f"{prefix}-STATE"]))
+            for fam in FAMILIES
+            for tbl in TABLES
+        )
+
+    def _check_ours(self, prefix: str, existing: Parsed) -> None:
+        """Refuse (before anything is sent) chains of the owned prefix svcrules did not
+        make: replacing them would flush another program's chains."""
+        if _holds(existing) and not self._proven(prefix):
+            names = sorted({c for t in existing.values() for c in t.chains})
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise not_ours(
+                f"the iptables chain prefix {prefix}- ({shown or 'jumps'})",
+                f"no {prefix}-STATE chain with svcrules' comment",
+            )
+
+    def owned_prefixes(self, names: Sequence[str]) -> list[str]:
+        """Of the prefixes of ``names``, and of every ``<P>-STATE`` chain in the kernel,
+        those whose chains svcrules made (proven by their ``<P>-STATE`` chain)."""
+        found = [n.upper() for n in names]
+        for fam in FAMILIES:
+            for tbl in TABLES:
+                found += [
+                    c.removesuffix("-STATE")
+                    for c in self.kernel.chain_names(fam, tbl)
+                    if c.endswith("-STATE")
+                ]
+        return [p for p in dict.fromkeys(found) if self._proven(p)]
 
     def send(self, script: str, tx: object) -> tuple[str, list[str]]:
         """Send each table's input in turn; if one is refused, put back those sent."""
@@ -164,10 +213,19 @@ class IptablesDriver:
                 )
         return problems
 
-    def cleanup(self, table: str) -> list[str]:
-        """Delete svcrules' jumps and chains in both families, nothing else."""
-        prefix = chain_prefix(table)
-        existing = self._existing(prefix)
+    def cleanup(self, table: str | None, known: Sequence[str] = ()) -> list[str]:
+        """Delete svcrules' jumps and chains in both families, nothing else: with
+        ``table``, that prefix's (refused when another program's chains hold it);
+        without, those of every name in ``known`` (the state's) and of every prefix a
+        ``<P>-STATE`` chain with svcrules' comment proves."""
+        if table is not None:
+            prefix = chain_prefix(table)
+            existing = self._existing(prefix)
+            self._check_ours(prefix, existing)
+        else:
+            existing = {}
+            for prefix in self.owned_prefixes(known):
+                existing = _merge(existing, self._existing(prefix))
         tx = full_restore({}, existing)
         for (fam, _), text in split_sections(tx.script()):
             self.kernel.restore(fam, text)
@@ -179,6 +237,21 @@ class IptablesDriver:
             for (fam, tbl), t in sorted(existing.items())
             if t.chains or t.jumps
         ]
+
+
+def _holds(parsed: Parsed) -> bool:
+    return any(t.chains or t.jumps for t in parsed.values())
+
+
+def _merge(a: Parsed, b: Parsed) -> Parsed:
+    """Two prefixes' chains and jumps, per table."""
+    out: Parsed = {}
+    for part in sorted(set(a) | set(b)):
+        x, y = a.get(part, RestoreTable()), b.get(part, RestoreTable())
+        out[part] = RestoreTable(
+            {**x.chains, **y.chains}, [*x.jumps, *y.jumps], x.complete and y.complete
+        )
+    return out
 
 
 __all__ = ["IptablesDriver", "RestoreTransaction"]

@@ -1,15 +1,20 @@
 """The nftables backend's side of a run: fingerprints, diffs, sending, cleanup.
 
 svcrules owns two whole tables (``ip`` and ``ip6`` NAME); each holds a ``state`` set
-whose one element carries the fingerprint of the last script.
+whose one element carries the fingerprint of the last script. That element is also the
+proof of ownership: a table of the owned name without it is another program's, and is
+neither replaced nor deleted (svcrules.owned).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from svcrules.backends.nftables import fingerprint_of
 from svcrules.compiler import Ruleset
 from svcrules.incremental import Transaction, diff_scripts, parse_script
 from svcrules.kernel import Backend, KernelError, list_json
+from svcrules.owned import MARK, TABLE_COMMENT, check_name, not_ours
 
 FAMILIES = ("ip", "ip6")
 
@@ -35,23 +40,81 @@ class NftDriver:
         """The fingerprint in each owned table's state set (None: absent)."""
         out: dict[str, str | None] = {}
         for fam in FAMILIES:
-            comments = [
-                e["elem"].get("comment", "")
-                for o in list_json(self.kernel, f"set {fam} {table} state")
-                if "set" in o
-                for e in o["set"].get("elem", [])
-                if isinstance(e, dict) and "elem" in e
-            ]
+            comments = self._state_comments(fam, table)
             out[fam] = fingerprint_of(" ".join(f'comment "{c}"' for c in comments))
         return out
+
+    def _state_comments(self, fam: str, table: str) -> list[str]:
+        """The element comments of ``set FAM TABLE state`` ([] when there is none)."""
+        return [
+            str(e["elem"].get("comment", ""))
+            for o in list_json(self.kernel, f"set {fam} {table} state")
+            if "set" in o
+            for e in o["set"].get("elem", [])
+            if isinstance(e, dict) and "elem" in e
+        ]
+
+    def _tables(self) -> set[tuple[str, str]]:
+        """(family, name) of every table of the families svcrules uses: names only."""
+        return {
+            (o["table"]["family"], o["table"]["name"])
+            for o in list_json(self.kernel, "tables")
+            if "table" in o and o["table"]["family"] in FAMILIES
+        }
+
+    def _ours(self, fam: str, table: str, deep: bool = True) -> bool:
+        """Whether an existing table was made by svcrules: its state set carries the
+        svcrules comment, or (the set deleted by hand; only when ``deep``) its own comment
+        says so. Only that table is read: the tiny set first, the whole table only
+        without it."""
+        if any(c.startswith(MARK) for c in self._state_comments(fam, table)):
+            return True
+        if not deep:
+            return False
+        try:
+            listing = self.kernel.run(f"list table {fam} {table}")
+        except KernelError:
+            return False
+        head = listing.lstrip().splitlines()[1:2]
+        return any(ln.strip().startswith(f'comment "{TABLE_COMMENT}') for ln in head)
+
+    def owned_tables(
+        self, names: Sequence[str], tables: set[tuple[str, str]] | None = None, deep: bool = True
+    ) -> list[str]:
+        """Of the tables ``FAMILY NAME`` for each name, those that exist and svcrules made."""
+        present = self._tables() if tables is None else tables
+        return [
+            f"{fam} {name}"
+            for name in dict.fromkeys(names)
+            for fam in FAMILIES
+            if (fam, name) in present and self._ours(fam, name, deep)
+        ]
+
+    def _check_ours(self, table: str, present: set[tuple[str, str]]) -> None:
+        """Refuse (before anything is sent) when a table of the owned name is foreign."""
+        for fam in FAMILIES:
+            if (fam, table) in present and not self._ours(fam, table):
+                raise not_ours(f"{fam} {table}", "no svcrules state set")
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Transaction:
         return diff_scripts(old, ruleset.tables, stale)
 
-    def full(self, ruleset: Ruleset, table: str, previous: str | None) -> tuple[str, int]:
-        """The rendered script replaces both tables whole (create, delete, recreate)."""
+    def full(
+        self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
+    ) -> tuple[str, int]:
+        """The rendered script replaces both tables whole (create, delete, recreate), and
+        deletes the tables of earlier names (``retire``) that svcrules made, all in one
+        transaction. A table of the owned name that svcrules did not make is refused."""
+        present = self._tables()
+        self._check_ours(table, present)
+        gone = [t for t in self.owned_tables(list(retire), present) if t.split()[1] != table]
         ops = sum(1 + len(obj.items) for t in ruleset.tables.values() for obj in t.objects.values())
-        return ruleset.nft, ops
+        script = ruleset.nft
+        if gone:
+            at = script.find("\ntable ") + 1
+            deletes = "".join(f"delete table {t}\n" for t in gone)
+            script = script[:at] + deletes + script[at:]
+        return script, ops + len(gone)
 
     def send(self, script: str, tx: Transaction | None) -> tuple[str, list[str]]:
         """Run the transaction; return what was sent and the objects left for later."""
@@ -104,19 +167,24 @@ class NftDriver:
                     out[key] = ("chain", out.get(key, ("chain", 0))[1] + 1)
         return out
 
-    def cleanup(self, table: str) -> list[str]:
-        """Delete the owned tables, nothing else."""
-        present = [
-            f
-            for f in FAMILIES
-            if any(
-                "table" in o and o["table"]["name"] == table and o["table"]["family"] == f
-                for o in list_json(self.kernel, "tables")
-            )
-        ]
-        if present:
-            self.kernel.run("".join(f"delete table {f} {table}\n" for f in present))
-        return [f"{f} {table}" for f in present]
+    def cleanup(self, table: str | None, known: Sequence[str] = ()) -> list[str]:
+        """Delete svcrules' tables, nothing else: with ``table``, that name's (refused when
+        it is another program's); without, every name in ``known`` (the state's) and every
+        table that carries svcrules' mark. All in one transaction."""
+        present = self._tables()
+        if table is not None:
+            check_name(table)
+            self._check_ours(table, present)
+            gone = self.owned_tables([table], present)
+        else:
+            gone = self.owned_tables(known, present)
+            # Every other table is asked for its state set only: other programs' tables
+            # are never listed whole.
+            others = sorted({n for _, n in present} - set(known))
+            gone += self.owned_tables(others, present, deep=False)
+        if gone:
+            self.kernel.run("".join(f"delete table {t}\n" for t in gone))
+        return gone
 
 
 def _structure_of_script(script: str) -> dict[str, tuple[str, int]]:

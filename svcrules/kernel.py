@@ -73,7 +73,13 @@ class NftCommand:
             args.append("--check")
         if json_output:
             args.append("--json")
-        args += ["-f", "-"]
+        if json_output and "\n" not in script.strip():
+            # nft 1.0.6 prints nothing for a listing read with -f in JSON mode: pass the
+            # one command as arguments instead.
+            args += script.split()
+            script = ""
+        else:
+            args += ["-f", "-"]
         proc = subprocess.run(args, input=script, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise KernelError(proc.stderr.strip() or f"nft failed with code {proc.returncode}")

@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 from typing_extensions import TypedDict
 
 from svcrules.addr import canonical_cidr, canonical_ip, family_of
+from svcrules.owned import reserved_message
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
@@ -362,6 +363,8 @@ class NodeConfigSpec(K8sModel):
                 f"{value!r} is not a valid table name "
                 "(a letter, then letters, digits, '_' or '-', at most 64)"
             )
+        if why := reserved_message(value):
+            raise ValueError(why)
         return value
 
 

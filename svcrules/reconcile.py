@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ from svcrules.errors import SvcrulesError
 from svcrules.incremental import NeedsFullReplacement
 from svcrules.iptables_restore import JumpsChanged
 from svcrules.kernel import KernelError
+from svcrules.owned import check_name
 from svcrules.state import Meta, StateStore
 from svcrules.stats import stats
 
@@ -54,7 +56,9 @@ class Driver(Protocol):
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Tx: ...
 
-    def full(self, ruleset: Ruleset, table: str, previous: str | None) -> tuple[str, int]: ...
+    def full(
+        self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
+    ) -> tuple[str, int]: ...
 
     def send(self, script: str, tx: Any) -> tuple[str, list[str]]: ...
 
@@ -62,7 +66,7 @@ class Driver(Protocol):
 
     def verify(self, table: str, script: str, stale: list[str]) -> list[str]: ...
 
-    def cleanup(self, table: str) -> list[str]: ...
+    def cleanup(self, table: str | None, known: Sequence[str] = ()) -> list[str]: ...
 
 
 @dataclass
@@ -156,6 +160,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     new_meta.backend = driver.backend
     new_meta.tool = driver.name if driver.backend == "iptables" else ""
     new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
+    new_meta.owned = list(dict.fromkeys([*old_meta.owned, ruleset.plan.table]))
     if ruleset.plan.table != table:
         table = ruleset.plan.table
         started = time.monotonic()
@@ -194,7 +199,12 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 kernel_seconds=kernel_seconds,
             )
     started = time.monotonic()
-    script, operations = driver.full(ruleset, table, old_script)
+    # The full replacement also removes what svcrules made under earlier table names
+    # (proven its own; others' are left alone), in the same transaction: afterwards
+    # only the current name holds svcrules' rules.
+    retire = [n for n in old_meta.owned if n != table]
+    script, operations = driver.full(ruleset, table, old_script, retire)
+    new_meta.owned = [table]
     kernel_seconds += time.monotonic() - started
     return Change(
         "full",
@@ -230,9 +240,15 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
 
 def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
     """Delete the backend's owned rules (nothing else) and the saved state; return what
-    went. Without a table name, the one svcrules last wrote (or the default) is meant."""
+    went. With a table name, only that name's rules, refused when another program owns
+    it; without, every name the state directory recorded and every table or chain
+    prefix that carries svcrules' mark (found even when the state was lost)."""
     _, meta = store.load()
-    gone = driver.cleanup(table or meta.table or "svcrules")
+    if table is not None:
+        check_name(table)
+        gone = driver.cleanup(table)
+    else:
+        gone = driver.cleanup(None, [*meta.owned, meta.table or "svcrules"])
     same_tool = driver.backend != "iptables" or not meta.tool or meta.tool == driver.name
     if (meta.backend == driver.backend and same_tool) or not store.has_state():
         store.clear()

@@ -80,6 +80,9 @@ class Meta:
     backend: str = "nftables"  # which backend wrote the script
     tool: str = ""  # iptables backend: iptables-nft or iptables-legacy (they do not mix)
     counts: dict[str, int] = field(default_factory=dict)  # stats.Stats of that script
+    # Every table name whose objects svcrules made with this state and may still hold:
+    # the current one and earlier ones not yet proven gone (a tableName change).
+    owned: list[str] = field(default_factory=list)
 
     @classmethod
     def of_plan(cls, plan: NodePlan, fingerprint: str) -> Meta:
@@ -158,6 +161,7 @@ class StateStore:
                 backend=str(raw.get("backend", "nftables")),
                 tool=str(raw.get("tool", "")),
             )
+            meta.owned = [meta.table] if meta.table else []
         except (OSError, ValueError, TypeError, AttributeError):
             return counters
         meta.failures = counters.failures or int(raw.get("failures", 0) or 0)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 from svcrules.addr import ip_in_cidr, ip_sort_key
 from svcrules.errors import SvcrulesError
 from svcrules.names import comment, digest32
+from svcrules.owned import RESERVED, reserved_message
 from svcrules.plan import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
 from svcrules.render import render
 
@@ -145,17 +146,18 @@ def jumps(prefix: str, table: str) -> list[tuple[str, str]]:
     return [("INPUT", new), ("FORWARD", new), ("OUTPUT", new)]
 
 
-# Prefixes of other software's chains: a table name that is one of them is refused.
-TAKEN = ("KUBE", "DOCKER", "CALI", "CILIUM", "FLANNEL", "WEAVE", "ISTIO", "LIBVIRT", "FORWARD")
+# Other software's chain prefixes (and table names) come from the list both backends
+# refuse: svcrules.owned.RESERVED.
+TAKEN = RESERVED
 
 
 def chain_prefix(table_name: str) -> str:
     """Owned chains start with the table name in capitals (SVCRULES-...)."""
     prefix = table_name.upper()
-    if prefix.split("-")[0].split("_")[0] in TAKEN:
+    if why := reserved_message(table_name):
         raise SvcrulesError(
-            f"NodeConfig spec.tableName (or --table-name): {table_name!r} cannot name the "
-            f"iptables backend's chains: {prefix}-* may be another program's chains"
+            f"NodeConfig spec.tableName (or --table-name): {why} (for the iptables "
+            f"backend: {prefix}-* may be another program's chains)"
         )
     if len(prefix) > PREFIX_MAX:
         raise SvcrulesError(

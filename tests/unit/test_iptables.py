@@ -216,6 +216,11 @@ class FakeIptables:
 
         return RestoreTable(chains={f"{prefix}-SEP-OLD": []}, complete=False)
 
+    def read_chains(self, family: str, table: str, chains: list[str]) -> str:
+        """svcrules' mark in each <P>-STATE: the chains are svcrules' own."""
+        mark = f'--comment "svcrules {"0" * 32}" -j RETURN'
+        return "".join(f"-A {c} -m comment {mark}\n" for c in chains if c.endswith("-STATE"))
+
 
 def test_a_refused_table_puts_back_what_it_can_and_says_what_it_could_not() -> None:
     from svcrules.driver_iptables import IptablesDriver

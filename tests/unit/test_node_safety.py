@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from svcrules import cli_run
 from svcrules.cli import app
 from svcrules.compiler import prepare
+from svcrules.config import Overrides
 from svcrules.errors import InputError
 from svcrules.lock import LockTimeout, exclusive
 from svcrules.metrics import previous_failures
@@ -37,7 +38,8 @@ def meta(*ports: str) -> Meta:
 
 
 def test_empty_stdin_is_an_error_unless_allowed() -> None:
-    job = prepare(["-"], stdin=io.StringIO(""), allow_empty=False)
+    flags = Overrides(node_name="n", node_ips=["192.0.2.1"])
+    job = prepare(["-"], overrides=flags, stdin=io.StringIO(""), allow_empty=False)
     with pytest.raises(InputError) as exc:
         job.compile()
     assert "<stdin>: empty input" in str(exc.value) and "pipefail" in str(exc.value)
