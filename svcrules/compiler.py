@@ -86,9 +86,13 @@ class Job:
         with _no_cyclic_gc():
             inputs = load_sources(self.sources)
             config_inputs = load_sources(self.config) if self.config else None
-            node = node_config(inputs, config_inputs, self.overrides)
-            if not self.allow_empty:
-                refuse_empty(self.sources, inputs)
+            empty = [] if self.allow_empty else empty_problems(self.sources, inputs)
+            try:
+                node = node_config(inputs, config_inputs, self.overrides)
+            except InputError as exc:
+                raise InputError(exc.problems + empty) from None
+            if empty:
+                raise InputError(empty)
             ruleset = compile(inputs, node)
             _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
@@ -101,10 +105,10 @@ EMPTY_HINT = (
 )
 
 
-def refuse_empty(sources: Sequence[Source], inputs: Inputs) -> None:
-    """Raise InputError when the inputs hold no Service at all, naming empty sources."""
+def empty_problems(sources: Sequence[Source], inputs: Inputs) -> list[Problem]:
+    """Why inputs that hold no Service at all are refused, naming the empty sources."""
     if inputs.services:
-        return
+        return []
     problems = [
         Problem(None, "", f"{s.path}: empty input (nothing but white space)")
         for s in sources
@@ -113,7 +117,7 @@ def refuse_empty(sources: Sequence[Source], inputs: Inputs) -> None:
     if not sources:
         problems.append(Problem(None, "", "no input files found"))
     problems.append(Problem(None, "", EMPTY_HINT))
-    raise InputError(problems)
+    return problems
 
 
 def prepare(

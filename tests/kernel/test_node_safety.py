@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s import Obj, endpoint_slice, service
+from tests.k8s import Obj, dump, endpoint_slice, service
 
 from .lab import Lab
 from .test_apply import CIP_B, Node, svc_a, svc_b
-from .test_semantics import CIP, ok
+from .test_semantics import CIP, cfg, ok
 
 CIP_C = "203.0.113.30"
 
@@ -84,17 +84,23 @@ def test_failed_kubectl_pipe_keeps_every_service(lab: Lab, node: Node) -> None:
     before = lab.nft("list", "ruleset")
     prom = node.tmp / "m.prom"
     pipe = "(echo 'error: You must be logged in to the server (Unauthorized)' >&2) | "
-    pipe += " ".join([*node.cmd("sync", "-"), "--metrics-file", str(prom)])
-    proc = subprocess.run(
-        ns_cmd(lab, "bash", "-c", pipe), capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert "<stdin>: empty input" in proc.stderr and "pipefail" in proc.stderr
-    assert lab.nft("list", "ruleset") == before
+    config = node.tmp / "node.yaml"
+    config.write_text(dump([cfg()]))
+    for with_config in (["--config", str(config)], []):
+        cmd = [*node.cmd("sync", "-"), *with_config, "--metrics-file", str(prom)]
+        proc = subprocess.run(
+            ns_cmd(lab, "bash", "-c", pipe + " ".join(cmd)),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert "<stdin>: empty input" in proc.stderr and "pipefail" in proc.stderr
+        assert lab.nft("list", "ruleset") == before
     assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod3"}
     text = prom.read_text()
     assert 'svcrules_last_sync_success{table="svcrules"} 0' in text
-    assert 'svcrules_sync_failures_total{table="svcrules"} 1' in text
+    assert 'svcrules_sync_failures_total{table="svcrules"} 2' in text
     # A file holding only other kinds is just as empty.
     node.inputs.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n")
     proc = node.run("sync", "--config", str(node.tmp / "none.yaml"))
