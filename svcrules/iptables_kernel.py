@@ -8,6 +8,7 @@ package ships both variants; ``auto`` uses whichever the alternatives system cho
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -56,7 +57,7 @@ class Iptables:
         proc = self._run(args, text)
         if proc.returncode != 0:
             err = _quiet(proc.stderr) or f"exit code {proc.returncode}"
-            raise KernelError(f"{args[0]} refused the change: {err}")
+            raise KernelError(f"{args[0]} refused the change: {_with_line(err, text)}")
 
     def save(self, family: str, table: str) -> str:
         proc = self._run([self._tools[(family, "-save")], "-t", table])
@@ -125,6 +126,22 @@ class Iptables:
                 return False
         proc = self._run([nft, "delete", "table", nft_family, table])
         return proc.returncode == 0
+
+
+def _with_line(err: str, text: str) -> str:
+    """iptables-restore names the input line it failed at ("line 10 failed"), and
+    iptables-legacy says nothing more: show that line. Deleting a chain that another
+    owner's rule still jumps to is the refusal one runs into, so say so."""
+    m = re.search(r"\bline (\d+) failed", err)
+    lines = text.splitlines()
+    if not m or not 0 < int(m.group(1)) <= len(lines):
+        return err
+    line = lines[int(m.group(1)) - 1]
+    shown = line if len(line) <= 300 else f"{line[:300]}…"
+    out = f"{err}: {shown}"
+    if line.startswith("-X "):
+        out += " (a rule svcrules does not own may still jump to this chain)"
+    return out
 
 
 def _quiet(stderr: str) -> str:
