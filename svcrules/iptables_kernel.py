@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 from svcrules.iptables_restore import BUILTIN, RestoreTable, is_own_chain, parsed_from_save
 from svcrules.kernel import KernelError
@@ -103,6 +106,37 @@ class Iptables:
         out.chains = {name: [] for name in sorted(names)}
         out.complete = False
         return out
+
+    def load_elsewhere(self, sections: list[tuple[tuple[str, str], str]]) -> dict[str, str] | None:
+        """Restore ``sections`` into a network namespace made for the purpose (gone when
+        the commands exit; nothing of the node's is touched) and return iptables-save
+        of each family and table there ("ipv4 nat" -> text): how this variant lists
+        exactly those rules. None when that is not possible here (no ``unshare``)."""
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="svcrules-verify-") as tmp:
+            steps = ["set -e"]
+            for i, ((family, _), text) in enumerate(sections):
+                path = Path(tmp, str(i))
+                path.write_text(text)
+                tool = self._tools[(family, "-restore")]
+                steps.append(f"{shlex.quote(tool)} --noflush -w {LOCK_WAIT} {path}")
+            for family in ("ipv4", "ipv6"):
+                for table in ("nat", "filter"):
+                    steps.append(f"echo '#> {family} {table}'")
+                    steps.append(f"{shlex.quote(self._tools[(family, '-save')])} -t {table}")
+            proc = self._run([unshare, "--net", "sh", "-c", "\n".join(steps)])
+        if proc.returncode != 0:
+            return None
+        out: dict[str, list[str]] = {}
+        current: list[str] = []
+        for line in proc.stdout.splitlines():
+            if line.startswith("#> "):
+                current = out.setdefault(line[3:], [])
+            else:
+                current.append(line)
+        return {part: "".join(f"{ln}\n" for ln in lines) for part, lines in out.items()}
 
     def drop_if_empty(self, family: str, table: str) -> bool:
         """With iptables-nft, delete the nft table behind ``table`` when it holds nothing
