@@ -18,6 +18,7 @@ from svcrules.incremental import Transaction, diff_scripts, parse_script
 from svcrules.kernel import Backend, KernelError, list_json
 
 FAMILIES = ("ip", "ip6")
+BUSY_SEARCHES = 8  # objects still in use looked for one by one; beyond, all deletions wait
 
 
 class NftDriver:
@@ -63,9 +64,9 @@ class NftDriver:
         """Run the transaction; return what was sent and the objects left for later.
 
         Deletions come in dependency order, so a kernel refuses one (EBUSY) only while
-        something svcrules does not know of still uses the object. Those deletions
-        (the ones nft names, or all of them when it names none) are left out and the
-        rest is sent again; the objects stay, emptied, and a later run deletes them."""
+        something svcrules does not know of still uses the object. Which one is found
+        with dry runs (nft's message may name another command of the batch); it is left
+        out, emptied, for a later run to delete, and the rest is sent again."""
         left: set[str] = set()
         while True:
             try:
@@ -73,14 +74,30 @@ class NftDriver:
             except KernelError as exc:
                 if tx is None or not tx.deletions or "busy" not in str(exc).lower():
                     raise
-                pending = set(tx.deleted) - left
-                busy = _busy_deletions(exc.details or str(exc)) & pending
+                pending = [name for name in tx.deleted if name not in left]
                 if not pending:
                     raise
-                left |= busy or pending
+                if len(left) < BUSY_SEARCHES:
+                    left.add(self._first_busy(tx, left, pending))
+                else:
+                    left.update(pending)
                 script = tx.without(left)
                 continue
             return script, sorted(left)
+
+    def _first_busy(self, tx: Transaction, left: set[str], pending: list[str]) -> str:
+        """The first deletion of ``pending`` the kernel refuses: the shortest prefix of
+        them whose dry run fails ends with it."""
+        lo, hi = 0, len(pending)  # a dry run with lo deletions passes; with hi it fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                self.kernel.run(tx.without(left | set(pending[mid:])), check_only=True)
+            except KernelError:
+                hi = mid
+            else:
+                lo = mid
+        return pending[hi - 1]
 
     def check(self, script: str) -> None:
         self.kernel.run(script, check_only=True)
@@ -96,7 +113,7 @@ class NftDriver:
             want, have = _structure_of_script(script), self._structure_of_kernel(table)
             return _compare(want, have, lingering)
         kernel = [o for fam in FAMILIES for o in list_json(self.kernel, f"table {fam} {table}")]
-        return _compare(_content(loaded), _content(kernel), lingering)
+        return _compare(listed_content(loaded), listed_content(kernel), lingering)
 
     def _structure_of_kernel(self, table: str) -> dict[str, Any]:
         """Object name -> (kind, rule or element count), read from the kernel."""
@@ -188,7 +205,7 @@ def _norm(value: Any) -> Any:
     return value
 
 
-def _content(listing: list[dict[str, Any]]) -> dict[str, Any]:
+def listed_content(listing: list[dict[str, Any]]) -> dict[str, Any]:
     """ "family name" -> Content of each set, map and chain in nft's JSON listing."""
     out: dict[str, Any] = {}
     rules: dict[str, list[str]] = {}
@@ -239,20 +256,6 @@ def _load_elsewhere(script: str, table: str) -> list[dict[str, Any]] | None:
     for chunk in proc.stdout.splitlines():
         if chunk.strip():
             out += [o for o in json.loads(chunk).get("nftables", []) if "metainfo" not in o]
-    return out
-
-
-def _busy_deletions(message: str) -> set[str]:
-    """The objects ("family kind name") of the ``delete`` commands nft's message shows
-    under a "Device or resource busy" error."""
-    out: set[str] = set()
-    lines = message.splitlines()
-    for i, line in enumerate(lines[:-1]):
-        if "busy" not in line.lower():
-            continue
-        words = lines[i + 1].split()
-        if len(words) == 5 and words[0] == "delete":
-            out.add(f"{words[2]} {words[1]} {words[4]}")
     return out
 
 

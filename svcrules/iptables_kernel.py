@@ -163,10 +163,11 @@ class Iptables:
 
 
 def _with_line(err: str, text: str) -> str:
-    """iptables-restore names the input line it failed at ("line 10 failed"), and
-    iptables-legacy says nothing more: show that line. Deleting a chain that another
-    owner's rule still jumps to is the refusal one runs into, so say so."""
-    m = re.search(r"\bline (\d+) failed", err)
+    """iptables-restore names the input line it failed at ("line 10 failed", or
+    "line 10: CHAIN_DEL failed ..."), and iptables-legacy says nothing more: show it.
+    Deleting a chain that another owner's rule still jumps to is the refusal one runs
+    into, so say so."""
+    m = re.search(r"\bline (\d+)(?: failed|:)", err)
     lines = text.splitlines()
     if not m or not 0 < int(m.group(1)) <= len(lines):
         return err

@@ -132,6 +132,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         and not verify
         and old_meta.input_digest == job.digest
         and old_meta.table == table
+        and not old_meta.stale  # objects a refused delete left: delete them now
     ):
         return Change(
             "noop",
