@@ -18,6 +18,7 @@ from typing import Any
 
 from svcrules.backends.iptables import chain_prefix
 from svcrules.driver_nft import listed_content
+from svcrules.state import StateStore
 from tests.k8s import Obj, dump
 
 from . import backends
@@ -73,6 +74,18 @@ class Runner:
         proc = self.lab.exec("node", "unshare", "--net", "sh", "-c", script, timeout=120)
         subprocess.run(["rm", "-rf", str(scratch)], check=True)
         return self._parse(proc.stdout)
+
+    def stale(self) -> list[str]:
+        """The objects a refused delete left, per the state directory."""
+        return list(StateStore(self.state).load()[1].stale)
+
+    def alter_saved(self, old: str, new: str) -> None:
+        """Replace text in the saved script, as a bug or a bad restore of the state
+        directory would: the kernel's fingerprint still matches the state's."""
+        store = StateStore(self.state)
+        script, meta = store.load()
+        assert script is not None and old in script
+        store.save(script.replace(old, new), meta)
 
     def table(self) -> str:
         for i, arg in enumerate(self.extra):
