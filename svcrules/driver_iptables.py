@@ -189,7 +189,10 @@ class IptablesDriver:
             self.kernel.restore(fam, text, check_only=True)
 
     def verify(self, table: str, script: str, stale: list[str]) -> list[str]:
-        """Differences between the kernel's chains and a text: names and rule counts."""
+        """Differences between the kernel's chains and a text: every rule of every
+        chain, and the jumps from built-in chains, as iptables-save shows them. The tool
+        itself turns the text into that form, by loading it into an empty network
+        namespace of its own; where that cannot be done, rule counts only."""
         want = parse_restore(script)
         prefix = chain_prefix(table)
         have = {
@@ -197,19 +200,28 @@ class IptablesDriver:
             for fam in FAMILIES
             for tbl in TABLES
         }
+        loaded = self.kernel.load_elsewhere(split_sections(full_restore(want, {}).script()))
+        if loaded is None:
+            return _count_differences(want, have)
         problems = []
-        for part in sorted(set(want) | set(have)):
-            w = want.get(part, RestoreTable())
-            h = have.get(part, RestoreTable())
+        for fam, tbl in sorted(set(want) | set(have)):
+            w = parsed_from_save(loaded.get(f"{fam} {tbl}", ""), prefix)
+            h = have.get((fam, tbl), RestoreTable())
             for name in sorted(set(w.chains) | set(h.chains)):
-                a = len(w.chains[name]) if name in w.chains else None
-                b = len(h.chains[name]) if name in h.chains else None
-                if a != b:
-                    problems.append(f"{part[0]} {part[1]} {name}: expected {a}, kernel has {b}")
-            if len(w.jumps) != len(h.jumps):
+                a, b = w.chains.get(name), h.chains.get(name)
+                if a is None or b is None:
+                    state = "missing" if b is None else "should not exist"
+                    problems.append(f"{fam} {tbl} {name}: {state}")
+                elif a != b:
+                    diff = len(set(a) ^ set(b))
+                    problems.append(
+                        f"{fam} {tbl} {name}: rules differ ({len(a)} expected, {len(b)} in "
+                        f"the kernel, {diff} not in both)"
+                    )
+            if sorted(w.jumps) != sorted(h.jumps):
                 problems.append(
-                    f"{part[0]} {part[1]}: expected {len(w.jumps)} jumps from built-in "
-                    f"chains, kernel has {len(h.jumps)}"
+                    f"{fam} {tbl}: the jumps from built-in chains differ "
+                    f"({len(w.jumps)} expected, {len(h.jumps)} in the kernel)"
                 )
         return problems
 
@@ -252,6 +264,25 @@ def _merge(a: Parsed, b: Parsed) -> Parsed:
             {**x.chains, **y.chains}, [*x.jumps, *y.jumps], x.complete and y.complete
         )
     return out
+
+
+def _count_differences(want: Parsed, have: Parsed) -> list[str]:
+    """Names and rule counts: the comparison when the text cannot be loaded elsewhere."""
+    problems = []
+    for part in sorted(set(want) | set(have)):
+        w = want.get(part, RestoreTable())
+        h = have.get(part, RestoreTable())
+        for name in sorted(set(w.chains) | set(h.chains)):
+            a = len(w.chains[name]) if name in w.chains else None
+            b = len(h.chains[name]) if name in h.chains else None
+            if a != b:
+                problems.append(f"{part[0]} {part[1]} {name}: expected {a}, kernel has {b}")
+        if len(w.jumps) != len(h.jumps):
+            problems.append(
+                f"{part[0]} {part[1]}: expected {len(w.jumps)} jumps from built-in "
+                f"chains, kernel has {len(h.jumps)}"
+            )
+    return problems
 
 
 __all__ = ["IptablesDriver", "RestoreTransaction"]

@@ -96,8 +96,8 @@ class Transaction:
     """nft commands in a safe order, and how much they change."""
 
     commands: list[str] = field(default_factory=list)
-    deletions: list[str] = field(default_factory=list)  # run last; may be dropped on EBUSY
-    deleted: list[str] = field(default_factory=list)  # "family kind name" of each deletion
+    deletions: list[str] = field(default_factory=list)  # run last, in dependency order
+    deleted: list[str] = field(default_factory=list)  # "family kind name", one per deletion
     operations: int = 0
     chains_added: int = 0
     chains_changed: int = 0
@@ -110,6 +110,11 @@ class Transaction:
     def script(self, with_deletions: bool = True) -> str:
         cmds = self.commands + (self.deletions if with_deletions else [])
         return "".join(f"{c}\n" for c in cmds)
+
+    def without(self, kept: set[str]) -> str:
+        """The script without the deletions of ``kept`` ("family kind name" entries)."""
+        cmds = [d for d, name in zip(self.deletions, self.deleted, strict=True) if name not in kept]
+        return "".join(f"{c}\n" for c in self.commands + cmds)
 
     @property
     def empty(self) -> bool:
@@ -146,7 +151,6 @@ def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str])
     del_elems: list[str] = []
     add_elems: list[str] = []
     rules: list[str] = []
-    removals: list[str] = []
     for name, obj in new.objects.items():
         before = old.objects.get(name)
         if before is not None and (before.kind != obj.kind or before.header != obj.header):
@@ -183,26 +187,63 @@ def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str])
     removed = [o for n, o in old.objects.items() if n not in new.objects]
     for entry in sorted(stale):
         fam, kind, name = entry.split(" ")
-        if fam == new.family and name not in new.objects and name not in old.objects:
-            removed.append(NftObject(kind, name, (), ()))
+        if fam != new.family or name in old.objects:
+            continue
+        if name in new.objects:
+            # The kernel still holds the old object (a delete refused earlier): adding to
+            # it would mix its old rules or elements with the new ones.
+            raise NeedsFullReplacement(f"{kind} {name} lingers from an earlier run")
+        removed.append(NftObject(kind, name, (), ()))
     for obj in removed:
         if obj.is_base_chain:
             raise NeedsFullReplacement(f"base chain {obj.name} removed")
     for obj in removed:
         if obj.kind == "chain":
             rules.append(f"flush chain {where} {obj.name}")
-            removals.insert(0, f"delete chain {where} {obj.name}")
-            tx.deleted.append(f"{new.family} chain {obj.name}")
             tx.chains_removed += 1
             tx.operations += 2
-    for obj in removed:
-        if obj.kind != "chain":
-            removals.append(f"delete {obj.kind} {where} {obj.name}")
-            tx.deleted.append(f"{new.family} {obj.kind} {obj.name}")
+        else:
             tx.sets_removed += 1
             tx.operations += 1
+    # Deletions in dependency order: sets and maps first (a verdict map's elements hold
+    # references to chains; rules that use a set are flushed before any deletion), then
+    # each chain before the chains it jumps to. A chain is then deleted only once
+    # nothing in the transaction refers to it, which current kernels require (EBUSY).
+    for obj in _deletion_order(removed):
+        tx.deletions.append(f"delete {obj.kind} {where} {obj.name}")
+        tx.deleted.append(f"{new.family} {obj.kind} {obj.name}")
     tx.commands.extend([*adds_decl, *del_elems, *add_elems, *rules])
-    tx.deletions.extend(removals)
+
+
+_TARGET = re.compile(r"\b(?:jump|goto) ([A-Za-z0-9_.-]+)")
+
+
+def _targets(obj: NftObject) -> set[str]:
+    """The chains an object's rules or verdict-map elements jump or go to."""
+    return {m.group(1) for item in obj.items for m in _TARGET.finditer(item)}
+
+
+def _deletion_order(removed: list[NftObject]) -> list[NftObject]:
+    """Sets and maps (by name), then chains with every referrer before its targets."""
+    sets = sorted((o for o in removed if o.kind != "chain"), key=lambda o: o.name)
+    chains = {o.name: o for o in removed if o.kind == "chain"}
+    referrers = {name: 0 for name in chains}
+    for obj in chains.values():
+        for target in _targets(obj) & set(chains) - {obj.name}:
+            referrers[target] += 1
+    order: list[NftObject] = []
+    ready = sorted(n for n, count in referrers.items() if count == 0)
+    while ready:
+        name = ready.pop(0)
+        order.append(chains[name])
+        for target in sorted(_targets(chains[name]) & set(chains) - {name}):
+            referrers[target] -= 1
+            if referrers[target] == 0:
+                ready.append(target)
+        ready.sort()
+    # A cycle cannot be rendered, but never lose a deletion over it.
+    order += [chains[n] for n in sorted(chains) if chains[n] not in order]
+    return sets + order
 
 
 Tables = dict[tuple[str, str], TableText]

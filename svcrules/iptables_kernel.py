@@ -8,7 +8,11 @@ package ships both variants; ``auto`` uses whichever the alternatives system cho
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
+import tempfile
+from pathlib import Path
 
 from svcrules.iptables_restore import BUILTIN, RestoreTable, is_own_chain, parsed_from_save
 from svcrules.kernel import KernelError
@@ -56,7 +60,7 @@ class Iptables:
         proc = self._run(args, text)
         if proc.returncode != 0:
             err = _quiet(proc.stderr) or f"exit code {proc.returncode}"
-            raise KernelError(f"{args[0]} refused the change: {err}")
+            raise KernelError(f"{args[0]} refused the change: {_with_line(err, text)}")
 
     def save(self, family: str, table: str) -> str:
         proc = self._run([self._tools[(family, "-save")], "-t", table])
@@ -115,6 +119,37 @@ class Iptables:
             if "chain" in o and o["chain"].get("table") == table
         ]
 
+    def load_elsewhere(self, sections: list[tuple[tuple[str, str], str]]) -> dict[str, str] | None:
+        """Restore ``sections`` into a network namespace made for the purpose (gone when
+        the commands exit; nothing of the node's is touched) and return iptables-save
+        of each family and table there ("ipv4 nat" -> text): how this variant lists
+        exactly those rules. None when that is not possible here (no ``unshare``)."""
+        unshare = find_tool("unshare")
+        if unshare is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="svcrules-verify-") as tmp:
+            steps = ["set -e"]
+            for i, ((family, _), text) in enumerate(sections):
+                path = Path(tmp, str(i))
+                path.write_text(text)
+                tool = self._tools[(family, "-restore")]
+                steps.append(f"{shlex.quote(tool)} --noflush -w {LOCK_WAIT} {path}")
+            for family in ("ipv4", "ipv6"):
+                for table in ("nat", "filter"):
+                    steps.append(f"echo '#> {family} {table}'")
+                    steps.append(f"{shlex.quote(self._tools[(family, '-save')])} -t {table}")
+            proc = self._run([unshare, "--net", "sh", "-c", "\n".join(steps)])
+        if proc.returncode != 0:
+            return None
+        out: dict[str, list[str]] = {}
+        current: list[str] = []
+        for line in proc.stdout.splitlines():
+            if line.startswith("#> "):
+                current = out.setdefault(line[3:], [])
+            else:
+                current.append(line)
+        return {part: "".join(f"{ln}\n" for ln in lines) for part, lines in out.items()}
+
     def drop_if_empty(self, family: str, table: str) -> bool:
         """With iptables-nft, delete the nft table behind ``table`` when it holds nothing
         but the built-in base chains, without a rule, as iptables-nft creates them, so
@@ -137,6 +172,23 @@ class Iptables:
                 return False
         proc = self._run([nft, "delete", "table", nft_family, table])
         return proc.returncode == 0
+
+
+def _with_line(err: str, text: str) -> str:
+    """iptables-restore names the input line it failed at ("line 10 failed", or
+    "line 10: CHAIN_DEL failed ..."), and iptables-legacy says nothing more: show it.
+    Deleting a chain that another owner's rule still jumps to is the refusal one runs
+    into, so say so."""
+    m = re.search(r"\bline (\d+)(?: failed|:)", err)
+    lines = text.splitlines()
+    if not m or not 0 < int(m.group(1)) <= len(lines):
+        return err
+    line = lines[int(m.group(1)) - 1]
+    shown = line if len(line) <= 300 else f"{line[:300]}…"
+    out = f"{err}: {shown}"
+    if line.startswith("-X "):
+        out += " (a rule svcrules does not own may still jump to this chain)"
+    return out
 
 
 def _quiet(stderr: str) -> str:

@@ -22,7 +22,49 @@ INSTALL_HINT = (
 
 
 class KernelError(SvcrulesError):
-    """The kernel (or nft) refused a command; the message is nft's."""
+    """The kernel (or nft) refused a command; the message is nft's, trimmed to its first
+    error (a refused transaction of thousands of elements makes nft print an error per
+    element); ``details`` keeps all of it."""
+
+    details: str = ""
+
+
+KEEP_LINES = 3  # nft prints an error as: location and message, the command, carets
+KEEP_CHARS = 300  # of each kept line: a command can hold thousands of elements
+
+
+def refused(message: str) -> KernelError:
+    """A KernelError with nft's message trimmed to its first error and a count of the
+    rest, and the whole message in ``details``."""
+    exc = KernelError(trim(message))
+    exc.details = message
+    return exc
+
+
+def trim(message: str) -> str:
+    lines = message.strip().splitlines()
+    start = next((i for i, ln in enumerate(lines) if "Error:" in ln), 0)
+    kept = [_cut(ln) for ln in lines[start : start + KEEP_LINES]]
+    rest = len(lines) - len(kept)
+    if rest > 0:
+        kept.append(f"(and {rest} more lines)")
+    return "\n".join(kept)
+
+
+def first_error(exc: Exception) -> str:
+    """One line for logs: the first error with the command it names, when nft gave one."""
+    lines = str(exc).splitlines() or [""]
+    i = next((i for i, ln in enumerate(lines) if "Error:" in ln), 0)
+    line = lines[i]
+    if "Error:" in line:
+        line = "Error:" + line.split("Error:", 1)[1]
+        if i + 1 < len(lines) and not lines[i + 1].startswith("(and "):
+            line += f": {_cut(lines[i + 1].strip(), 120)}"
+    return line
+
+
+def _cut(line: str, limit: int = KEEP_CHARS) -> str:
+    return line if len(line) <= limit else f"{line[:limit]}…"
 
 
 class Backend(Protocol):
@@ -55,7 +97,7 @@ class LibNftables:
         finally:
             self._lib.nft_ctx_set_dry_run(self._ctx, False)
         if rc != 0:
-            raise KernelError(err.strip() or f"nft failed with code {rc}")
+            raise refused(err.strip() or f"nft failed with code {rc}")
         return str(out)
 
 
@@ -82,7 +124,7 @@ class NftCommand:
             args += ["-f", "-"]
         proc = subprocess.run(args, input=script, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise KernelError(proc.stderr.strip() or f"nft failed with code {proc.returncode}")
+            raise refused(proc.stderr.strip() or f"nft failed with code {proc.returncode}")
         return proc.stdout
 
 

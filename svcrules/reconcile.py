@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from svcrules.conntrack import cleanup_commands, run_cleanup
 from svcrules.errors import SvcrulesError
 from svcrules.incremental import NeedsFullReplacement
 from svcrules.iptables_restore import JumpsChanged
-from svcrules.kernel import KernelError
+from svcrules.kernel import KernelError, first_error
 from svcrules.owned import check_name
 from svcrules.state import Meta, StateStore
 from svcrules.stats import stats
@@ -84,6 +84,8 @@ class Change:
     stale_after: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
+    # An incremental change: the full replacement to send instead if the kernel refuses it.
+    fallback: Callable[[], tuple[str, int]] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -136,6 +138,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         and not verify
         and old_meta.input_digest == job.digest
         and old_meta.table == table
+        and not old_meta.stale  # objects a refused delete left: delete them now
     ):
         return Change(
             "noop",
@@ -178,6 +181,10 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         drift = driver.verify(table, old_script, old_meta.stale)
         if drift:
             reason = "verification found drift: " + "; ".join(drift[:3])
+    # A full replacement also removes what svcrules made under earlier table names
+    # (proven its own; others' are left alone), in the same transaction: afterwards
+    # only the current name holds svcrules' rules.
+    retire = [n for n in old_meta.owned if n != table]
     if not reason and old_script is not None:
         try:
             tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
@@ -197,12 +204,9 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 old_meta,
                 stale_after,
                 kernel_seconds=kernel_seconds,
+                fallback=lambda: driver.full(ruleset, table, old_script, retire),
             )
     started = time.monotonic()
-    # The full replacement also removes what svcrules made under earlier table names
-    # (proven its own; others' are left alone), in the same transaction: afterwards
-    # only the current name holds svcrules' rules.
-    retire = [n for n in old_meta.owned if n != table]
     script, operations = driver.full(ruleset, table, old_script, retire)
     new_meta.owned = [table]
     kernel_seconds += time.monotonic() - started
@@ -225,7 +229,13 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
         return
     table = change.new_meta.table
     started = time.monotonic()
-    change.script, left = driver.send(change.script, change.tx)
+    try:
+        change.script, left = driver.send(change.script, change.tx)
+    except KernelError as exc:
+        if change.mode != "incremental" or change.fallback is None:
+            raise
+        _fall_back(change, driver, exc)
+        left = []
     change.stale_after = sorted(set(change.stale_after) | set(left))
     kernel = driver.fingerprints(table)
     change.kernel_seconds += time.monotonic() - started
@@ -235,7 +245,7 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
     change.new_meta.stale = change.stale_after
     change.new_meta.last_success = time.time()
     store.save(change.new_script, change.new_meta)
-    change.problems = run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
+    change.problems += run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
 
 
 def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
@@ -253,3 +263,26 @@ def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
     if (meta.backend == driver.backend and same_tool) or not store.has_state():
         store.clear()
     return gone
+
+
+def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
+    """The kernel refused the incremental change (and kept the previous rules): it does
+    not hold what the saved script says. Replace everything svcrules owns in the same
+    run, atomically, rather than fail the same way on every run until someone notices."""
+    assert change.fallback is not None
+    first = first_error(exc)
+    change.script, change.operations = change.fallback()
+    change.mode, change.tx, change.stale_after = "full", None, []
+    change.new_meta.owned = [change.new_meta.table]
+    change.reason = f"incremental refused: {first}; fell back to full replacement"
+    change.problems.append(
+        f"the kernel refused the incremental change ({first}); all of svcrules' rules "
+        "were replaced instead"
+    )
+    try:
+        change.script, _ = driver.send(change.script, None)
+    except KernelError as again:
+        raise KernelError(
+            f"the kernel refused the incremental change ({first}), and the full "
+            f"replacement too: {again}"
+        ) from None

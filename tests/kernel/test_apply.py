@@ -166,27 +166,25 @@ def test_applies_to_b_never_disturb_a(lab: Lab, node: Node) -> None:
     assert count > 50 and not failures, failures[:3]
 
 
-def test_refused_transaction_leaves_previous_rules(lab: Lab, node: Node) -> None:
+def test_refused_incremental_change_falls_back_to_full_replacement(lab: Lab, node: Node) -> None:
     node.apply(*svc_a("pod2"))
     tx = node.transaction(*svc_a("pod2", "pod3"))
     add = next(ln for ln in tx.splitlines() if ln.startswith("add element ip svcrules backends"))
     map_name, key = add.split()[4], add.split("{ ")[1].split(" :")[0]
     # Someone else put another value at the slot the update adds: the kernel refuses
-    # the transaction (EEXIST) and must keep the old rules.
+    # the incremental transaction (EEXIST), and the same run replaces the tables whole.
     lab.nft(
         "add", "element", "ip", "svcrules", map_name, "{", key, ":", "192.0.2.77", ".", "1", "}"
     )
-    before = lab.nft("list", "ruleset")
     node.write(*svc_a("pod2", "pod3"))
     proc = node.run("apply")
-    assert proc.returncode == 2 and "File exists" in proc.stderr and proc.stdout == ""
-    assert lab.nft("list", "ruleset") == before
-    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
-    # --verify sees the foreign element (an element count differs from what svcrules
-    # wrote) and replaces the tables whole.
-    proc = node.run("apply", "--verify")
-    assert proc.returncode == 0 and "full replacement (verification found drift" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "full replacement (incremental refused: Error: " in proc.stdout
+    assert "File exists" in proc.stdout and "fell back to full replacement)" in proc.stdout
+    assert "refused the incremental change" in proc.stderr
+    assert "192.0.2.77" not in lab.nft("list", "map", "ip", "svcrules", map_name)
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=24))) == {"pod2", "pod3"}
+    assert node.run("diff", "--verify").returncode == 0
 
 
 def test_drift_and_cleanup_leave_other_tables_alone(lab: Lab, node: Node) -> None:

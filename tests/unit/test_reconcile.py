@@ -11,7 +11,8 @@ import pytest
 
 from svcrules.compiler import Job, prepare
 from svcrules.driver_nft import NftDriver
-from svcrules.kernel import KernelError
+from svcrules.kernel import KernelError, first_error
+from svcrules.kernel import refused as refused_error
 from svcrules.reconcile import execute, plan_change
 from svcrules.state import StateStore
 from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
@@ -76,40 +77,113 @@ def test_endpoint_change_is_incremental_and_drift_is_full(tmp_path: Path) -> Non
 
 
 class BusyKernel(FakeKernel):
-    """Refuses deletions once with EBUSY, as older kernels do when the same transaction
-    drops a chain's last reference."""
+    """Refuses (EBUSY) every transaction, dry runs included, that deletes a chain whose
+    name contains ``busy``, as the kernel does while a rule svcrules does not know of
+    still jumps to it; nft's message names another command of the batch."""
+
+    busy: str = "svc-"
+    refused: int = 0
+
+    def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
+        if self.busy and any(
+            ln.startswith("delete chain") and self.busy in ln for ln in script.splitlines()
+        ):
+            self.refused += 1
+            raise KernelError(
+                "Error: Could not process rule: Device or resource busy\n"
+                "delete element ip svcrules state { 1 }"
+            )
+        return super().run(script, check_only=check_only, json_output=json_output)
+
+
+def test_ebusy_leaves_only_the_chain_in_use_and_the_next_run_deletes_it(tmp_path: Path) -> None:
+    kernel, store = BusyKernel(), StateStore(tmp_path)
+    execute(plan_change(affinity_job("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
+    removal = plan_change(affinity_job("a"), NftDriver(kernel), store)
+    assert removal.mode == "incremental" and removal.tx and len(removal.tx.deleted) == 4
+    execute(removal, NftDriver(kernel), store)
+    _, meta = store.load()
+    assert [s.split()[1] + " " + s.split()[2][:4] for s in meta.stale] == ["chain svc-"]
+    assert (
+        "delete map" in kernel.scripts[-1] and "delete chain ip svcrules aep-" in kernel.scripts[-1]
+    )
+    # Once free, the next run deletes it, though the inputs did not change.
+    kernel.busy = ""
+    later = plan_change(affinity_job("a"), NftDriver(kernel), store)
+    assert later.mode == "incremental"
+    assert later.script.splitlines()[-1] == f"delete chain ip svcrules {meta.stale[0].split()[2]}"
+    execute(later, NftDriver(kernel), store)
+    assert store.load()[1].stale == []
+
+
+def affinity_job(*names: str) -> Job:
+    items = [node_config()]
+    for i, name in enumerate(names):
+        items += [
+            service(name, f"203.0.113.{10 + i}", sessionAffinity="ClientIP"),
+            endpoint_slice(
+                name, [endpoint(f"198.51.100.{11 + i}"), endpoint(f"198.51.100.{61 + i}")]
+            ),
+        ]
+    return prepare(["-"], stdin=io.StringIO(dump(items)))
+
+
+def test_deletions_come_in_dependency_order(tmp_path: Path) -> None:
+    """A ClientIP Service's verdict map points at its endpoint chains, and its Service
+    chain jumps to them: the map goes first, the chains that jump before their targets."""
+    kernel, store = FakeKernel(), StateStore(tmp_path)
+    execute(plan_change(affinity_job("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
+    tx = plan_change(affinity_job("a"), NftDriver(kernel), store).tx
+    assert tx is not None
+    order = [d.split()[1] + " " + d.split()[4].split("-")[0] for d in tx.deletions]
+    assert order[0].startswith("map ") and set(order[-2:]) == {"chain aep"}, order
+    assert order.index("chain svc") < order.index("chain aep")
+    assert len(tx.deletions) == len(tx.deleted)
+
+
+class RefusingKernel(FakeKernel):
+    """Refuses the first incremental transaction, as the kernel does when an element
+    the saved script names was deleted behind svcrules' back."""
 
     refused: int = 0
 
     def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
-        if "delete chain" in script and not self.refused:
+        if "delete element" in script and not script.startswith("table") and not self.refused:
             self.refused += 1
-            raise KernelError("Error: Could not process rule: Device or resource busy")
+            lines = [
+                "Error: Could not process rule: No such file or directory",
+                "delete element ip svcrules service-ips { 203.0.113.11 . tcp . 80 }",
+                "^^^^^",
+            ]
+            raise refused_error("\n".join(lines * 5000))
         return super().run(script, check_only=check_only, json_output=json_output)
 
 
-def test_ebusy_on_delete_is_retried_without_deletions_and_converges(tmp_path: Path) -> None:
-    def objs(*names: str) -> Job:
-        items = [node_config()]
-        for i, name in enumerate(names):
-            items += [
-                service(name, f"203.0.113.{10 + i}"),
-                endpoint_slice(name, [endpoint(f"198.51.100.{11 + i}")]),
-            ]
-        return prepare(["-"], stdin=io.StringIO(dump(items)))
+def test_a_refused_incremental_change_falls_back_to_full_replacement(tmp_path: Path) -> None:
+    kernel, store = RefusingKernel(), StateStore(tmp_path)
+    execute(plan_change(affinity_job("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
+    change = plan_change(affinity_job("a"), NftDriver(kernel), store)
+    assert change.mode == "incremental"
+    execute(change, NftDriver(kernel), store)
+    assert kernel.refused == 1 and change.mode == "full" and change.tx is None
+    assert change.reason == (
+        "incremental refused: Error: Could not process rule: No such file or directory: "
+        "delete element ip svcrules service-ips { 203.0.113.11 . tcp . 80 }; "
+        "fell back to full replacement"
+    )
+    assert kernel.scripts[-1].startswith("#!") or "delete table ip svcrules" in kernel.scripts[-1]
+    assert any("refused the incremental change" in p for p in change.problems)
+    assert store.load()[1].fingerprint == kernel.fingerprint
 
-    kernel, store = BusyKernel(), StateStore(tmp_path)
-    execute(plan_change(objs("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
-    removal = plan_change(objs("a"), NftDriver(kernel), store)
-    assert removal.mode == "incremental" and removal.tx and removal.tx.deletions
-    execute(removal, NftDriver(kernel), store)  # refused once, sent again without the deletions
-    assert kernel.refused == 1 and "delete chain" not in kernel.scripts[-1]
-    _, meta = store.load()
-    assert sorted(s.split()[1] for s in meta.stale) == ["chain", "map"]
-    # The next run deletes what was left, and then nothing is stale any more.
-    kernel.fingerprint = meta.fingerprint
-    later = plan_change(objs("a", "c"), NftDriver(kernel), store)
-    for fam, kind, name in (s.split() for s in meta.stale):
-        assert f"delete {kind} {fam} svcrules {name}" in later.script
-    execute(later, NftDriver(kernel), store)
-    assert store.load()[1].stale == []
+
+def test_kernel_errors_are_trimmed_to_the_first_error() -> None:
+    message = "\n".join(["Error: busy", "delete chain ip t x", "^^^"] * 7000)
+    exc = refused_error(message)
+    assert str(exc).splitlines() == [
+        "Error: busy",
+        "delete chain ip t x",
+        "^^^",
+        "(and 20997 more lines)",
+    ]
+    assert exc.details == message
+    assert first_error(exc) == "Error: busy: delete chain ip t x"

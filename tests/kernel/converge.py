@@ -1,0 +1,127 @@
+"""Running svcrules in the lab's node the way a timer does, and comparing what the node
+holds with a clean apply of the same input, on any backend.
+
+The comparison is of content, not counts: every rule and every element (nft: as
+``nft -j`` lists them, without handles, counters and the entries packets put in
+affinity sets; iptables: svcrules' lines of iptables-save, without counters). The
+clean apply runs in a network namespace made for it inside the node namespace, with
+its own state directory, so the node under test is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from svcrules.backends.iptables import chain_prefix
+from svcrules.driver_nft import listed_content
+from svcrules.state import StateStore
+from tests.k8s import Obj, dump
+
+from . import backends
+from .lab import Lab
+from .test_semantics import cfg
+
+TABLE = "svcrules"
+
+
+class Runner:
+    """svcrules in the node namespace, one backend, a private state directory."""
+
+    def __init__(self, lab: Lab, tmp: Path, backend: str) -> None:
+        self.lab, self.tmp, self.backend = lab, tmp, backend
+        self.state = tmp / "state"
+        self.inputs = tmp / "inputs.yaml"
+        self.extra: list[str] = []  # options every run gets (a table name, ...)
+
+    @property
+    def variant(self) -> str:
+        return self.backend.split("-", 1)[1] if self.backend != "nftables" else ""
+
+    def flags(self) -> list[str]:
+        if self.backend == "nftables":
+            return [*self.extra]
+        return ["--backend", "iptables", "--iptables", self.variant, *self.extra]
+
+    def write(self, objs: list[Obj]) -> None:
+        self.inputs.write_text(dump([cfg(), *objs]))
+
+    def run(
+        self, verb: str, *args: str, state: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "svcrules", verb, str(self.inputs), *args, *self.flags()]
+        cmd += ["--state-dir", str(state or self.state)]
+        return self.lab.exec("node", *cmd, check=False, timeout=120)
+
+    def sync(self, objs: list[Obj], *args: str) -> subprocess.CompletedProcess[str]:
+        self.write(objs)
+        return self.run("sync", *args)
+
+    def content(self) -> Any:
+        """What the node holds of svcrules' rules."""
+        return self._parse(self.lab.exec("node", "sh", "-c", self._lister()).stdout)
+
+    def clean(self, objs: list[Obj]) -> Any:
+        """What a first apply of ``objs`` makes, in a fresh network namespace."""
+        self.write(objs)
+        scratch = self.tmp / "clean-state"
+        apply = [sys.executable, "-m", "svcrules", "apply", str(self.inputs), *self.flags()]
+        apply += ["--state-dir", str(scratch)]
+        script = f"{' '.join(apply)} >/dev/null && {self._lister()}"
+        proc = self.lab.exec("node", "unshare", "--net", "sh", "-c", script, timeout=120)
+        subprocess.run(["rm", "-rf", str(scratch)], check=True)
+        return self._parse(proc.stdout)
+
+    def stale(self) -> list[str]:
+        """The objects a refused delete left, per the state directory."""
+        return list(StateStore(self.state).load()[1].stale)
+
+    def alter_saved(self, old: str, new: str) -> None:
+        """Replace text in the saved script, as a bug or a bad restore of the state
+        directory would: the kernel's fingerprint still matches the state's."""
+        store = StateStore(self.state)
+        script, meta = store.load()
+        assert script is not None and old in script
+        store.save(script.replace(old, new), meta)
+
+    def table(self) -> str:
+        for i, arg in enumerate(self.extra):
+            if arg == "--table-name":
+                return self.extra[i + 1]
+        return TABLE
+
+    def _lister(self) -> str:
+        if self.backend == "nftables":
+            table = self.table()
+            return f"nft -j list table ip {table} && echo && nft -j list table ip6 {table}"
+        return " && ".join(backends.tool(self.variant, fam, "-save") for fam in ("ipv4", "ipv6"))
+
+    def _parse(self, out: str) -> Any:
+        if self.backend == "nftables":
+            listing = [
+                o
+                for chunk in out.splitlines()
+                if chunk.strip()
+                for o in json.loads(chunk)["nftables"]
+                if "metainfo" not in o
+            ]
+            return {k: str(v) for k, v in listed_content(listing).items()}
+        prefix = chain_prefix(self.table())
+        return [ln for ln in backends.rules_only(out) if prefix in ln]
+
+
+def differences(have: Any, want: Any) -> str:
+    """A readable account of how two contents differ (for assertion messages)."""
+    if isinstance(have, dict):
+        keys = sorted(set(have) | set(want))
+        return "\n".join(
+            f"{k}:\n  node:  {have.get(k)}\n  clean: {want.get(k)}"
+            for k in keys
+            if have.get(k) != want.get(k)
+        )[:6000]
+    extra = [ln for ln in have if ln not in want]
+    missing = [ln for ln in want if ln not in have]
+    return f"in the node only: {extra[:20]}\nin a clean apply only: {missing[:20]}"
