@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from svcrules.errors import InputError, Origin, Problem
+from svcrules.errors import InputError, OnInvalid, Origin, Problem
 from svcrules.model import EndpointSlice, NodeConfig, Service
 from svcrules.parse import Refused, documents
 
@@ -81,6 +81,8 @@ class Inputs:
     slices: list[EndpointSlice] = field(default_factory=list)
     node_configs: list[NodeConfig] = field(default_factory=list)
     origins: dict[int, Origin] = field(default_factory=dict)
+    # Invalid Services and EndpointSlices left out (``on_invalid="skip"``), one per object.
+    skipped: list[Problem] = field(default_factory=list)
     objects: int = 0  # documents and List items seen, for Limits.max_objects
 
     def origin(self, obj: object) -> Origin | None:
@@ -223,6 +225,7 @@ def _load_doc(
     out: Inputs,
     problems: list[Problem],
     limits: Limits,
+    skip: bool = False,
 ) -> None:
     out.objects += 1
     if out.objects > limits.max_objects:
@@ -239,7 +242,7 @@ def _load_doc(
             return
         for i, item in enumerate(items):
             # Recursion is bounded: documents are at most parse.MAX_DEPTH deep.
-            _load_doc(item, Origin(origin.path, origin.document, i), out, problems, limits)
+            _load_doc(item, Origin(origin.path, origin.document, i), out, problems, limits, skip)
         return
     model = KINDS.get((str(api), str(kind)))
     if model is None:
@@ -251,7 +254,12 @@ def _load_doc(
     try:
         obj = model.model_validate(doc)
     except ValidationError as exc:
-        problems.extend(validation_problems(exc, where, model))
+        found = validation_problems(exc, where, model)
+        if skip and model is not NodeConfig:
+            why = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in found)
+            out.skipped.append(Problem(where, "", f"left out: {why}"))
+        else:
+            problems.extend(found)
         return
     out.add(obj, where)
 
@@ -261,9 +269,13 @@ def load_text(
     path: str,
     out: Inputs,
     problems: list[Problem],
+    on_invalid: OnInvalid = "fail",
     limits: Limits | None = None,
 ) -> None:
-    """Parse one input into ``out``, adding what is wrong to ``problems``."""
+    """Parse one input into ``out``. With ``on_invalid="skip"``, Services and
+    EndpointSlices that fail validation go to ``out.skipped`` instead of
+    ``problems``; a document that cannot be parsed is always a problem (which
+    objects it held, and so which to keep, cannot be known)."""
     limits = limits or Limits()
     try:
         docs = documents(text)
@@ -275,7 +287,7 @@ def load_text(
         return
     for n, doc in enumerate(docs, start=1):
         try:
-            _load_doc(doc, Origin(path, n), out, problems, limits)
+            _load_doc(doc, Origin(path, n), out, problems, limits, on_invalid == "skip")
         except _TooMany:
             problems.append(
                 Problem(
@@ -430,13 +442,17 @@ def _mode(path: str) -> int:
         return 0  # open() reports it
 
 
-def load_sources(sources: Iterable[Source], limits: Limits | None = None) -> Inputs:
-    """Parse and validate; raise InputError listing all problems."""
+def load_sources(
+    sources: Iterable[Source], on_invalid: OnInvalid = "fail", limits: Limits | None = None
+) -> Inputs:
+    """Parse and validate; raise InputError listing all problems. With
+    ``on_invalid="skip"`` invalid Services and EndpointSlices are left out and listed
+    in ``Inputs.skipped`` (see ``load_text``)."""
     limits = limits or Limits.from_env()
     out = Inputs()
     problems: list[Problem] = []
     for source in sources:
-        load_text(source.text, source.path, out, problems, limits)
+        load_text(source.text, source.path, out, problems, on_invalid, limits)
         if out.objects > limits.max_objects:
             break
     if problems:

@@ -12,6 +12,7 @@ NodeConfig is svcrules' own kind: it forbids unknown fields, so that a typo
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Required
 
 from pydantic import (
@@ -79,6 +80,22 @@ class ObjectMeta(K8sModel):
     def skip_label(self) -> str | None:
         """The label that hides this object from kube-proxy, and so from svcrules."""
         return next((k for k in PROXY_SKIP_LABELS if k in self.labels), None)
+
+
+class ServiceMeta(ObjectMeta):
+    # Decides which of two Services claiming one frontend keeps it (on_invalid="skip").
+    creation_timestamp: datetime | None = None
+
+    @field_validator("creation_timestamp", mode="before")
+    @classmethod
+    def _empty_timestamp(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("creation_timestamp", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # YAML reads an unquoted time without zone as naive: the API's times are UTC.
+        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
 
 
 class ServicePort(K8sModel):
@@ -213,7 +230,7 @@ class ServiceStatus(K8sModel):
 class Service(K8sModel):
     api_version: Literal["v1"] = "v1"
     kind: Literal["Service"] = "Service"
-    metadata: ObjectMeta
+    metadata: ServiceMeta
     spec: ServiceSpec = Field(default_factory=ServiceSpec)
     status: ServiceStatus = Field(default_factory=ServiceStatus)
 
