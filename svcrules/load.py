@@ -13,6 +13,7 @@ at most ``SVCRULES_MAX_INPUT_BYTES`` in all, UTF-8 only.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import stat
 import sys
@@ -192,17 +193,11 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _own_kind_problem(doc: dict[str, Any], origin: Origin) -> Problem | None:
     """A document that looks meant for svcrules but names no kind it knows."""
     api, kind = doc.get("apiVersion"), doc.get("kind")
-    kinds = list(OWN_KINDS)
-    apis = sorted(set(OWN_KINDS.values()))
     api_s = api if isinstance(api, str) else ""
     kind_s = kind if isinstance(kind, str) else ""
-    own_api = api_s.split("/")[0] == OWN_GROUP or bool(
-        difflib.get_close_matches(api_s, apis, n=1, cutoff=0.8)
-    )
-    near_kind = difflib.get_close_matches(kind_s, kinds, n=1, cutoff=0.8)
-    exact_kind = kind_s.lower() in (k.lower() for k in kinds)
-    if not (own_api or exact_kind or (near_kind and not api_s)):
+    if not _looks_own(api_s, kind_s):
         return None  # someone else's kind: skipped like every kind svcrules ignores
+    kinds = list(OWN_KINDS)
     where = Origin(origin.path, origin.document, origin.item, kind_s, _ref(doc))
     if kind_s not in OWN_KINDS:
         return Problem(
@@ -213,6 +208,19 @@ def _own_kind_problem(doc: dict[str, Any], origin: Origin) -> Problem | None:
         "apiVersion",
         f"{api!r} is not the apiVersion of {kind_s}" + f" (did you mean {OWN_KINDS[kind_s]}?)",
     )
+
+
+@functools.lru_cache(maxsize=256)  # inputs hold few kinds, each many times
+def _looks_own(api: str, kind: str) -> bool:
+    """svcrules' API group or one close to its apiVersion; a kind named like its
+    own in any group; or a kind close to its own with no apiVersion."""
+    if api.split("/")[0] == OWN_GROUP:
+        return True
+    if difflib.get_close_matches(api, sorted(set(OWN_KINDS.values())), n=1, cutoff=0.8):
+        return True
+    if kind.lower() in (k.lower() for k in OWN_KINDS):
+        return True
+    return not api and bool(difflib.get_close_matches(kind, list(OWN_KINDS), n=1, cutoff=0.8))
 
 
 class _TooMany(Exception):
