@@ -13,7 +13,7 @@ from typing import TextIO
 
 from svcrules.backends.nftables import render_nft
 from svcrules.config import Overrides, node_config
-from svcrules.errors import InputError, Problem
+from svcrules.errors import InputError, OnInvalid, Problem
 from svcrules.incremental import Tables, parse_script
 from svcrules.load import Inputs, Source, load_sources, read_sources
 from svcrules.model import NodeConfig
@@ -24,9 +24,14 @@ from svcrules.resolve import resolve
 
 @dataclass(frozen=True)
 class Ruleset:
-    """A compiled ruleset: the plan it came from and its renderings."""
+    """A compiled ruleset: the plan it came from and its renderings.
+
+    ``skipped`` lists, one per object, what ``on_invalid="skip"`` left out: invalid
+    Services and EndpointSlices (in input order), then Services that lost a conflict
+    over a frontend or NodePort. Always empty with ``on_invalid="fail"``."""
 
     plan: NodePlan
+    skipped: tuple[Problem, ...] = ()
 
     @cached_property
     def nft(self) -> str:
@@ -55,9 +60,21 @@ class Ruleset:
         return render_json(self.plan)
 
 
-def compile(inputs: Inputs, node: NodeConfig) -> Ruleset:
-    """Compile loaded objects for one node."""
-    return Ruleset(resolve(inputs, node))
+def compile(inputs: Inputs, node: NodeConfig, on_invalid: OnInvalid = "fail") -> Ruleset:
+    """Compile loaded objects for one node. With ``on_invalid="skip"``, Services that
+    conflict are left out (the oldest keeps the claim) instead of failing, and
+    reported with those ``inputs.skipped`` already holds."""
+    _check_mode(on_invalid)
+    if on_invalid == "fail":
+        return Ruleset(resolve(inputs, node))
+    conflicts: list[Problem] = []
+    plan = resolve(inputs, node, conflicts)
+    return Ruleset(plan, tuple(inputs.skipped) + tuple(conflicts))
+
+
+def _check_mode(on_invalid: str) -> None:
+    if on_invalid not in ("fail", "skip"):
+        raise ValueError(f"on_invalid must be 'fail' or 'skip', not {on_invalid!r}")
 
 
 @dataclass(frozen=True)
@@ -82,9 +99,14 @@ class Job:
         h.update(repr(self.overrides).encode())
         return h.hexdigest()[:32]
 
-    def compile(self, backend: str = "nftables") -> Ruleset:
+    def compile(self, backend: str = "nftables", on_invalid: OnInvalid = "fail") -> Ruleset:
+        """Parse, validate and compile. ``on_invalid="skip"``: invalid Services and
+        EndpointSlices and Services losing a conflict are left out and listed in
+        ``Ruleset.skipped``; a document that cannot be parsed, any problem with the
+        NodeConfig, and inputs beyond the limits still fail (InputError)."""
+        _check_mode(on_invalid)
         with _no_cyclic_gc():
-            inputs = load_sources(self.sources)
+            inputs = load_sources(self.sources, on_invalid)
             config_inputs = load_sources(self.config) if self.config else None
             empty = [] if self.allow_empty else empty_problems(self.sources, inputs)
             try:
@@ -93,7 +115,7 @@ class Job:
                 raise InputError(exc.problems + empty) from None
             if empty:
                 raise InputError(empty)
-            ruleset = compile(inputs, node)
+            ruleset = compile(inputs, node, on_invalid)
             _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
 
@@ -143,9 +165,11 @@ def compile_paths(
     stdin: TextIO | None = None,
     backend: str = "nftables",
     allow_empty: bool = True,
+    on_invalid: OnInvalid = "fail",
 ) -> Ruleset:
-    """Load ``paths`` (and ``config``), find the NodeConfig and compile."""
-    return prepare(paths, config, overrides, stdin, allow_empty).compile(backend)
+    """Load ``paths`` (and ``config``), find the NodeConfig and compile (see
+    ``Job.compile`` for ``on_invalid``)."""
+    return prepare(paths, config, overrides, stdin, allow_empty).compile(backend, on_invalid)
 
 
 @contextmanager

@@ -86,7 +86,7 @@ def node_config(inputs: Inputs, config: Inputs | None, overrides: Overrides) -> 
     try:
         return NodeConfig.model_validate(base)
     except ValidationError as exc:
-        problems = validation_problems(exc, origin)
+        problems = validation_problems(exc, origin, NodeConfig)
         if not found:
             problems.append(Problem(None, "", NEEDED))
         raise InputError(problems) from None

@@ -8,6 +8,7 @@ reports everything at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,9 @@ class InputError(SvcrulesError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+# What compiling does with an invalid Service or EndpointSlice, or with Services whose
+# frontends conflict: "fail" the whole run (the default), or "skip" those objects,
+# report them (``Ruleset.skipped``) and compile the rest.
+OnInvalid = Literal["fail", "skip"]

@@ -2,12 +2,17 @@
 
 Models accept what the API server returns (unknown fields are ignored, defaults
 are the API's) and reject what cannot be programmed. Addresses are stored in
-canonical form so that every later stage can compare them as strings.
+canonical form so that every later stage can compare them as strings. Integers
+are strict where the API has integers: ``port: true`` is not port 1.
+
+NodeConfig is svcrules' own kind: it forbids unknown fields, so that a typo
+(``clusterCIDR:``) is an error instead of a silently missing setting.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Required
 
 from pydantic import (
@@ -16,6 +21,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     field_validator,
     model_validator,
 )
@@ -38,7 +45,7 @@ def _strip(value: Any) -> Any:
 
 IP = Annotated[str, AfterValidator(canonical_ip)]
 CIDR = Annotated[str, BeforeValidator(_strip), AfterValidator(canonical_cidr)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 ProtocolField = Annotated[Protocol, BeforeValidator(_upper)]
 
 
@@ -75,12 +82,28 @@ class ObjectMeta(K8sModel):
         return next((k for k in PROXY_SKIP_LABELS if k in self.labels), None)
 
 
+class ServiceMeta(ObjectMeta):
+    # Decides which of two Services claiming one frontend keeps it (on_invalid="skip").
+    creation_timestamp: datetime | None = None
+
+    @field_validator("creation_timestamp", mode="before")
+    @classmethod
+    def _empty_timestamp(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("creation_timestamp", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # YAML reads an unquoted time without zone as naive: the API's times are UTC.
+        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
+
+
 class ServicePort(K8sModel):
     name: str = ""
     protocol: ProtocolField = "TCP"
     port: Port
-    target_port: int | str | None = None
-    node_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    target_port: StrictInt | str | None = None
+    node_port: Annotated[StrictInt, Field(ge=0, le=65535)] | None = None
 
     @field_validator("name", mode="before")
     @classmethod
@@ -98,7 +121,7 @@ class ServicePort(K8sModel):
 
 
 class ClientIPConfig(K8sModel):
-    timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 10800
+    timeout_seconds: Annotated[StrictInt, Field(ge=1, le=86400)] = 10800
 
 
 class SessionAffinityConfig(K8sModel):
@@ -117,7 +140,7 @@ class ServiceSpec(K8sModel):
     internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     session_affinity: Literal["None", "ClientIP"] = "None"
     session_affinity_config: SessionAffinityConfig | None = None
-    health_check_node_port: int | None = None
+    health_check_node_port: StrictInt | None = None
     selector: dict[str, str] | None = None
     publish_not_ready_addresses: bool = False
     traffic_distribution: str | None = None
@@ -207,7 +230,7 @@ class ServiceStatus(K8sModel):
 class Service(K8sModel):
     api_version: Literal["v1"] = "v1"
     kind: Literal["Service"] = "Service"
-    metadata: ObjectMeta
+    metadata: ServiceMeta
     spec: ServiceSpec = Field(default_factory=ServiceSpec)
     status: ServiceStatus = Field(default_factory=ServiceStatus)
 
@@ -315,13 +338,19 @@ class EndpointSlice(K8sModel):
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
-class NodeConfigSpec(K8sModel):
+class OwnModel(K8sModel):
+    """svcrules' own kinds: unknown fields are errors (load.py names the closest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeConfigSpec(OwnModel):
     node_ips: list[IP] = Field(default_factory=list, alias="nodeIPs")
     cluster_cidrs: list[CIDR] = Field(default_factory=list, alias="clusterCIDRs")
     service_cidrs: list[CIDR] = Field(default_factory=list, alias="serviceCIDRs")
     node_port_addresses: list[str] = Field(default_factory=lambda: ["primary"])
-    masquerade_all: bool = False
-    masquerade_bit: Annotated[int, Field(ge=0, le=31)] = 14
+    masquerade_all: StrictBool = False
+    masquerade_bit: Annotated[StrictInt, Field(ge=0, le=31)] = 14
     zone: str = ""
     table_name: str = "svcrules"
 
@@ -368,11 +397,14 @@ class NodeConfigSpec(K8sModel):
         return value
 
 
-class NodeConfigMeta(K8sModel):
+class NodeConfigMeta(OwnModel):
     name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
+    # Accepted for tools that label or annotate every object; not used.
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
 
 
-class NodeConfig(K8sModel):
+class NodeConfig(OwnModel):
     api_version: Literal["svcrules.io/v1alpha1"] = "svcrules.io/v1alpha1"
     kind: Literal["NodeConfig"] = "NodeConfig"
     metadata: NodeConfigMeta
