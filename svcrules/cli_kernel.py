@@ -24,7 +24,7 @@ from svcrules.cli_options import (
     TableName,
     node_options,
 )
-from svcrules.cli_run import Run, log_fields, reporting, require_net_admin
+from svcrules.cli_run import EXIT_SKIPPED, Run, log_fields, reporting, require_net_admin
 from svcrules.compiler import Job, prepare
 from svcrules.config import Overrides
 from svcrules.errors import SvcrulesError
@@ -129,6 +129,23 @@ MaxRemovals = Annotated[
 Force = Annotated[bool, typer.Option("--force", help="No removal limit (see --max-removals).")]
 
 
+class InvalidChoice(StrEnum):
+    fail = "fail"
+    skip = "skip"
+
+
+OnInvalidOpt = Annotated[
+    InvalidChoice,
+    typer.Option(
+        "--on-invalid",
+        help="An invalid Service or EndpointSlice, or two Services claiming the same "
+        "address and port: fail the run (nothing applied), or skip them, program "
+        "everything else and exit 3 (the oldest Service keeps a contested claim; see "
+        "docs/operations.md). Default: fail, but skip for sync.",
+    ),
+]
+
+
 def open_driver(backend: BackendChoice, nft: NftChoice, iptables: IptablesChoice) -> Driver:
     """The chosen backend with its kernel interface."""
     if backend is BackendChoice.iptables:
@@ -147,14 +164,21 @@ def _prepare(
     config: str | None,
     ov: Overrides,
     driver: tuple[BackendChoice, NftChoice, IptablesChoice],
-    allow_empty: bool,
+    limits: Limits,
 ) -> tuple[Job, Driver]:
     """Read the inputs (compiling waits: an unchanged input may need none) and open
     the kernel interface."""
     if not paths:
         raise UsageError("no input given (a file, a directory or '-')")
-    job = prepare(paths, config, ov, allow_empty=allow_empty)
+    job = prepare(paths, config, ov, allow_empty=limits.allow_empty, on_invalid=limits.on_invalid)
     return job, open_driver(*driver)
+
+
+def _report_invalid(change: Change) -> int:
+    """Log what --on-invalid skip left out; return the exit code that says so."""
+    for line in change.new_meta.invalid:
+        LOG.warning("%s", line, extra={"fields": {"event": "invalid"}})
+    return EXIT_SKIPPED if change.new_meta.invalid else 0
 
 
 class UsageError(SvcrulesError):
@@ -180,14 +204,17 @@ def diff_cmd(
     iptables: IptablesOpt = IptablesChoice.auto,
     verify: Verify = False,
     allow_empty: AllowEmpty = False,
+    on_invalid: OnInvalidOpt = InvalidChoice.fail,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
     setup("text")
+    limits = Limits(allow_empty=allow_empty, on_invalid=on_invalid.value)
     with reporting(None):
         require_net_admin()
-        job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), allow_empty)
+        job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), limits)
         change = plan_change(job, driver, StateStore(state_dir), verify)
+    _report_invalid(change)
     sys.stdout.write(change.script if output is not DiffOutput.summary else summary(change))
     raise typer.Exit(1 if change.changed else 0)
 
@@ -207,7 +234,7 @@ def _apply(
     require_net_admin()
     store = StateStore(run.state_dir)
     if dry_run:
-        job, driver = _prepare(paths, config, overrides, driver_choice, limits.allow_empty)
+        job, driver = _prepare(paths, config, overrides, driver_choice, limits)
         change = plan_change(job, driver, store, verify)
         check_removals(change.old_meta, change.new_meta, limits)
         if change.changed:
@@ -216,7 +243,7 @@ def _apply(
     store.check_dir()
     try:
         with exclusive(run.state_dir / "lock", *lock):
-            job, driver = _prepare(paths, config, overrides, driver_choice, limits.allow_empty)
+            job, driver = _prepare(paths, config, overrides, driver_choice, limits)
             change = plan_change(job, driver, store, verify)
             run.table = change.new_meta.table
             if change.changed:
@@ -248,6 +275,7 @@ def apply_cmd(
     allow_empty: AllowEmpty = False,
     max_removals: MaxRemovals = DEFAULT_MAX_REMOVALS,
     force: Force = False,
+    on_invalid: OnInvalidOpt = InvalidChoice.fail,
     lock_timeout: LockTimeoutOpt = DEFAULT_TIMEOUT,
     metrics_file: MetricsFile = None,
     log_format: LogFormatOpt = LogFormat.text,
@@ -259,7 +287,7 @@ def apply_cmd(
     replacement. A refused change leaves the previous rules in place."""
     setup(log_format.value)
     run = Run(state_dir, metrics_file, overrides.table_name or "")
-    limits = Limits(max_removals, force, allow_empty)
+    limits = Limits(max_removals, force, allow_empty, on_invalid.value)
     with reporting(run):
         change = _apply(
             paths,
@@ -274,10 +302,11 @@ def apply_cmd(
         )
         assert change is not None  # apply always waits for the lock
         if not dry_run:
-            run.succeeded(change)
+            run.succeeded(change, len(change.new_meta.invalid))
     sys.stdout.write(summary(change))
     for problem in change.problems:
         LOG.warning("%s", problem)
+    raise typer.Exit(_report_invalid(change))
 
 
 @app.command("sync")
@@ -306,6 +335,7 @@ def sync_cmd(
     allow_empty: AllowEmpty = False,
     max_removals: MaxRemovals = DEFAULT_MAX_REMOVALS,
     force: Force = False,
+    on_invalid: OnInvalidOpt = InvalidChoice.skip,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """'apply' for cron and timers: an exclusive lock, silence when nothing changed,
@@ -313,7 +343,7 @@ def sync_cmd(
     counted in the metrics and exits 2."""
     setup(log_format.value)
     run = Run(state_dir, metrics_file, overrides.table_name or "")
-    limits = Limits(max_removals, force, allow_empty)
+    limits = Limits(max_removals, force, allow_empty, on_invalid.value)
     with reporting(run):
         change = _apply(
             paths,
@@ -327,7 +357,7 @@ def sync_cmd(
         )
         if change is None:
             return
-        run.succeeded(change)
+        run.succeeded(change, len(change.new_meta.invalid))
     for problem in change.problems:
         LOG.warning("%s", problem)
     fields = log_fields(change, run)
@@ -342,6 +372,7 @@ def sync_cmd(
         )
     elif verbose:
         LOG.info("unchanged: 0 operations", extra={"fields": fields})
+    raise typer.Exit(_report_invalid(change))
 
 
 @app.command("cleanup")

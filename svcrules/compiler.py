@@ -88,6 +88,9 @@ class Job:
     # False refuses inputs without a single Service: on a node, an empty or failed
     # source must never read as "remove every Service".
     allow_empty: bool = True
+    # "skip": invalid and conflicting objects are left out (Ruleset.skipped) instead of
+    # failing the run; part of the digest, since the result differs.
+    on_invalid: OnInvalid = "fail"
 
     @cached_property
     def digest(self) -> str:
@@ -97,13 +100,15 @@ class Job:
             for src in group:
                 h.update(b"\x00" + src.path.encode() + b"\x00" + src.text.encode())
         h.update(repr(self.overrides).encode())
+        h.update(f"\x00{self.allow_empty}\x00{self.on_invalid}".encode())
         return h.hexdigest()[:32]
 
-    def compile(self, backend: str = "nftables", on_invalid: OnInvalid = "fail") -> Ruleset:
+    def compile(self, backend: str = "nftables", on_invalid: OnInvalid | None = None) -> Ruleset:
         """Parse, validate and compile. ``on_invalid="skip"``: invalid Services and
         EndpointSlices and Services losing a conflict are left out and listed in
         ``Ruleset.skipped``; a document that cannot be parsed, any problem with the
         NodeConfig, and inputs beyond the limits still fail (InputError)."""
+        on_invalid = on_invalid or self.on_invalid
         _check_mode(on_invalid)
         with _no_cyclic_gc():
             inputs = load_sources(self.sources, on_invalid)
@@ -148,13 +153,16 @@ def prepare(
     overrides: Overrides | None = None,
     stdin: TextIO | None = None,
     allow_empty: bool = True,
+    on_invalid: OnInvalid = "fail",
 ) -> Job:
     """Read ``paths`` (and ``config``) without parsing them yet."""
+    _check_mode(on_invalid)
     return Job(
         tuple(read_sources(paths, stdin)),
         tuple(read_sources([config], stdin)) if config else (),
         overrides or Overrides(),
         allow_empty,
+        on_invalid,
     )
 
 

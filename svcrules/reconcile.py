@@ -164,6 +164,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     new_meta.tool = driver.name if driver.backend == "iptables" else ""
     new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
     new_meta.owned = list(dict.fromkeys([*old_meta.owned, ruleset.plan.table]))
+    new_meta.invalid = [str(p) for p in ruleset.skipped]
     if ruleset.plan.table != table:
         table = ruleset.plan.table
         started = time.monotonic()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import OnInvalid, SvcrulesError
 from svcrules.state import Meta
 
 DEFAULT_MAX_REMOVALS = 50.0  # percent of the programmed Service ports
@@ -25,6 +25,7 @@ class Limits:
     max_removals: float = DEFAULT_MAX_REMOVALS  # percent; 100 allows any share
     force: bool = False  # no removal limit at all
     allow_empty: bool = False  # an input without Services is meant (removes everything)
+    on_invalid: OnInvalid = "fail"  # or "skip": leave out invalid objects, program the rest
 
 
 def check_removals(old: Meta, new: Meta, limits: Limits) -> None:

@@ -83,6 +83,9 @@ class Meta:
     # Every table name whose objects svcrules made with this state and may still hold:
     # the current one and earlier ones not yet proven gone (a tableName change).
     owned: list[str] = field(default_factory=list)
+    # What --on-invalid skip left out of this script (one line per object): a run that
+    # compiles nothing (same inputs) still reports them.
+    invalid: list[str] = field(default_factory=list)
 
     @classmethod
     def of_plan(cls, plan: NodePlan, fingerprint: str) -> Meta:

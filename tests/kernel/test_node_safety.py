@@ -236,3 +236,31 @@ def test_non_root_is_told_it_needs_cap_net_admin(lab: Lab, node: Node) -> None:
         assert proc.returncode == 2 and proc.stdout == "", (verb, proc.stdout, proc.stderr)
         assert "CAP_NET_ADMIN" in proc.stderr and "Traceback" not in proc.stderr
     assert lab.nft("list", "ruleset") == before
+
+
+def test_one_invalid_service_does_not_block_the_others(lab: Lab, node: Node) -> None:
+    """sync skips what it cannot program (a ClusterIP claimed twice, a bad port) and
+    programs the rest; apply, by default, refuses the whole input."""
+    node.apply(*svc_a("pod2"))
+    older = service("b", CIP_B, ports=[{"name": "http", "port": 80}])
+    older["metadata"]["creationTimestamp"] = "2024-01-01T00:00:00Z"
+    newer = service("dup", CIP_B, ports=[{"name": "http", "port": 80}])
+    newer["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    broken = service("broken", CIP_C, ports=[{"name": "http", "port": 70000}])
+    objs = [*svc_a("pod2"), older, svc_b("pod3")[1], newer, broken]
+    node.write(*objs)
+    assert node.run("apply").returncode == 2
+    assert lab.outcomes(lab.probe("client", CIP_B, 80, count=2))["ok"] == 0
+    prom = node.tmp / "m.prom"
+    for _ in range(2):  # the second run compiles nothing and still reports them
+        proc = node.run("sync", "--metrics-file", str(prom))
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.count("left out: ") == 2, proc.stderr
+        assert "default/dup" in proc.stderr and "default/broken" in proc.stderr
+        assert 'svcrules_invalid_objects{table="svcrules"} 2' in prom.read_text()
+    assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod3"}
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=3))) == {"pod2"}
+    node.write(*svc_a("pod2"), older, svc_b("pod3")[1])
+    proc = node.run("sync", "--metrics-file", str(prom))
+    assert proc.returncode == 0 and "left out" not in proc.stderr, proc.stderr
+    assert 'svcrules_invalid_objects{table="svcrules"} 0' in prom.read_text()
