@@ -310,6 +310,12 @@ class Churn(RuleBasedStateMachine):
         self.services[i] = (hosts, affinity, port)
         self.sync()
 
+    @rule(name=st.sampled_from(["svcrules", "svcalt"]))
+    def change_table_name(self, name: str) -> None:
+        """The rules move to another owned name; the old one's must go in the same run."""
+        self.runner.extra = ["--table-name", name]
+        self.sync()
+
     @invariant()
     def node_holds_a_clean_apply(self) -> None:
         if not self.services:
@@ -329,6 +335,7 @@ def test_random_churn_converges(runner: Runner) -> None:
 
     def fresh() -> Churn:
         runner.lab.reset()
+        runner.extra = []
         if runner.backend == "iptables-legacy":
             backends.reset_legacy(runner.lab)
         for path in runner.state.glob("*"):
