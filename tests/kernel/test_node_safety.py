@@ -5,18 +5,20 @@ lock covers apply, tools are found under cron's PATH, non-root is told so."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.k8s import Obj, dump, endpoint_slice, service
 
+from . import backends
+from .converge import Runner
 from .lab import Lab
 from .test_apply import CIP_B, Node, svc_a, svc_b
 from .test_semantics import CIP, cfg, ok
@@ -51,32 +53,6 @@ def svc_c(*pods: str) -> list[Obj]:
 
 def ns_cmd(lab: Lab, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", lab.netns("node"), *cmd]
-
-
-def content(lab: Lab) -> list[str]:
-    """The node's whole ruleset as sorted canonical JSON objects: what it holds, not
-    the order it was built in (handles dropped, elements sorted)."""
-    out = []
-    for obj in json.loads(lab.nft("-j", "list", "ruleset"))["nftables"]:
-        kind = next(iter(obj))
-        if kind == "metainfo":
-            continue
-        body = dict(obj[kind])
-        body.pop("handle", None)
-        if "elem" in body:
-            body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
-        out.append(json.dumps({kind: body}, sort_keys=True))
-    return sorted(out)
-
-
-def clean_content(lab: Lab, node: Node, tmp: Path) -> list[str]:
-    """What a clean apply of the node's current inputs gives, for comparison."""
-    lab.nft("flush", "ruleset")
-    fresh = Node(lab, tmp)
-    fresh.inputs = node.inputs
-    proc = fresh.run("apply", "--force")
-    assert proc.returncode == 0, proc.stderr
-    return content(lab)
 
 
 def test_failed_kubectl_pipe_keeps_every_service(lab: Lab, node: Node) -> None:
@@ -119,27 +95,55 @@ def test_large_removal_is_refused_unless_forced(lab: Lab, node: Node) -> None:
     assert CIP_C not in lab.nft("list", "ruleset")
 
 
-def test_a_kill_after_the_kernel_commit_converges(lab: Lab, node: Node) -> None:
+@pytest.fixture(params=backends.BACKENDS)
+def runner(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Runner]:
+    backend = request.param
+    backends.require(backend)
+    yield Runner(lab, tmp_path, backend)
+    if backend == "iptables-legacy":
+        backends.reset_legacy(lab)
+
+
+def _killed(r: Runner, objs: list[Obj], delay: float | None) -> None:
+    """``apply`` of ``objs`` killed after ``delay`` seconds, or (None) the moment the
+    kernel holds the new rules and the state is about to be written."""
+    r.write(objs)
+    args = ["apply", str(r.inputs), "--force", *r.flags(), "--state-dir", str(r.state)]
+    if delay is None:
+        cmd = ns_cmd(r.lab, sys.executable, "-c", KILL_BEFORE_STATE, *args)
+        assert subprocess.run(cmd, check=False).returncode == -signal.SIGKILL
+        return
+    proc = subprocess.Popen(
+        ns_cmd(r.lab, sys.executable, "-m", "svcrules", *args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_kill_after_the_kernel_commit_converges(runner: Runner) -> None:
     """The kernel holds v2 but the state still v1; the input goes back to v1: the next
     run must see the difference (it used to say "no change")."""
+    r, lab = runner, runner.lab
     v1 = [*svc_a("pod2"), *svc_b("pod3")]
-    node.apply(*v1)
-    node.write(*svc_a("pod4"), *svc_b("pod3"))
-    code = ns_cmd(lab, sys.executable, "-c", KILL_BEFORE_STATE, "apply", str(node.inputs))
-    proc = subprocess.run([*code, "--state-dir", str(node.state)], check=False)
-    assert proc.returncode == -signal.SIGKILL
+    assert r.sync(v1).returncode == 0
+    _killed(r, [*svc_a("pod4"), *svc_b("pod3")], None)
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=4))) == {"pod4"}
-    node.write(*v1)
-    proc = node.run("diff")
+    r.write(v1)
+    proc = r.run("diff")
     assert proc.returncode == 1 and "full replacement" in proc.stdout, proc.stdout
-    proc = node.run("sync")
+    proc = r.sync(v1)
     assert proc.returncode == 0 and "applied: full" in proc.stderr, proc.stderr
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=4))) == {"pod2"}
-    got = content(lab)
-    assert got == clean_content(lab, node, node.tmp / "clean")
+    assert r.content() == r.clean(v1)
 
 
-def test_kills_at_random_moments_converge(lab: Lab, node: Node) -> None:
+def test_kills_at_random_moments_converge(runner: Runner) -> None:
+    r = runner
     rng = random.Random(1)
     versions = [
         [*svc_a("pod2"), *svc_b("pod3")],
@@ -147,19 +151,11 @@ def test_kills_at_random_moments_converge(lab: Lab, node: Node) -> None:
         [*svc_a("pod3"), *svc_c("pod2", "pod4")],
     ]
     for i in range(6):
-        node.write(*versions[i % len(versions)])
-        cmd = ns_cmd(lab, *node.cmd("apply", str(node.inputs), "--force"))
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=rng.uniform(0.05, 0.6))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        synced = node.run("sync", "--force")
+        objs = versions[i % len(versions)]
+        _killed(r, objs, rng.uniform(0.05, 0.8) if i % 3 else None)
+        synced = r.sync(objs, "--force")
         assert synced.returncode == 0, synced.stderr
-        got = content(lab)
-        assert got == clean_content(lab, node, node.tmp / f"clean{i}"), f"after kill {i}"
-        node.apply(*versions[i % len(versions)])  # back to the node's own state dir
+        assert r.content() == r.clean(objs), f"after kill {i}: {synced.stderr}"
 
 
 def test_apply_waits_for_the_lock(lab: Lab, node: Node) -> None:
