@@ -8,6 +8,7 @@ environment); see cli_run.py for how every failure is reported.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -219,39 +220,52 @@ def diff_cmd(
     raise typer.Exit(1 if change.changed else 0)
 
 
-def _apply(
-    paths: list[str] | None,
-    config: str | None,
-    overrides: Overrides,
-    driver_choice: tuple[BackendChoice, NftChoice, IptablesChoice],
-    run: Run,
-    lock: tuple[bool, float],
-    limits: Limits,
-    verify: bool,
-    dry_run: bool = False,
-) -> Change | None:
+@dataclass(frozen=True)
+class Request:
+    """What apply and sync were asked to do, as one value."""
+
+    paths: list[str] | None
+    config: str | None
+    overrides: Overrides
+    driver: tuple[BackendChoice, NftChoice, IptablesChoice]
+    verify: bool
+    limits: Limits
+    lock: tuple[bool, float]  # wait for another run's lock, and for how long
+
+
+def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
     """The work shared by apply and sync, under the lock. None: skipped (lock busy)."""
     require_net_admin()
     store = StateStore(run.state_dir)
     if dry_run:
-        job, driver = _prepare(paths, config, overrides, driver_choice, limits)
-        change = plan_change(job, driver, store, verify)
-        check_removals(change.old_meta, change.new_meta, limits)
+        job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.limits)
+        change = plan_change(job, driver, store, req.verify)
+        check_removals(change.old_meta, change.new_meta, req.limits)
         if change.changed:
             driver.check(change.script)
         return change
     store.check_dir()
     try:
-        with exclusive(run.state_dir / "lock", *lock):
-            job, driver = _prepare(paths, config, overrides, driver_choice, limits)
-            change = plan_change(job, driver, store, verify)
+        with exclusive(run.state_dir / "lock", *req.lock):
+            job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.limits)
+            change = plan_change(job, driver, store, req.verify)
             run.table = change.new_meta.table
             if change.changed:
-                check_removals(change.old_meta, change.new_meta, limits)
+                check_removals(change.old_meta, change.new_meta, req.limits)
             execute(change, driver, store)
     except LockBusy as exc:
         LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
         return None
+    return change
+
+
+def _apply_reported(req: Request, run: Run, dry_run: bool = False) -> Change | None:
+    """``_apply`` with every failure reported (logs, metrics, exit 2) and a success
+    recorded in the metrics."""
+    with reporting(run):
+        change = _apply(req, run, dry_run)
+        if change is not None and not dry_run:
+            run.succeeded(change, len(change.new_meta.invalid))
     return change
 
 
@@ -286,23 +300,12 @@ def apply_cmd(
     that change. The first run, or rules changed behind svcrules' back, get a full
     replacement. A refused change leaves the previous rules in place."""
     setup(log_format.value)
-    run = Run(state_dir, metrics_file, overrides.table_name or "")
     limits = Limits(max_removals, force, allow_empty, on_invalid.value)
-    with reporting(run):
-        change = _apply(
-            paths,
-            config,
-            overrides,
-            (backend, nft, iptables),
-            run,
-            (True, lock_timeout),
-            limits,
-            verify,
-            dry_run,
-        )
-        assert change is not None  # apply always waits for the lock
-        if not dry_run:
-            run.succeeded(change, len(change.new_meta.invalid))
+    req = Request(
+        paths, config, overrides, (backend, nft, iptables), verify, limits, (True, lock_timeout)
+    )
+    change = _apply_reported(req, Run(state_dir, metrics_file, overrides.table_name or ""), dry_run)
+    assert change is not None  # apply always waits for the lock
     sys.stdout.write(summary(change))
     for problem in change.problems:
         LOG.warning("%s", problem)
@@ -342,22 +345,14 @@ def sync_cmd(
     one log line when something did, optional metrics. Every failure is logged,
     counted in the metrics and exits 2."""
     setup(log_format.value)
-    run = Run(state_dir, metrics_file, overrides.table_name or "")
     limits = Limits(max_removals, force, allow_empty, on_invalid.value)
-    with reporting(run):
-        change = _apply(
-            paths,
-            config,
-            overrides,
-            (backend, nft, iptables),
-            run,
-            (wait, lock_timeout),
-            limits,
-            verify,
-        )
-        if change is None:
-            return
-        run.succeeded(change, len(change.new_meta.invalid))
+    req = Request(
+        paths, config, overrides, (backend, nft, iptables), verify, limits, (wait, lock_timeout)
+    )
+    run = Run(state_dir, metrics_file, overrides.table_name or "")
+    change = _apply_reported(req, run)
+    if change is None:
+        return
     for problem in change.problems:
         LOG.warning("%s", problem)
     fields = log_fields(change, run)
