@@ -11,14 +11,14 @@ import resource
 import sys
 import time
 
-from svcrules.backends.iptables import render_iptables
-from svcrules.backends.nftables import layout
-from svcrules.config import node_config
-from svcrules.incremental import parse_script
-from svcrules.iptables_restore import parse_restore
-from svcrules.load import load_sources, read_sources
-from svcrules.render import render
-from svcrules.resolve import resolve
+from svcrules.inputs.config import node_config
+from svcrules.inputs.load import load_sources, read_sources
+from svcrules.kernel.iptables.restore import parse_restore
+from svcrules.kernel.nft.diff import parse_script
+from svcrules.plan.resolve import resolve
+from svcrules.render.iptables.layout import render_iptables
+from svcrules.render.nftables.layout import layout
+from svcrules.render.templates import render
 
 
 def main(path: str, out: str, backend: str = "nftables") -> None:

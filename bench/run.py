@@ -93,7 +93,7 @@ def load_compiled(ns: Netns, backend: str, compiled: Path) -> float:
     if backend == "nftables":
         t, _ = ns.timed("nft", "-f", str(compiled))
         return t
-    from svcrules.backends.iptables import family_section
+    from svcrules.render.iptables.layout import family_section
 
     text = compiled.read_text()
     variant = iptables_variant(backend)
@@ -210,7 +210,7 @@ def latency(n: int, endpoints: int, connections: int, backend: str) -> Row:
 
 
 def _inputs(objs: list[dict[str, Any]]) -> Any:
-    from svcrules.load import Source, load_sources
+    from svcrules.inputs.load import Source, load_sources
 
     return load_sources(
         [Source("<bench>", json.dumps({"kind": "List", "apiVersion": "v1", "items": objs}))]

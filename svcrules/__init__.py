@@ -4,11 +4,11 @@ The public surface is small: load objects, compile them for a node, render.
 """
 
 from svcrules.compiler import Ruleset, compile, compile_paths
-from svcrules.config import Overrides
 from svcrules.errors import InputError, SvcrulesError
-from svcrules.load import Inputs, load_paths
-from svcrules.model import EndpointSlice, NodeConfig, Service
-from svcrules.plan import NodePlan
+from svcrules.inputs.config import Overrides
+from svcrules.inputs.load import Inputs, load_paths
+from svcrules.inputs.model import EndpointSlice, NodeConfig, Service
+from svcrules.plan.node import NodePlan
 
 __all__ = [
     "EndpointSlice",

@@ -11,15 +11,15 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TextIO
 
-from svcrules.backends.nftables import render_nft
-from svcrules.config import Overrides, node_config
 from svcrules.errors import InputError, OnInvalid, Problem
-from svcrules.incremental import Tables, parse_script
-from svcrules.load import Inputs, Source, load_sources, read_sources
-from svcrules.model import NodeConfig
-from svcrules.plan import NodePlan
-from svcrules.render import template_dir
-from svcrules.resolve import resolve
+from svcrules.inputs.config import Overrides, node_config
+from svcrules.inputs.load import Inputs, Source, load_sources, read_sources
+from svcrules.inputs.model import NodeConfig
+from svcrules.kernel.nft.diff import Tables, parse_script
+from svcrules.plan.node import NodePlan
+from svcrules.plan.resolve import resolve
+from svcrules.render.nftables.layout import render_nft
+from svcrules.render.templates import template_dir
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Ruleset:
     @cached_property
     def iptables(self) -> str:
         """Both families' iptables-restore inputs (the iptables backend)."""
-        from svcrules.backends.iptables import render_iptables
+        from svcrules.render.iptables.layout import render_iptables
 
         return render_iptables(self.plan)
 
@@ -55,7 +55,7 @@ class Ruleset:
 
     @cached_property
     def json(self) -> str:
-        from svcrules.backends.nftables_json import render_json
+        from svcrules.render.nftables.json_form import render_json
 
         return render_json(self.plan)
 

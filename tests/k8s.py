@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 import svcrules
-from svcrules.config import Overrides
-from svcrules.load import Inputs, load_text
+from svcrules.inputs.config import Overrides
+from svcrules.inputs.load import Inputs, load_text
 
 Obj = dict[str, Any]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import svcrules
-from svcrules.golden import compare
+from svcrules.cli.golden import compare
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = sorted(p.name for p in (ROOT / "fixtures").iterdir() if p.is_dir())

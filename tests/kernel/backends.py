@@ -3,7 +3,7 @@
 ``nftables`` loads the script with ``nft -f`` (one transaction); the iptables
 variants replace svcrules' chains the way ``svcrules apply`` does on its first
 run: read what the node holds with iptables-save, then one ``iptables-restore
---noflush`` per table (svcrules.iptables_restore.full_restore).
+--noflush`` per table (svcrules.kernel.iptables.restore.full_restore).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 import svcrules
-from svcrules.iptables_restore import (
+from svcrules.kernel.iptables.restore import (
     FAMILIES,
     TABLES,
     full_restore,

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from svcrules.driver_nft import listed_content
-from svcrules.state import StateStore
+from svcrules.kernel.nft.driver import listed_content
+from svcrules.kernel.state import StateStore
 from tests.k8s import Obj, dump
 
 from . import backends

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 
 import svcrules
-from svcrules.backends.nftables_json import render_json
+from svcrules.render.nftables.json_form import render_json
 from tests.k8s import Obj, compile_objs, endpoint, endpoint_slice, node_config, service
 from tests.strategies import clusters
 

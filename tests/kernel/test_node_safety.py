@@ -29,7 +29,7 @@ CIP_C = "203.0.113.30"
 # and the state is about to be written: the window a crash can hit.
 KILL_BEFORE_STATE = (
     "import os, signal, sys\n"
-    "from svcrules import state\n"
+    "from svcrules.kernel import state\n"
     "def die(*a, **k):\n"
     "    os.kill(os.getpid(), signal.SIGKILL)\n"
     "state.StateStore.save = die\n"

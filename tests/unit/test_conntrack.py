@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from svcrules.conntrack import cleanup_commands
-from svcrules.state import UdpPort
+from svcrules.kernel.conntrack import cleanup_commands
+from svcrules.kernel.state import UdpPort
 
 
 def test_removed_endpoint_is_cleared_on_every_frontend() -> None:

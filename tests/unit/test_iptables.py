@@ -11,15 +11,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svcrules
-from svcrules.backends.iptables import CHAIN_MAX, PREFIX_MAX, family_section
-from svcrules.iptables_restore import (
+from svcrules.kernel.iptables.restore import (
     diff_restore,
     full_restore,
     parse_restore,
     parsed_from_save,
     split_sections,
 )
-from svcrules.kernel import KernelError
+from svcrules.kernel.nft.transport import KernelError
+from svcrules.render.iptables.layout import CHAIN_MAX, PREFIX_MAX, family_section
 from tests.k8s import Obj, compile_objs, dump, endpoint, endpoint_slice, node_config, service
 from tests.strategies import clusters
 
@@ -212,7 +212,7 @@ class FakeIptables:
         self.sent.append((family, text))
 
     def owned(self, family: str, table: str, prefix: str) -> object:
-        from svcrules.iptables_restore import RestoreTable
+        from svcrules.kernel.iptables.restore import RestoreTable
 
         return RestoreTable(chains={f"{prefix}-SEP-OLD": []}, complete=False)
 
@@ -223,7 +223,7 @@ class FakeIptables:
 
 
 def test_a_refused_table_puts_back_what_it_can_and_says_what_it_could_not() -> None:
-    from svcrules.driver_iptables import IptablesDriver
+    from svcrules.kernel.iptables.driver import IptablesDriver
 
     ruleset = compile_objs([node_config(), *web("198.51.100.11")], backend="iptables")
     old = compile_objs([node_config(), *web("198.51.100.12")], backend="iptables").iptables

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from svcrules.errors import InputError
-from svcrules.load import load_paths
+from svcrules.inputs.load import load_paths
 from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
 
 

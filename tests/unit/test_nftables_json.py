@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 
 import svcrules
-from svcrules.backends.nftables_json import render_json
+from svcrules.render.nftables.json_form import render_json
 from tests.k8s import Obj, compile_objs
 from tests.strategies import clusters
 

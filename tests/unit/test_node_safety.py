@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from svcrules import cli_run
 from svcrules.cli import app
+from svcrules.cli import run as cli_run
 from svcrules.compiler import prepare
-from svcrules.config import Overrides
 from svcrules.errors import InputError
-from svcrules.lock import LockTimeout, exclusive
-from svcrules.metrics import previous_failures
-from svcrules.safety import Limits, RemovalRefused, check_removals
-from svcrules.state import LEGACY_FILES, Meta, StateError, StateStore
-from svcrules.tools import find_tool
+from svcrules.inputs.config import Overrides
+from svcrules.kernel.lock import LockTimeout, exclusive
+from svcrules.kernel.metrics import previous_failures
+from svcrules.kernel.safety import Limits, RemovalRefused, check_removals
+from svcrules.kernel.state import LEGACY_FILES, Meta, StateError, StateStore
+from svcrules.kernel.tools import find_tool
 from tests.k8s import dump, node_config, service
 
 runner = CliRunner()
@@ -176,7 +176,7 @@ def test_kill_during_save_keeps_old_or_new_state(tmp_path: Path) -> None:
     """SIGKILL at random moments of many saves: every load gives one whole state."""
     code = (
         "import sys\n"
-        "from svcrules.state import Meta, StateStore\n"
+        "from svcrules.kernel.state import Meta, StateStore\n"
         "s = StateStore(sys.argv[1])\n"
         "for i in range(10**6):\n"
         "    s.save(f'script {i}\\n' * 20000, Meta(fingerprint=str(i), ports={str(i): 'd'}))\n"
@@ -286,7 +286,7 @@ def test_unexpected_errors_are_one_line(
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("svcrules.cli_kernel.prepare", boom)
+    monkeypatch.setattr("svcrules.cli.kernel_commands.prepare", boom)
     res = runner.invoke(app, ["sync", str(_inputs(tmp_path)), "--state-dir", str(tmp_path)])
     assert res.exit_code == 2 and "internal error: RuntimeError: boom" in res.stderr
     assert "Traceback" not in res.stderr

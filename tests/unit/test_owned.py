@@ -9,13 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 import svcrules
-from svcrules.backends.iptables import TAKEN, chain_prefix
 from svcrules.cli import app
 from svcrules.errors import InputError
-from svcrules.load import load_paths
-from svcrules.owned import RESERVED, check_name, reserved
-from svcrules.reconcile import cleanup
-from svcrules.state import StateStore
+from svcrules.inputs.load import load_paths
+from svcrules.inputs.owned import RESERVED, check_name, reserved
+from svcrules.kernel.reconcile import cleanup
+from svcrules.kernel.state import StateStore
+from svcrules.render.iptables.layout import TAKEN, chain_prefix
 from tests.k8s import compile_objs, dump, endpoint, endpoint_slice, node_config, service
 
 # Other programs' names: tables of iptables-nft, ebtables-nft, kube-proxy, firewalld,

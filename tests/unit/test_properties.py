@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svcrules
-from svcrules.backends.nftables import layout
+from svcrules.render.nftables.layout import layout
 from tests.k8s import Obj, compile_objs, dump
 from tests.strategies import clusters
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from svcrules.compiler import Job, prepare
-from svcrules.driver_nft import NftDriver
-from svcrules.kernel import KernelError, first_error
-from svcrules.kernel import refused as refused_error
-from svcrules.reconcile import execute, plan_change
-from svcrules.state import StateStore
+from svcrules.kernel.nft.driver import NftDriver
+from svcrules.kernel.nft.transport import KernelError, first_error
+from svcrules.kernel.nft.transport import refused as refused_error
+from svcrules.kernel.reconcile import execute, plan_change
+from svcrules.kernel.state import StateStore
 from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
 
 

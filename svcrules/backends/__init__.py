@@ -1,1 +1,0 @@
-"""Rule backends: each turns the node plan into its own rule language."""

@@ -1,0 +1,197 @@
+"""The ``svcrules`` command: a thin shell over the library.
+
+Exit codes: 0 success, 1 a difference (``check``), 2 bad input or usage.
+Errors go to stderr, one line per problem; stdout only ever holds results.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from svcrules.cli.app import app
+from svcrules.cli.options import (
+    NO_OVERRIDES,
+    BackendChoice,
+    BackendOpt,
+    ConfigOpt,
+    Paths,
+    node_options,
+)
+from svcrules.compiler import Ruleset, compile_paths
+from svcrules.errors import SvcrulesError
+from svcrules.inputs.config import Overrides
+
+
+class Format(StrEnum):
+    nft = "nft"
+    json = "json"
+
+
+class FamilyChoice(StrEnum):
+    both = "both"
+    ipv4 = "ipv4"
+    ipv6 = "ipv6"
+
+
+def _fail(exc: SvcrulesError) -> NoReturn:
+    for line in str(exc).splitlines():
+        print(f"svcrules: error: {line}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _compile(
+    paths: list[str] | None,
+    config: str | None,
+    overrides: Overrides,
+    backend: BackendChoice = BackendChoice.nftables,
+    allow_empty: bool = True,
+) -> Ruleset:
+    if not paths:
+        print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        # Rendering happens inside: its problems are reported like input problems.
+        return compile_paths(
+            paths, config, overrides, backend=backend.value, allow_empty=allow_empty
+        )
+    except SvcrulesError as exc:
+        _fail(exc)
+
+
+def _text(ruleset: Ruleset, backend: BackendChoice, fmt: Format, family: FamilyChoice) -> str:
+    """What compile and check print: the backend's text, in the asked format."""
+    if backend is BackendChoice.iptables:
+        if fmt is Format.json:
+            _usage("--format json is the libnftables form: only for --backend nftables")
+        if family is FamilyChoice.both:
+            return ruleset.iptables
+        from svcrules.render.iptables.layout import family_section
+
+        return family_section(ruleset.iptables, family.value)
+    if family is not FamilyChoice.both:
+        _usage("--family selects one iptables-restore input: only for --backend iptables")
+    return ruleset.json if fmt is Format.json else ruleset.nft
+
+
+def _usage(message: str) -> NoReturn:
+    print(f"svcrules: error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+FamilyOpt = Annotated[
+    FamilyChoice,
+    typer.Option(
+        "--family",
+        help="iptables backend: print only one family's input, ready for "
+        "'iptables-restore --noflush' (ipv4) or 'ip6tables-restore --noflush' (ipv6).",
+    ),
+]
+
+
+def _write(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(output)
+
+
+@app.command("compile")
+@node_options
+def compile_cmd(
+    paths: Paths = None,
+    config: ConfigOpt = None,
+    fmt: Annotated[
+        Format, typer.Option("--format", "-f", help="nft script or libnftables JSON.")
+    ] = Format.nft,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Print the explain table instead of rules.")
+    ] = False,
+    backend: BackendOpt = BackendChoice.nftables,
+    family: FamilyOpt = FamilyChoice.both,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Accept inputs without a single Service. Without it an empty input (a "
+            "failed command before a pipe) is an error: its rules would remove every Service.",
+        ),
+    ] = False,
+    overrides: Overrides = NO_OVERRIDES,
+) -> None:
+    """Print the ruleset. With nftables, loading it with 'nft -f' creates or replaces
+    the owned tables (ip/ip6 svcrules) in one transaction and touches nothing else.
+    With iptables, it is one iptables-restore input per family ('apply' sends it and
+    also installs the jumps from the built-in chains)."""
+    ruleset = _compile(paths, config, overrides, backend, allow_empty)
+    if explain:
+        from svcrules.plan.explain import explain_text
+
+        _write(explain_text(ruleset.plan), output)
+        return
+    _write(_text(ruleset, backend, fmt, family), output)
+
+
+@app.command("explain")
+@node_options
+def explain_cmd(
+    paths: Paths = None,
+    config: ConfigOpt = None,
+    overrides: Overrides = NO_OVERRIDES,
+) -> None:
+    """Show what each Service port became on this node: frontends, the endpoints
+    chosen, masquerading, and why a frontend rejects or drops."""
+    from svcrules.plan.explain import explain_text
+
+    sys.stdout.write(explain_text(_compile(paths, config, overrides).plan))
+
+
+@app.command("check")
+@node_options
+def check_cmd(
+    golden: Annotated[
+        Path, typer.Option("--golden", "-g", help="The reviewed ruleset file to compare with.")
+    ],
+    paths: Paths = None,
+    config: ConfigOpt = None,
+    update: Annotated[
+        bool, typer.Option("--update", help="Rewrite the golden file instead of comparing.")
+    ] = False,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Format of the golden file.")] = (
+        Format.nft
+    ),
+    backend: BackendOpt = BackendChoice.nftables,
+    family: FamilyOpt = FamilyChoice.both,
+    overrides: Overrides = NO_OVERRIDES,
+) -> None:
+    """Compare the compiled ruleset with a golden file: exit 0 when equal, 1 with a
+    unified diff when not. For CI pipelines that review generated rules."""
+    from svcrules.cli.golden import compare
+
+    ruleset = _compile(paths, config, overrides, backend)
+    text = _text(ruleset, backend, fmt, family)
+    if update:
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        _write(text, golden)
+        print(f"svcrules: wrote {golden}", file=sys.stderr)
+        return
+    if not golden.is_file():
+        print(
+            f"svcrules: error: {golden}: no such golden file (create it with --update)",
+            file=sys.stderr,
+        )
+        raise typer.Exit(2)
+    diff = compare(golden, text)
+    if diff is None:
+        return
+    sys.stdout.write(diff)
+    raise typer.Exit(1)

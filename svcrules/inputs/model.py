@@ -1,0 +1,417 @@
+"""The input schema: the parts of Kubernetes objects that svcrules reads.
+
+Models accept what the API server returns (unknown fields are ignored, defaults
+are the API's) and reject what cannot be programmed. Addresses are stored in
+canonical form so that every later stage can compare them as strings. Integers
+are strict where the API has integers: ``port: true`` is not port 1.
+
+NodeConfig is svcrules' own kind: it forbids unknown fields, so that a typo
+(``clusterCIDR:``) is an error instead of a silently missing setting.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Required
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from typing_extensions import TypedDict
+
+from svcrules.inputs.addr import canonical_cidr, canonical_ip, family_of
+from svcrules.inputs.owned import reserved_message
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+IP = Annotated[str, AfterValidator(canonical_ip)]
+CIDR = Annotated[str, BeforeValidator(_strip), AfterValidator(canonical_cidr)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+ProtocolField = Annotated[Protocol, BeforeValidator(_upper)]
+
+
+class K8sModel(BaseModel):
+    """Kubernetes spelling (camelCase), unknown fields ignored."""
+
+    model_config = ConfigDict(
+        extra="ignore", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+# Kubernetes object names (DNS subdomains) and namespaces (DNS labels). Checked because
+# names end up in keys like namespace/name:port, which must stay unambiguous.
+_DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+# kube-proxy watches Services and EndpointSlices through one label selector that leaves
+# out every object carrying either label, whatever its value (SEMANTICS.md section 2).
+PROXY_SKIP_LABELS = ("service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless")
+
+
+class ObjectMeta(K8sModel):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
+    namespace: Annotated[str, Field(max_length=63, pattern=_DNS_NAME)] = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _none_labels(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    def skip_label(self) -> str | None:
+        """The label that hides this object from kube-proxy, and so from svcrules."""
+        return next((k for k in PROXY_SKIP_LABELS if k in self.labels), None)
+
+
+class ServiceMeta(ObjectMeta):
+    # Decides which of two Services claiming one frontend keeps it (on_invalid="skip").
+    creation_timestamp: datetime | None = None
+
+    @field_validator("creation_timestamp", mode="before")
+    @classmethod
+    def _empty_timestamp(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("creation_timestamp", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # YAML reads an unquoted time without zone as naive: the API's times are UTC.
+        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
+
+
+class ServicePort(K8sModel):
+    name: str = ""
+    protocol: ProtocolField = "TCP"
+    port: Port
+    target_port: StrictInt | str | None = None
+    node_port: Annotated[StrictInt, Field(ge=0, le=65535)] | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _none_name(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value and not _PORT_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid port name (lower-case letters, digits, '-')"
+            )
+        return value
+
+
+class ClientIPConfig(K8sModel):
+    timeout_seconds: Annotated[StrictInt, Field(ge=1, le=86400)] = 10800
+
+
+class SessionAffinityConfig(K8sModel):
+    client_ip: ClientIPConfig | None = Field(default=None, alias="clientIP")
+
+
+class ServiceSpec(K8sModel):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
+    cluster_ip: str | None = Field(default=None, alias="clusterIP")
+    cluster_ips: list[str] = Field(default_factory=list, alias="clusterIPs")
+    ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list)
+    ports: list[ServicePort] = Field(default_factory=list)
+    external_ips: list[IP] = Field(default_factory=list, alias="externalIPs")
+    load_balancer_source_ranges: list[CIDR] = Field(default_factory=list)
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    session_affinity_config: SessionAffinityConfig | None = None
+    health_check_node_port: StrictInt | None = None
+    selector: dict[str, str] | None = None
+    publish_not_ready_addresses: bool = False
+    traffic_distribution: str | None = None
+
+    @field_validator(
+        "cluster_ips",
+        "ports",
+        "external_ips",
+        "load_balancer_source_ranges",
+        "ip_families",
+        mode="before",
+    )
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("external_traffic_policy", mode="before")
+    @classmethod
+    def _legacy_etp(cls, value: Any) -> Any:
+        # "Global" is the pre-1.20 spelling of "Cluster"; the API still accepts it.
+        return "Cluster" if value in (None, "Global") else value
+
+    @field_validator("internal_traffic_policy", "session_affinity", mode="before")
+    @classmethod
+    def _none_default(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return "Cluster" if info.field_name == "internal_traffic_policy" else "None"
+        return value
+
+    @field_validator("cluster_ip", mode="after")
+    @classmethod
+    def _check_cluster_ip(cls, value: str | None) -> str | None:
+        if value in (None, "", "None"):
+            return value
+        return canonical_ip(value)
+
+    @field_validator("cluster_ips", mode="after")
+    @classmethod
+    def _check_cluster_ips(cls, value: list[str]) -> list[str]:
+        if value == ["None"]:
+            return value
+        out = [canonical_ip(v) for v in value]
+        families = [family_of(v) for v in out]
+        if len(set(families)) != len(families):
+            raise ValueError("at most one cluster IP per family")
+        return out
+
+    def all_cluster_ips(self) -> list[str]:
+        """clusterIPs if set (it includes clusterIP), else the legacy single field."""
+        if self.cluster_ips:
+            return [] if self.cluster_ips == ["None"] else list(self.cluster_ips)
+        if self.cluster_ip in (None, "", "None"):
+            return []
+        return [self.cluster_ip]
+
+    def is_headless(self) -> bool:
+        return self.cluster_ip == "None" or self.cluster_ips == ["None"]
+
+    def affinity_timeout(self) -> int | None:
+        if self.session_affinity != "ClientIP":
+            return None
+        cfg = self.session_affinity_config
+        if cfg is None or cfg.client_ip is None:
+            return 10800
+        return cfg.client_ip.timeout_seconds
+
+
+class LoadBalancerIngress(K8sModel):
+    ip: IP | None = None
+    hostname: str | None = None
+    ip_mode: Literal["VIP", "Proxy"] | None = None
+
+
+class LoadBalancerStatus(K8sModel):
+    ingress: list[LoadBalancerIngress] = Field(default_factory=list)
+
+    @field_validator("ingress", mode="before")
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+
+class ServiceStatus(K8sModel):
+    load_balancer: LoadBalancerStatus = Field(default_factory=LoadBalancerStatus)
+
+
+class Service(K8sModel):
+    api_version: Literal["v1"] = "v1"
+    kind: Literal["Service"] = "Service"
+    metadata: ServiceMeta
+    spec: ServiceSpec = Field(default_factory=ServiceSpec)
+    status: ServiceStatus = Field(default_factory=ServiceStatus)
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> Service:
+        if self.spec.type == "ExternalName" or self.is_skipped_by_label():
+            return self
+        seen: set[tuple[int, str]] = set()
+        for i, port in enumerate(self.spec.ports):
+            key = (port.port, port.protocol)
+            if key in seen:
+                raise ValueError(f"spec.ports[{i}]: duplicate port {port.port}/{port.protocol}")
+            seen.add(key)
+            if len(self.spec.ports) > 1 and not port.name:
+                raise ValueError(f"spec.ports[{i}].name: required when a Service has several ports")
+        return self
+
+    def is_skipped_by_label(self) -> bool:
+        return self.metadata.skip_label() is not None
+
+
+# Endpoints are the bulk of any large input (hundreds of thousands), so they are
+# TypedDicts: pydantic still checks every field, three times faster than models.
+# Keys keep the API's spelling.
+
+
+class EndpointConditions(TypedDict, total=False):
+    ready: bool | None
+    serving: bool | None
+    terminating: bool | None
+
+
+class HintName(TypedDict):
+    name: str
+
+
+class EndpointHints(TypedDict, total=False):
+    forZones: list[HintName] | None
+    forNodes: list[HintName] | None
+
+
+class Endpoint(TypedDict, total=False):
+    addresses: Required[Annotated[list[str], Field(min_length=1)]]
+    conditions: EndpointConditions | None
+    nodeName: str | None
+    zone: str | None
+    hints: EndpointHints | None
+
+
+class EndpointPort(K8sModel):
+    name: str = ""
+    protocol: ProtocolField = "TCP"
+    port: Port | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _none_name(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value and not _PORT_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid port name (lower-case letters, digits, '-')"
+            )
+        return value
+
+
+class EndpointSlice(K8sModel):
+    api_version: Literal["discovery.k8s.io/v1"] = "discovery.k8s.io/v1"
+    kind: Literal["EndpointSlice"] = "EndpointSlice"
+    metadata: ObjectMeta
+    address_type: Literal["IPv4", "IPv6", "FQDN"]
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    ports: list[EndpointPort] = Field(default_factory=list)
+
+    @field_validator("endpoints", "ports", mode="before")
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @model_validator(mode="after")
+    def _check_addresses(self) -> EndpointSlice:
+        if self.address_type == "FQDN":
+            return self
+        want = 4 if self.address_type == "IPv4" else 6
+        for i, ep in enumerate(self.endpoints):
+            for j, address in enumerate(ep["addresses"]):
+                try:
+                    canonical = canonical_ip(address)
+                except ValueError as exc:
+                    raise ValueError(f"endpoints[{i}].addresses[{j}]: {exc}") from None
+                if family_of(canonical) != want:
+                    raise ValueError(
+                        f"endpoints[{i}].addresses[{j}]: {address!r} is not an "
+                        f"{self.address_type} address (addressType is {self.address_type})"
+                    )
+        return self
+
+    def service_name(self) -> str | None:
+        return self.metadata.labels.get("kubernetes.io/service-name")
+
+
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class OwnModel(K8sModel):
+    """svcrules' own kinds: unknown fields are errors (load.py names the closest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeConfigSpec(OwnModel):
+    node_ips: list[IP] = Field(default_factory=list, alias="nodeIPs")
+    cluster_cidrs: list[CIDR] = Field(default_factory=list, alias="clusterCIDRs")
+    service_cidrs: list[CIDR] = Field(default_factory=list, alias="serviceCIDRs")
+    node_port_addresses: list[str] = Field(default_factory=lambda: ["primary"])
+    masquerade_all: StrictBool = False
+    masquerade_bit: Annotated[StrictInt, Field(ge=0, le=31)] = 14
+    zone: str = ""
+    table_name: str = "svcrules"
+
+    @field_validator(
+        "node_ips", "cluster_cidrs", "service_cidrs", "node_port_addresses", mode="before"
+    )
+    @classmethod
+    def _none_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("node_ips", mode="after")
+    @classmethod
+    def _one_per_family(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one node IP is needed (the node's primary address)")
+        families = [family_of(v) for v in value]
+        if len(set(families)) != len(families):
+            raise ValueError("at most one node IP per family")
+        return value
+
+    @field_validator("node_port_addresses", mode="after")
+    @classmethod
+    def _check_nodeport_addresses(cls, value: list[str]) -> list[str]:
+        if not value:
+            return ["primary"]
+        out = []
+        for item in value:
+            item = item.strip()
+            out.append("primary" if item == "primary" else canonical_cidr(item))
+        if "primary" in out and len(out) > 1:
+            raise ValueError("'primary' cannot be combined with CIDRs")
+        return out
+
+    @field_validator("table_name", mode="after")
+    @classmethod
+    def _check_table_name(cls, value: str) -> str:
+        if not _TABLE_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid table name "
+                "(a letter, then letters, digits, '_' or '-', at most 64)"
+            )
+        if why := reserved_message(value):
+            raise ValueError(why)
+        return value
+
+
+class NodeConfigMeta(OwnModel):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS_NAME)]
+    # Accepted for tools that label or annotate every object; not used.
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class NodeConfig(OwnModel):
+    api_version: Literal["svcrules.io/v1alpha1"] = "svcrules.io/v1alpha1"
+    kind: Literal["NodeConfig"] = "NodeConfig"
+    metadata: NodeConfigMeta
+    spec: NodeConfigSpec
+
+    def node_ip(self, family: int) -> str | None:
+        for ip in self.spec.node_ips:
+            if family_of(ip) == family:
+                return ip
+        return None

@@ -1,0 +1,335 @@
+"""The nftables backend's side of a run: fingerprints, diffs, sending, cleanup.
+
+svcrules owns two whole tables (``ip`` and ``ip6`` NAME); each holds a ``state`` set
+whose one element carries the fingerprint of the last script. That element is also the
+proof of ownership: a table of the owned name without it is another program's, and is
+neither replaced nor deleted (svcrules.inputs.owned).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from svcrules.compiler import Ruleset
+from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
+from svcrules.kernel.nft.diff import Transaction, diff_scripts, parse_script
+from svcrules.kernel.nft.transport import Backend, KernelError, list_json
+from svcrules.kernel.tools import find_tool
+from svcrules.render.nftables.layout import fingerprint_of
+
+FAMILIES = ("ip", "ip6")
+BUSY_SEARCHES = 8  # objects still in use looked for one by one; beyond, all deletions wait
+
+
+class NftDriver:
+    backend = "nftables"
+
+    def __init__(self, kernel: Backend) -> None:
+        self.kernel = kernel
+        self.name = kernel.name
+
+    def text(self, ruleset: Ruleset) -> str:
+        return ruleset.nft
+
+    def fingerprint_of(self, text: str) -> str | None:
+        return fingerprint_of(text)
+
+    def expected(self, text: str) -> dict[str, str | None]:
+        """Both tables carry the fingerprint of the whole script."""
+        return dict.fromkeys(FAMILIES, fingerprint_of(text))
+
+    def fingerprints(self, table: str) -> dict[str, str | None]:
+        """The fingerprint in each owned table's state set (None: absent)."""
+        out: dict[str, str | None] = {}
+        for fam in FAMILIES:
+            comments = self._state_comments(fam, table)
+            out[fam] = fingerprint_of(" ".join(f'comment "{c}"' for c in comments))
+        return out
+
+    def _state_comments(self, fam: str, table: str) -> list[str]:
+        """The element comments of ``set FAM TABLE state`` ([] when there is none)."""
+        return [
+            str(e["elem"].get("comment", ""))
+            for o in list_json(self.kernel, f"set {fam} {table} state")
+            if "set" in o
+            for e in o["set"].get("elem", [])
+            if isinstance(e, dict) and "elem" in e
+        ]
+
+    def _tables(self) -> set[tuple[str, str]]:
+        """(family, name) of every table of the families svcrules uses: names only."""
+        return {
+            (o["table"]["family"], o["table"]["name"])
+            for o in list_json(self.kernel, "tables")
+            if "table" in o and o["table"]["family"] in FAMILIES
+        }
+
+    def _ours(self, fam: str, table: str, deep: bool = True) -> bool:
+        """Whether an existing table was made by svcrules: its state set carries the
+        svcrules comment, or (the set deleted by hand; only when ``deep``) its own comment
+        says so. Only that table is read: the tiny set first, the whole table only
+        without it."""
+        if any(c.startswith(MARK) for c in self._state_comments(fam, table)):
+            return True
+        if not deep:
+            return False
+        try:
+            listing = self.kernel.run(f"list table {fam} {table}")
+        except KernelError:
+            return False
+        head = listing.lstrip().splitlines()[1:2]
+        return any(ln.strip().startswith(f'comment "{TABLE_COMMENT}') for ln in head)
+
+    def owned_tables(
+        self, names: Sequence[str], tables: set[tuple[str, str]] | None = None, deep: bool = True
+    ) -> list[str]:
+        """Of the tables ``FAMILY NAME`` for each name, those that exist and svcrules made."""
+        present = self._tables() if tables is None else tables
+        return [
+            f"{fam} {name}"
+            for name in dict.fromkeys(names)
+            for fam in FAMILIES
+            if (fam, name) in present and self._ours(fam, name, deep)
+        ]
+
+    def _check_ours(self, table: str, present: set[tuple[str, str]]) -> None:
+        """Refuse (before anything is sent) when a table of the owned name is foreign."""
+        for fam in FAMILIES:
+            if (fam, table) in present and not self._ours(fam, table):
+                raise not_ours(f"{fam} {table}", "no svcrules state set")
+
+    def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Transaction:
+        return diff_scripts(old, ruleset.tables, stale)
+
+    def full(
+        self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
+    ) -> tuple[str, int]:
+        """The rendered script replaces both tables whole (create, delete, recreate), and
+        deletes the tables of earlier names (``retire``) that svcrules made, all in one
+        transaction. A table of the owned name that svcrules did not make is refused."""
+        present = self._tables()
+        self._check_ours(table, present)
+        gone = [t for t in self.owned_tables(list(retire), present) if t.split()[1] != table]
+        ops = sum(1 + len(obj.items) for t in ruleset.tables.values() for obj in t.objects.values())
+        script = ruleset.nft
+        if gone:
+            at = script.find("\ntable ") + 1
+            deletes = "".join(f"delete table {t}\n" for t in gone)
+            script = script[:at] + deletes + script[at:]
+        return script, ops + len(gone)
+
+    def send(self, script: str, tx: Transaction | None) -> tuple[str, list[str]]:
+        """Run the transaction; return what was sent and the objects left for later.
+
+        Deletions come in dependency order, so a kernel refuses one (EBUSY) only while
+        something svcrules does not know of still uses the object. Which one is found
+        with dry runs (nft's message may name another command of the batch); it is left
+        out, emptied, for a later run to delete, and the rest is sent again."""
+        left: set[str] = set()
+        while True:
+            try:
+                self.kernel.run(script)
+            except KernelError as exc:
+                if tx is None or not tx.deletions or "busy" not in str(exc).lower():
+                    raise
+                pending = [name for name in tx.deleted if name not in left]
+                if not pending:
+                    raise
+                if len(left) < BUSY_SEARCHES:
+                    left.add(self._first_busy(tx, left, pending))
+                else:
+                    left.update(pending)
+                script = tx.without(left)
+                continue
+            return script, sorted(left)
+
+    def _first_busy(self, tx: Transaction, left: set[str], pending: list[str]) -> str:
+        """The first deletion of ``pending`` the kernel refuses: the shortest prefix of
+        them whose dry run fails ends with it."""
+        lo, hi = 0, len(pending)  # a dry run with lo deletions passes; with hi it fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                self.kernel.run(tx.without(left | set(pending[mid:])), check_only=True)
+            except KernelError:
+                hi = mid
+            else:
+                lo = mid
+        return pending[hi - 1]
+
+    def check(self, script: str) -> None:
+        self.kernel.run(script, check_only=True)
+
+    def verify(self, table: str, script: str, stale: list[str]) -> list[str]:
+        """Differences between the kernel's tables and a script: every rule and every
+        element (of sets svcrules fills), as nft lists them. nft itself turns the script
+        into that form, by loading it into an empty network namespace of its own; where
+        that cannot be done (no ``nft`` command or ``unshare``), names and counts only."""
+        lingering = {" ".join((s.split(" ")[0], s.split(" ")[2])) for s in stale}
+        loaded = _load_elsewhere(script, table)
+        if loaded is None:
+            want, have = _structure_of_script(script), self._structure_of_kernel(table)
+            return _compare(want, have, lingering)
+        kernel = [o for fam in FAMILIES for o in list_json(self.kernel, f"table {fam} {table}")]
+        return _compare(listed_content(loaded), listed_content(kernel), lingering)
+
+    def _structure_of_kernel(self, table: str) -> dict[str, Any]:
+        """Object name -> (kind, rule or element count), read from the kernel."""
+        out: dict[str, tuple[str, int]] = {}
+        for fam in FAMILIES:
+            for o in list_json(self.kernel, f"table {fam} {table}"):
+                kind = next(iter(o))
+                body = o[kind]
+                if kind in ("set", "map"):
+                    flags = body.get("flags", [])
+                    dynamic = "dynamic" in flags or "timeout" in flags
+                    out[f"{fam} {body['name']}"] = (
+                        kind,
+                        0 if dynamic else len(body.get("elem", [])),
+                    )
+                elif kind == "chain":
+                    out.setdefault(f"{fam} {body['name']}", ("chain", 0))
+                elif kind == "rule":
+                    key = f"{fam} {body['chain']}"
+                    out[key] = ("chain", out.get(key, ("chain", 0))[1] + 1)
+        return out
+
+    def cleanup(self, table: str | None, known: Sequence[str] = ()) -> list[str]:
+        """Delete svcrules' tables, nothing else: with ``table``, that name's (refused when
+        it is another program's); without, every name in ``known`` (the state's) and every
+        table that carries svcrules' mark. All in one transaction."""
+        present = self._tables()
+        if table is not None:
+            check_name(table)
+            self._check_ours(table, present)
+            gone = self.owned_tables([table], present)
+        else:
+            gone = self.owned_tables(known, present)
+            # Every other table is asked for its state set only: other programs' tables
+            # are never listed whole.
+            others = sorted({n for _, n in present} - set(known))
+            gone += self.owned_tables(others, present, deep=False)
+        if gone:
+            self.kernel.run("".join(f"delete table {t}\n" for t in gone))
+        return gone
+
+
+def _compare(want: dict[str, Any], have: dict[str, Any], lingering: set[str]) -> list[str]:
+    problems = []
+    for name in sorted(set(want) | set(have)):
+        if name in lingering and name not in want:
+            continue
+        a, b = want.get(name), have.get(name)
+        if a == b:
+            continue
+        if isinstance(a, Content) and isinstance(b, Content):
+            problems.append(f"{name}: {a.differences(b)}")
+        else:
+            problems.append(f"{name}: expected {_short(a)}, kernel has {_short(b)}")
+    return problems
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "none"
+    return value.kind if isinstance(value, Content) else str(value)
+
+
+@dataclass(frozen=True)
+class Content:
+    """One object as nft lists it: declaration, and rules or elements, normalised."""
+
+    kind: str
+    declaration: str
+    items: tuple[str, ...]
+
+    def differences(self, have: Content) -> str:
+        if self.kind != have.kind or self.declaration != have.declaration:
+            return f"declared differently ({self.declaration} / {have.declaration})"
+        if self.kind == "chain":
+            return f"rules differ ({len(self.items)} expected, {len(have.items)} in the kernel)"
+        missing = sorted(set(self.items) - set(have.items))
+        extra = sorted(set(have.items) - set(self.items))
+        shown = f"; e.g. {(missing or extra)[0][:200]}" if missing or extra else ""
+        return f"{len(missing)} elements missing, {len(extra)} unexpected{shown}"
+
+
+def _norm(value: Any) -> Any:
+    """Without handles, counter values and element expiry: what svcrules decides."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k in ("handle", "expires", "index"):
+                continue
+            out[k] = None if k == "counter" else _norm(v)
+        return out
+    if isinstance(value, list):
+        return [_norm(v) for v in value]
+    return value
+
+
+def listed_content(listing: list[dict[str, Any]]) -> dict[str, Any]:
+    """ "family name" -> Content of each set, map and chain in nft's JSON listing."""
+    out: dict[str, Any] = {}
+    rules: dict[str, list[str]] = {}
+    for o in listing:
+        kind = next(iter(o))
+        body = _norm(o[kind])
+        if kind in ("set", "map"):
+            flags = body.get("flags", [])
+            dynamic = "dynamic" in flags or "timeout" in flags  # filled by packets
+            elems = [] if dynamic else body.pop("elem", [])
+            body.pop("elem", None)
+            items = tuple(sorted(json.dumps(e, sort_keys=True) for e in elems))
+            decl = json.dumps(body, sort_keys=True)
+            out[f"{body['family']} {body['name']}"] = Content(kind, decl, items)
+        elif kind == "chain":
+            out[f"{body['family']} {body['name']}"] = Content(
+                "chain", json.dumps(body, sort_keys=True), ()
+            )
+        elif kind == "rule":
+            rule = {k: v for k, v in body.items() if k not in ("family", "table", "chain")}
+            key = f"{body['family']} {body['chain']}"
+            rules.setdefault(key, []).append(json.dumps(rule, sort_keys=True))
+    for key, listed in rules.items():
+        chain = out.get(key)
+        if isinstance(chain, Content):
+            out[key] = Content("chain", chain.declaration, tuple(listed))
+    return out
+
+
+def _load_elsewhere(script: str, table: str) -> list[dict[str, Any]] | None:
+    """The objects of ``script`` as nft lists them once loaded, in a network namespace
+    made for the purpose and gone when nft exits (nothing of the node's is touched);
+    None when that is not possible here."""
+    nft, unshare = find_tool("nft"), find_tool("unshare")
+    if nft is None or unshare is None:
+        return None
+    lister = " && ".join(f'"$0" -j list table {fam} {table}' for fam in FAMILIES)
+    proc = subprocess.run(
+        [unshare, "--net", "sh", "-c", f'"$0" -f - && {lister}', nft],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    out: list[dict[str, Any]] = []
+    for chunk in proc.stdout.splitlines():
+        if chunk.strip():
+            out += [o for o in json.loads(chunk).get("nftables", []) if "metainfo" not in o]
+    return out
+
+
+def _structure_of_script(script: str) -> dict[str, Any]:
+    out: dict[str, tuple[str, int]] = {}
+    for (fam, _), tbl in parse_script(script).items():
+        for name, obj in tbl.objects.items():
+            dynamic = any("dynamic" in h for h in obj.header)
+            out[f"{fam} {name}"] = (obj.kind, 0 if dynamic else len(obj.items))
+    return out

@@ -1,0 +1,289 @@
+"""Bring the kernel to a compiled ruleset: plan the change, send it, verify it.
+
+A run reads the fingerprint svcrules left in the kernel (one tiny set or chain
+per owned table) and compares it with the state directory. When they agree, it
+sends only the difference between the last text and the new one; when they do
+not (first run, lost state, someone changed the rules), it replaces everything
+svcrules owns. The backends (driver_nft.py, driver_iptables.py) know how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from svcrules.compiler import Job, Ruleset
+from svcrules.errors import SvcrulesError
+from svcrules.inputs.owned import check_name
+from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
+from svcrules.kernel.iptables.restore import JumpsChanged
+from svcrules.kernel.nft.diff import NeedsFullReplacement
+from svcrules.kernel.nft.transport import KernelError, first_error
+from svcrules.kernel.state import Meta, StateStore
+from svcrules.kernel.stats import stats
+
+
+class Tx(Protocol):
+    """An incremental transaction of either backend."""
+
+    operations: int
+    deleted: list[str]
+
+    def script(self, with_deletions: bool = True) -> str: ...
+
+    @property
+    def empty(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class Driver(Protocol):
+    """One backend's dealings with the kernel (driver_nft.py, driver_iptables.py)."""
+
+    backend: str  # "nftables" or "iptables"
+    name: str  # the kernel interface used (libnftables, nft, iptables-nft, ...)
+
+    def text(self, ruleset: Ruleset) -> str: ...
+
+    def fingerprint_of(self, text: str) -> str | None: ...
+
+    def expected(self, text: str) -> dict[str, str | None]: ...
+
+    def fingerprints(self, table: str) -> dict[str, str | None]: ...
+
+    def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Tx: ...
+
+    def full(
+        self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
+    ) -> tuple[str, int]: ...
+
+    def send(self, script: str, tx: Any) -> tuple[str, list[str]]: ...
+
+    def check(self, script: str) -> None: ...
+
+    def verify(self, table: str, script: str, stale: list[str]) -> list[str]: ...
+
+    def cleanup(self, table: str | None, known: Sequence[str] = ()) -> list[str]: ...
+
+
+@dataclass
+class Change:
+    """What a run would do (``diff``) or did (``apply``)."""
+
+    mode: str  # "noop", "incremental" or "full"
+    reason: str
+    script: str  # the exact transaction (nft script or iptables-restore inputs)
+    operations: int
+    tx: Tx | None
+    new_script: str
+    new_meta: Meta
+    old_meta: Meta
+    stale_after: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
+    # An incremental change: the full replacement to send instead if the kernel refuses it.
+    fallback: Callable[[], tuple[str, int]] | None = field(default=None, repr=False)
+
+    @property
+    def changed(self) -> bool:
+        return self.mode != "noop"
+
+
+def _agree(kernel: dict[str, str | None], expected: dict[str, str | None]) -> bool:
+    """Whether every place the kernel was read holds the fingerprint the text carries."""
+    return bool(kernel) and all(kernel.get(k) == v is not None for k, v in expected.items())
+
+
+def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> None:
+    """One state directory, one backend at a time: both at once would fight over packets."""
+    if old_script is None and not old_meta.table:
+        return
+    if old_meta.backend != driver.backend:
+        raise SvcrulesError(
+            f"the node holds svcrules' {old_meta.backend} rules (per the state directory); "
+            f"remove them with 'svcrules cleanup --backend {old_meta.backend}' before "
+            f"applying with --backend {driver.backend}"
+        )
+    if driver.backend == "iptables" and old_meta.tool and old_meta.tool != driver.name:
+        variant = old_meta.tool.removeprefix("iptables-")
+        raise SvcrulesError(
+            f"svcrules' rules on this node were applied with {old_meta.tool}, and this run "
+            f"would use {driver.name}: pass --iptables {variant}, or remove them first with "
+            f"'svcrules cleanup --backend iptables --iptables {variant}'"
+        )
+
+
+def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = False) -> Change:
+    """Decide between no-op, incremental update and full replacement.
+
+    When the inputs (and svcrules itself) are byte-for-byte those of the last apply and
+    the kernel still holds its fingerprint, nothing is compiled at all."""
+    old_script, old_meta = store.load()
+    if old_script is not None and driver.fingerprint_of(old_script) != old_meta.fingerprint:
+        store.damaged = "the saved script does not carry the saved fingerprint"
+        old_script = None
+    _check_backend(driver, old_script, old_meta)
+    table = job.overrides.table_name or old_meta.table
+    started = time.monotonic()
+    kernel = driver.fingerprints(table) if table else {}
+    kernel_seconds = time.monotonic() - started
+    old_expected = driver.expected(old_script) if old_script is not None else {}
+    in_kernel = bool(table) and _agree(kernel, old_expected)
+    if (
+        old_script is not None
+        and in_kernel
+        and not verify
+        and old_meta.input_digest == job.digest
+        and old_meta.table == table
+        and not old_meta.stale  # objects a refused delete left: delete them now
+    ):
+        return Change(
+            "noop",
+            "",
+            "",
+            0,
+            None,
+            old_script,
+            old_meta,
+            old_meta,
+            list(old_meta.stale),
+            kernel_seconds=kernel_seconds,
+        )
+
+    ruleset = job.compile(driver.backend)
+    new_script = driver.text(ruleset)
+    fingerprint = driver.fingerprint_of(new_script) or ""
+    new_meta = Meta.of_plan(ruleset.plan, fingerprint)
+    new_meta.failures, new_meta.last_success = old_meta.failures, old_meta.last_success
+    new_meta.input_digest = job.digest
+    new_meta.table = ruleset.plan.table
+    new_meta.backend = driver.backend
+    new_meta.tool = driver.name if driver.backend == "iptables" else ""
+    new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
+    new_meta.owned = list(dict.fromkeys([*old_meta.owned, ruleset.plan.table]))
+    new_meta.invalid = [str(p) for p in ruleset.skipped]
+    if ruleset.plan.table != table:
+        table = ruleset.plan.table
+        started = time.monotonic()
+        kernel = driver.fingerprints(table)
+        kernel_seconds += time.monotonic() - started
+
+    reason = ""
+    if old_script is None:
+        reason = f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
+    elif old_meta.table != table:
+        reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
+    elif not _agree(kernel, old_expected):
+        reason = f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
+    elif verify:
+        drift = driver.verify(table, old_script, old_meta.stale)
+        if drift:
+            reason = "verification found drift: " + "; ".join(drift[:3])
+    # A full replacement also removes what svcrules made under earlier table names
+    # (proven its own; others' are left alone), in the same transaction: afterwards
+    # only the current name holds svcrules' rules.
+    retire = [n for n in old_meta.owned if n != table]
+    if not reason and old_script is not None:
+        try:
+            tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
+        except (NeedsFullReplacement, JumpsChanged) as exc:
+            reason = str(exc)
+        else:
+            mode = "noop" if tx.empty else "incremental"
+            stale_after = [s for s in old_meta.stale if s not in tx.deleted]
+            return Change(
+                mode,
+                "",
+                tx.script(),
+                tx.operations,
+                tx,
+                new_script,
+                new_meta,
+                old_meta,
+                stale_after,
+                kernel_seconds=kernel_seconds,
+                fallback=lambda: driver.full(ruleset, table, old_script, retire),
+            )
+    started = time.monotonic()
+    script, operations = driver.full(ruleset, table, old_script, retire)
+    new_meta.owned = [table]
+    kernel_seconds += time.monotonic() - started
+    return Change(
+        "full",
+        reason,
+        script,
+        operations,
+        None,
+        new_script,
+        new_meta,
+        old_meta,
+        kernel_seconds=kernel_seconds,
+    )
+
+
+def execute(change: Change, driver: Driver, store: StateStore) -> None:
+    """Send the change, verify it, remember it, clean conntrack."""
+    if change.mode == "noop":
+        return
+    table = change.new_meta.table
+    started = time.monotonic()
+    try:
+        change.script, left = driver.send(change.script, change.tx)
+    except KernelError as exc:
+        if change.mode != "incremental" or change.fallback is None:
+            raise
+        _fall_back(change, driver, exc)
+        left = []
+    change.stale_after = sorted(set(change.stale_after) | set(left))
+    kernel = driver.fingerprints(table)
+    change.kernel_seconds += time.monotonic() - started
+    expected = driver.expected(change.new_script)
+    if not _agree(kernel, expected):
+        raise KernelError(f"verification failed: the kernel holds {kernel}, expected {expected}")
+    change.new_meta.stale = change.stale_after
+    change.new_meta.last_success = time.time()
+    store.save(change.new_script, change.new_meta)
+    change.problems += run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
+
+
+def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
+    """Delete the backend's owned rules (nothing else) and the saved state; return what
+    went. With a table name, only that name's rules, refused when another program owns
+    it; without, every name the state directory recorded and every table or chain
+    prefix that carries svcrules' mark (found even when the state was lost)."""
+    _, meta = store.load()
+    if table is not None:
+        check_name(table)
+        gone = driver.cleanup(table)
+    else:
+        gone = driver.cleanup(None, [*meta.owned, meta.table or "svcrules"])
+    same_tool = driver.backend != "iptables" or not meta.tool or meta.tool == driver.name
+    if (meta.backend == driver.backend and same_tool) or not store.has_state():
+        store.clear()
+    return gone
+
+
+def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
+    """The kernel refused the incremental change (and kept the previous rules): it does
+    not hold what the saved script says. Replace everything svcrules owns in the same
+    run, atomically, rather than fail the same way on every run until someone notices."""
+    assert change.fallback is not None
+    first = first_error(exc)
+    change.script, change.operations = change.fallback()
+    change.mode, change.tx, change.stale_after = "full", None, []
+    change.new_meta.owned = [change.new_meta.table]
+    change.reason = f"incremental refused: {first}; fell back to full replacement"
+    change.problems.append(
+        f"the kernel refused the incremental change ({first}); all of svcrules' rules "
+        "were replaced instead"
+    )
+    try:
+        change.script, _ = driver.send(change.script, None)
+    except KernelError as again:
+        raise KernelError(
+            f"the kernel refused the incremental change ({first}), and the full "
+            f"replacement too: {again}"
+        ) from None

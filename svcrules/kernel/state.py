@@ -1,0 +1,268 @@
+"""What svcrules last wrote, kept on disk between runs.
+
+The kernel holds a fingerprint of the last script (in each table's ``state`` set
+or ``<P>-STATE`` chain); the state directory holds that script and a summary of
+the plan. When both agree, the next run diffs scripts instead of reading the
+tables back.
+
+Files in the state directory:
+
+- ``state``: the summary and the script in one file, written to a temporary file,
+  synced and renamed, so that a kill at any moment leaves either the old or the new
+  state, never half of each. Its first line carries a SHA-256 of the rest; a file
+  that does not match (truncated, edited, damaged disk) is ignored, and the next run
+  replaces the rules whole, which is always safe.
+- ``counters.json``: failures and the time of the last success (for metrics); small,
+  rewritten on every failed run without touching ``state``.
+- ``lock``: taken by every command that writes (see lock.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svcrules.errors import SvcrulesError
+from svcrules.plan.node import NodePlan, PortPlan
+
+FORMAT_VERSION = 2
+MAGIC = "svcrules-state"
+DEFAULT_STATE_DIR = "/var/lib/svcrules"
+LEGACY_FILES = ("last.json", "last.nft", "last.iptables")  # format 1: two files, not atomic
+
+
+class StateError(SvcrulesError):
+    """The state directory cannot be used (not a directory, not writable, disk full)."""
+
+
+def port_digest(p: PortPlan) -> str:
+    """Changes whenever any decision about the port changes (the repr of a frozen
+    dataclass of strings, numbers, enums and tuples is stable)."""
+    return hashlib.sha256(repr(p).encode()).hexdigest()[:16]
+
+
+def port_id(p: PortPlan) -> str:
+    return f"{p.key} IPv{p.family}"
+
+
+@dataclass
+class UdpPort:
+    """What conntrack cleanup needs to know about a UDP Service port."""
+
+    frontends: list[str]
+    port: int
+    node_port: int | None
+    endpoints: list[str]
+
+    @classmethod
+    def of(cls, p: PortPlan) -> UdpPort:
+        eps = sorted({b.ip for b in (*p.cluster_backends, *p.local_backends)})
+        return cls([p.cluster_ip, *p.lb_ips, *p.external_ips], p.port, p.node_port, eps)
+
+
+@dataclass
+class Meta:
+    fingerprint: str = ""
+    ports: dict[str, str] = field(default_factory=dict)  # port id -> digest
+    udp: dict[str, UdpPort] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)  # objects whose delete the kernel refused
+    failures: int = 0  # kept in counters.json
+    last_success: float = 0.0  # kept in counters.json
+    input_digest: str = ""  # of the inputs and svcrules' code: same digest, same script
+    table: str = ""  # the owned table's name
+    backend: str = "nftables"  # which backend wrote the script
+    tool: str = ""  # iptables backend: iptables-nft or iptables-legacy (they do not mix)
+    counts: dict[str, int] = field(default_factory=dict)  # stats.Stats of that script
+    # Every table name whose objects svcrules made with this state and may still hold:
+    # the current one and earlier ones not yet proven gone (a tableName change).
+    owned: list[str] = field(default_factory=list)
+    # What --on-invalid skip left out of this script (one line per object): a run that
+    # compiles nothing (same inputs) still reports them.
+    invalid: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_plan(cls, plan: NodePlan, fingerprint: str) -> Meta:
+        ports = [p for f in plan.families for p in f.ports]
+        return cls(
+            fingerprint=fingerprint,
+            ports={port_id(p): port_digest(p) for p in ports},
+            udp={port_id(p): UdpPort.of(p) for p in ports if p.protocol == "UDP"},
+        )
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Meta:
+        """Only known fields; a value of the wrong shape raises (TypeError, ValueError,
+        KeyError, AttributeError), which the loader reads as damaged state."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in names}
+        values["udp"] = {k: UdpPort(**v) for k, v in dict(values.get("udp", {})).items()}
+        meta = cls(**values)
+        if not isinstance(meta.ports, dict) or not isinstance(meta.stale, list):
+            raise ValueError("ports or stale of the wrong type")
+        return meta
+
+
+COUNTERS = ("failures", "last_success")
+
+
+class StateStore:
+    """One state directory: one svcrules instance (one owned table name, one backend
+    at a time)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / "state"
+        self.counters_path = self.dir / "counters.json"
+        self.damaged = ""  # why the saved state was ignored, for the run's reason
+
+    # Reading
+
+    def load(self) -> tuple[str | None, Meta]:
+        """The last script and its summary; (None, counters only) when there is none or
+        it cannot be trusted (``damaged`` then says why)."""
+        self.damaged = ""
+        meta = self._load_counters()
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, self._load_legacy(meta)
+        except IsADirectoryError:
+            self.damaged = f"{self.path} is a directory"
+            return None, meta
+        except OSError as exc:
+            raise StateError(f"cannot read {self.path}: {exc.strerror}") from None
+        try:
+            script, saved = _decode(data)
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+            self.damaged = f"the saved state was damaged ({exc})"
+            return None, meta
+        saved.failures, saved.last_success = meta.failures, meta.last_success
+        return script, saved
+
+    def _load_counters(self) -> Meta:
+        try:
+            raw = json.loads(self.counters_path.read_text(encoding="utf-8"))
+            return Meta(failures=int(raw["failures"]), last_success=float(raw["last_success"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return Meta()
+
+    def _load_legacy(self, counters: Meta) -> Meta:
+        """Format 1 (last.json + last.nft, written one after the other) cannot prove its
+        two files belong together: keep only which rules it names, so that the next run
+        replaces them whole and cleanup still knows the table."""
+        try:
+            raw = json.loads((self.dir / "last.json").read_text(encoding="utf-8"))
+            meta = Meta(
+                table=str(raw.get("table", "")),
+                backend=str(raw.get("backend", "nftables")),
+                tool=str(raw.get("tool", "")),
+            )
+            meta.owned = [meta.table] if meta.table else []
+        except (OSError, ValueError, TypeError, AttributeError):
+            return counters
+        meta.failures = counters.failures or int(raw.get("failures", 0) or 0)
+        meta.last_success = counters.last_success or float(raw.get("last_success", 0) or 0)
+        return meta
+
+    def has_state(self) -> bool:
+        return self.path.is_file() or any((self.dir / n).is_file() for n in LEGACY_FILES)
+
+    # Writing (under the lock)
+
+    def check_dir(self) -> None:
+        """Fail early, before the kernel is touched, when the state cannot be written."""
+        if self.dir.is_symlink() and not self.dir.exists():
+            raise StateError(f"state directory {self.dir} is a dangling symbolic link")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise StateError(f"state directory {self.dir} exists and is not a directory")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create state directory {self.dir}: {exc.strerror}") from None
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise StateError(f"state directory {self.dir} is not writable")
+        if self.path.is_dir():
+            raise StateError(f"{self.path} is a directory; remove it")
+        self._remove_temp_files()
+
+    def _remove_temp_files(self) -> None:
+        """Temporary files of runs that died before their rename (the lock is held, so
+        no live run owns one)."""
+        for tmp in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def save(self, script: str, meta: Meta) -> None:
+        """Replace the state and the counters (the state first: it is what matters)."""
+        self.check_dir()
+        _atomic_write(self.path, _encode(script, meta))
+        self.save_counters(meta)
+        for name in LEGACY_FILES:
+            (self.dir / name).unlink(missing_ok=True)
+
+    def save_counters(self, meta: Meta) -> None:
+        data = {k: getattr(meta, k) for k in COUNTERS}
+        _atomic_write(self.counters_path, (json.dumps(data, sort_keys=True) + "\n").encode())
+
+    def clear(self) -> None:
+        """Forget the rules (cleanup removed them); the counters stay."""
+        for p in (self.path, *(self.dir / n for n in LEGACY_FILES)):
+            try:
+                p.unlink(missing_ok=True)
+            except IsADirectoryError:
+                raise StateError(f"{p} is a directory; remove it") from None
+            except OSError as exc:
+                raise StateError(f"cannot remove {p}: {exc.strerror}") from None
+
+
+def _encode(script: str, meta: Meta) -> bytes:
+    data = dataclasses.asdict(meta)
+    for k in COUNTERS:
+        data.pop(k)
+    body = (json.dumps(data, sort_keys=True) + "\n" + script).encode("utf-8")
+    return f"{MAGIC} {FORMAT_VERSION} {hashlib.sha256(body).hexdigest()}\n".encode() + body
+
+
+def _decode(data: bytes) -> tuple[str, Meta]:
+    head, sep, body = data.partition(b"\n")
+    parts = head.decode("ascii").split(" ")
+    if not sep or len(parts) != 3 or parts[0] != MAGIC:
+        raise ValueError("not a svcrules state file")
+    if parts[1] != str(FORMAT_VERSION):
+        raise ValueError(f"format {parts[1]}, this svcrules reads {FORMAT_VERSION}")
+    if hashlib.sha256(body).hexdigest() != parts[2]:
+        raise ValueError("checksum mismatch: truncated or modified")
+    meta_line, _, script = body.decode("utf-8").partition("\n")
+    raw = json.loads(meta_line)
+    if not isinstance(raw, dict):
+        raise ValueError("summary is not an object")
+    return script, Meta.from_json(raw)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename, fsync of the directory: all or nothing, even
+    across a power cut. A failed write leaves no temporary file behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        hint = " (disk full)" if exc.errno == errno.ENOSPC else ""
+        raise StateError(f"cannot write {path}: {exc.strerror}{hint}") from None

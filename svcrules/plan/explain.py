@@ -1,0 +1,81 @@
+"""``svcrules explain``: the node plan in words, one block per Service port."""
+
+from __future__ import annotations
+
+from svcrules.plan.node import Backend, Masquerade, NodePlan, PortPlan, Route
+
+_MASQ = {
+    Masquerade.ALWAYS: "masquerade every source",
+    Masquerade.NON_POD: "masquerade sources outside clusterCIDRs",
+    Masquerade.NEVER: "no masquerade (clusterCIDRs unset)",
+    Masquerade.NODE_ONLY: "client IP kept; the node's own sources are masqueraded",
+}
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _backends(backends: tuple[Backend, ...]) -> str:
+    if not backends:
+        return "none"
+    return ", ".join(
+        _hostport(b.ip, b.port) + (" (terminating)" if b.terminating else "") for b in backends
+    )
+
+
+def _route(route: Route, masq: Masquerade) -> str:
+    if route is Route.REJECT:
+        return "REJECT (no usable endpoint)"
+    if route is Route.DROP:
+        return "DROP (no local endpoint)"
+    return f"-> {route.value} endpoints; {_MASQ[masq]}"
+
+
+def _block(p: PortPlan) -> list[str]:
+    fam = "IPv4" if p.family == 4 else "IPv6"
+    front = [f"clusterIP {_hostport(p.cluster_ip, p.port)}"]
+    if p.node_port:
+        front.append(f"nodePort {p.node_port}")
+    front += [f"loadBalancer {_hostport(ip, p.port)}" for ip in p.lb_ips]
+    front += [f"externalIP {_hostport(ip, p.port)}" for ip in p.external_ips]
+    lines = [
+        f"{p.key} ({fam})",
+        f"  frontends  {', '.join(front)}",
+        f"  endpoints  cluster: {_backends(p.cluster_backends)}",
+        f"             local:   {_backends(p.local_backends)}",
+        f"  clusterIP  {_route(p.internal_route, p.internal_masquerade)}",
+    ]
+    if p.has_external:
+        ext = _route(p.external_route, p.external_masquerade)
+        if p.external_masquerade is Masquerade.NODE_ONLY and p.external_route is not Route.REJECT:
+            who = "pods and the node" if p.pod_shortcut else "the node"
+            ext += f"; {who} go to cluster endpoints"
+        lines.append(f"  external   {ext}")
+    if p.firewall:
+        allowed = ", ".join(p.source_ranges) or "nothing in this family"
+        self_ok = ""
+        if p.allow_lb_self:
+            self_ok = " (+ every LB IP of the Service: a range holds the node IP)"
+        lines.append(f"  sources    LB IPs allow {allowed}{self_ok}; others DROP")
+    if p.affinity_timeout is not None:
+        lines.append(f"  affinity   ClientIP, {p.affinity_timeout}s")
+    lines += [f"  note       {n}" for n in p.notes]
+    return lines
+
+
+def explain_text(plan: NodePlan) -> str:
+    out = [f"node {plan.node_name}" + (f" (zone {plan.zone})" if plan.zone else "")]
+    for fam in plan.families:
+        name = "IPv4" if fam.family == 4 else "IPv6"
+        out += [f"  {name}  {n}" for n in fam.notes]
+    out += [
+        f"  EndpointSlice {i.namespace}/{i.name} (Service {i.namespace}/{i.service}) "
+        f"ignored: labelled {i.label}"
+        for i in plan.ignored_slices
+    ]
+    for fam in plan.families:
+        for p in fam.ports:
+            out.append("")
+            out.extend(_block(p))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,137 @@
+"""The node plan: what every Service port becomes on this node, per family.
+
+This is where the decisions of SEMANTICS.md live, free of any rule syntax, so
+that each backend renders the same decisions and ``explain`` can show them.
+Everything is frozen and sorted; nothing here depends on input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple
+
+from svcrules.inputs.addr import Family
+
+
+class Route(StrEnum):
+    """What a new connection to a frontend experiences."""
+
+    CLUSTER = "cluster"  # DNAT to one of the cluster endpoints
+    LOCAL = "local"  # DNAT to one of this node's endpoints
+    REJECT = "reject"  # no usable endpoint anywhere
+    DROP = "drop"  # policy Local and no local endpoint
+
+
+class Masquerade(StrEnum):
+    """When connections to a frontend are source-NATed to the node."""
+
+    ALWAYS = "always"
+    NON_POD = "non-pod"  # sources outside clusterCIDRs
+    NEVER = "never"
+    NODE_ONLY = "node-only"  # eTP Local: only the node's own addresses (short-circuit)
+
+
+class Backend(NamedTuple):
+    """One endpoint address and port. A NamedTuple, not a frozen dataclass: there are
+    hundreds of thousands and a frozen dataclass is several times slower to create."""
+
+    ip: str
+    port: int
+    node: str = ""
+    terminating: bool = False
+
+
+class PortPlan(NamedTuple):
+    """One Service port in one family, with every decision made (a NamedTuple for the
+    same reason as Backend: one per Service port, tens of thousands)."""
+
+    namespace: str
+    name: str
+    port_name: str
+    protocol: str  # TCP / UDP / SCTP
+    port: int
+    family: Family
+    cluster_ip: str
+    node_port: int | None
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    firewall: bool  # loadBalancerSourceRanges set: LB IPs are source-filtered
+    source_ranges: tuple[str, ...]  # allowed sources in this family
+    allow_lb_self: bool  # a range holds a node IP: LB IPs may be sources too
+    # Every allowed source of every LB frontend: source_ranges, plus each LB IP as a host
+    # prefix when allow_lb_self (the node may reach one LB IP from another)
+    allowed_sources: tuple[str, ...]
+    cluster_backends: tuple[Backend, ...]
+    local_backends: tuple[Backend, ...]
+    internal_route: Route
+    internal_masquerade: Masquerade
+    external_route: Route
+    external_masquerade: Masquerade
+    pod_shortcut: bool  # eTP Local: pod sources go to cluster endpoints unmasqueraded
+    affinity_timeout: int | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> str:
+        """Unique, stable identity: namespace/name:port-name/protocol (per family)."""
+        return f"{self.namespace}/{self.name}:{self.port_name or self.port}/{self.protocol}"
+
+    @property
+    def has_external(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.lb_ips)
+
+    def uses_cluster_backends(self) -> bool:
+        return (
+            self.internal_route is Route.CLUSTER
+            or self.external_route is Route.CLUSTER
+            or (self.has_external and self.external_route in (Route.LOCAL, Route.DROP))
+        )
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    family: Family
+    table: str
+    node_ip: str | None
+    pod_cidrs: tuple[str, ...]
+    service_cidrs: tuple[str, ...]
+    foreign_ips: tuple[str, ...]  # ClusterIPs of Services another proxy handles
+    nodeport_mode: str  # "primary", "cidrs" or "all"
+    nodeport_cidrs: tuple[str, ...]
+    masquerade_bit: int
+    ports: tuple[PortPlan, ...]
+    notes: tuple[str, ...] = ()  # decisions about the whole family, for explain
+
+    @property
+    def masquerade_mark(self) -> int:
+        return 1 << self.masquerade_bit
+
+
+class IgnoredSlice(NamedTuple):
+    """An EndpointSlice left out as if it did not exist, and the label that hides it."""
+
+    namespace: str
+    name: str
+    service: str  # its kubernetes.io/service-name
+    label: str
+
+    @property
+    def text(self) -> str:
+        return (
+            f"EndpointSlice {self.namespace}/{self.name} ignored: "
+            f"labelled {self.label}, as kube-proxy ignores it"
+        )
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node_name: str
+    zone: str
+    table: str
+    families: tuple[FamilyPlan, ...]  # IPv4 first, then IPv6
+    ignored_slices: tuple[IgnoredSlice, ...] = ()  # sorted by namespace/name

@@ -1,0 +1,461 @@
+"""Turn loaded objects into the node plan (see plan.py for why it exists).
+
+Every rule of SEMANTICS.md sections 2-8 that decides what a connection
+experiences is made here, once, for all backends.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+
+from svcrules.errors import InputError, Problem
+from svcrules.inputs.addr import (
+    Family,
+    canonical_ip,
+    collapse_cidrs,
+    family_of,
+    ip_in_cidr,
+    ip_sort_key,
+    packed,
+    parse_cidr,
+)
+from svcrules.inputs.load import Inputs
+from svcrules.inputs.model import (
+    Endpoint,
+    EndpointConditions,
+    EndpointSlice,
+    NodeConfig,
+    Service,
+    ServicePort,
+)
+from svcrules.plan.node import (
+    Backend,
+    FamilyPlan,
+    IgnoredSlice,
+    Masquerade,
+    NodePlan,
+    PortPlan,
+    Route,
+)
+
+
+def _foreign_cluster_ips(services: Iterable[Service], family: Family) -> tuple[str, ...]:
+    """ClusterIPs of Services left to another proxy (labels): never dropped as
+    unallocated, never rejected, never touched."""
+    ips = {
+        ip
+        for s in services
+        if s.spec.type != "ExternalName" and s.is_skipped_by_label()
+        for ip in s.spec.all_cluster_ips()
+        if family_of(ip) == family
+    }
+    return tuple(sorted(ips, key=ip_sort_key))
+
+
+def programmed_services(services: Iterable[Service]) -> list[Service]:
+    """Services that get rules at all (section 2), in canonical order."""
+    out = [
+        s
+        for s in services
+        if s.spec.type != "ExternalName"
+        and not s.spec.is_headless()
+        and not s.is_skipped_by_label()
+        and s.spec.all_cluster_ips()
+    ]
+    return sorted(out, key=lambda s: (s.metadata.namespace, s.metadata.name))
+
+
+SliceKey = tuple[str, str, int]  # namespace, Service name, family
+
+
+def _slices_by_service(
+    slices: Iterable[EndpointSlice],
+) -> tuple[dict[SliceKey, list[EndpointSlice]], dict[SliceKey, list[IgnoredSlice]]]:
+    """The slices of each Service per family, and those hidden by a label (section 2:
+    kube-proxy's label selector leaves them out, so they count as absent)."""
+    out: dict[SliceKey, list[EndpointSlice]] = defaultdict(list)
+    ignored: dict[SliceKey, list[IgnoredSlice]] = defaultdict(list)
+    for sl in slices:
+        svc = sl.service_name()
+        if svc is None or sl.address_type == "FQDN":
+            continue
+        key = (sl.metadata.namespace, svc, 4 if sl.address_type == "IPv4" else 6)
+        label = sl.metadata.skip_label()
+        if label is None:
+            out[key].append(sl)
+        else:
+            ignored[key].append(IgnoredSlice(sl.metadata.namespace, sl.metadata.name, svc, label))
+    return out, ignored
+
+
+def _conditions(ep: Endpoint) -> EndpointConditions:
+    return ep.get("conditions") or {}
+
+
+def _is_ready(ep: Endpoint) -> bool:
+    """``ready`` unset means ready (the API's reading), unless the endpoint is
+    terminating: a terminating endpoint is only ever used while it is serving."""
+    c = _conditions(ep)
+    ready = c.get("ready")
+    return (c.get("terminating") is not True) if ready is None else ready
+
+
+def _is_serving_terminating(ep: Endpoint) -> bool:
+    c = _conditions(ep)
+    serving = c.get("serving")
+    if serving is None:
+        serving = _is_ready(ep)
+    return bool(serving) and c.get("terminating") is True
+
+
+def _hinted(ep: Endpoint, key: str) -> list[str]:
+    hints = ep.get("hints") or {}
+    return [h["name"] for h in (hints.get(key) or [])]  # type: ignore[attr-defined]
+
+
+def _merge_endpoints(
+    slices: list[EndpointSlice], port: ServicePort
+) -> list[tuple[Backend, Endpoint]]:
+    """Endpoints of all slices for one Service port; a duplicate ip:port appears once,
+    preferring the copy that is not terminating."""
+    chosen: dict[tuple[str, int], tuple[Backend, Endpoint]] = {}
+    ordered = sorted(slices, key=lambda s: s.metadata.name)
+    for sl in ordered:
+        ep_port = next(
+            (p.port for p in sl.ports if p.name == port.name and p.protocol == port.protocol),
+            None,
+        )
+        if ep_port is None:
+            continue
+        for ep in sl.endpoints:
+            ip = canonical_ip(ep["addresses"][0])
+            backend = Backend(
+                ip=ip,
+                port=ep_port,
+                node=ep.get("nodeName") or "",
+                terminating=_conditions(ep).get("terminating") is True,
+            )
+            key = (ip, ep_port)
+            old = chosen.get(key)
+            if old is None or (old[0].terminating and not backend.terminating):
+                chosen[key] = (backend, ep)
+    # One family per slice set, so the binary address orders them numerically.
+    return [chosen[k] for k in sorted(chosen, key=lambda k: (packed(k[0]), k[1]))]
+
+
+def _usable(pairs: list[tuple[Backend, Endpoint]]) -> list[tuple[Backend, Endpoint]]:
+    """Ready endpoints, or if none, the serving-and-terminating ones (section 3)."""
+    ready = [p for p in pairs if _is_ready(p[1])]
+    return ready if ready else [p for p in pairs if _is_serving_terminating(p[1])]
+
+
+def _apply_hints(
+    ready: list[tuple[Backend, Endpoint]], node: str, zone: str
+) -> list[tuple[Backend, Endpoint]]:
+    """Narrow to endpoints hinted for this node or zone, when every one carries hints."""
+    if not ready:
+        return ready
+    for key, want in (("forNodes", node), ("forZones", zone)):
+        if not want or not all(_hinted(ep, key) for _, ep in ready):
+            continue
+        mine = [p for p in ready if want in _hinted(p[1], key)]
+        if mine:
+            return mine
+    return ready
+
+
+def _cluster_backends(
+    pairs: list[tuple[Backend, Endpoint]], node: str, zone: str
+) -> tuple[Backend, ...]:
+    ready = [p for p in pairs if _is_ready(p[1])]
+    if ready:
+        return tuple(b for b, _ in _apply_hints(ready, node, zone))
+    return tuple(b for b, _ in pairs if _is_serving_terminating(_))
+
+
+def _local_backends(pairs: list[tuple[Backend, Endpoint]], node: str) -> tuple[Backend, ...]:
+    local = [p for p in pairs if p[1].get("nodeName") == node]
+    return tuple(b for b, _ in _usable(local))
+
+
+def _in_family(items: Iterable[str], family: Family) -> tuple[str, ...]:
+    return tuple(sorted({i for i in items if family_of(i) == family}, key=ip_sort_key))
+
+
+def _cidrs_in_family(items: Iterable[str], family: Family) -> tuple[str, ...]:
+    return collapse_cidrs(_in_family(items, family))
+
+
+def _plan_port(
+    svc: Service,
+    port: ServicePort,
+    family: Family,
+    cluster_ip: str,
+    pairs: list[tuple[Backend, Endpoint]],
+    node: NodeConfig,
+    pod_cidrs: tuple[str, ...],
+    notes: list[str],
+) -> PortPlan:
+    spec = svc.spec
+    cluster = _cluster_backends(pairs, node.metadata.name, node.spec.zone)
+    local = _local_backends(pairs, node.metadata.name)
+    external_ips = _in_family(spec.external_ips, family)
+    lb_ips: tuple[str, ...] = ()
+    if spec.type == "LoadBalancer":
+        lb_ips = _in_family(
+            (i.ip for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy"),
+            family,
+        )
+    node_port = port.node_port if spec.type in ("NodePort", "LoadBalancer") else None
+    node_port = node_port or None
+    firewall = bool(spec.load_balancer_source_ranges) and bool(lb_ips)
+    ranges = _cidrs_in_family(spec.load_balancer_source_ranges, family)
+    node_ip = node.node_ip(family)
+    allow_self = firewall and bool(node_ip and any(ip_in_cidr(node_ip, r) for r in ranges))
+    allowed: tuple[str, ...] = ranges if firewall else ()
+    if allow_self:
+        # The node may reach one LB IP with another as source (kube-proxy allows every
+        # LB IP of the Service, for each of its LB frontends).
+        host = 32 if family == 4 else 128
+        allowed = tuple(dict.fromkeys((*ranges, *(f"{ip}/{host}" for ip in lb_ips))))
+
+    if not cluster:
+        internal_route = external_route = Route.REJECT
+        notes.append("no usable endpoint: every frontend rejects")
+    else:
+        if spec.internal_traffic_policy == "Local":
+            internal_route = Route.LOCAL if local else Route.DROP
+            if not local:
+                notes.append("internalTrafficPolicy Local and no local endpoint: ClusterIP drops")
+        else:
+            internal_route = Route.CLUSTER
+        if spec.external_traffic_policy == "Local":
+            external_route = Route.LOCAL if local else Route.DROP
+            if not local:
+                notes.append(
+                    "externalTrafficPolicy Local and no local endpoint: outside traffic drops"
+                )
+        else:
+            external_route = Route.CLUSTER
+
+    if node.spec.masquerade_all:
+        internal_masq = Masquerade.ALWAYS
+    elif pod_cidrs:
+        internal_masq = Masquerade.NON_POD
+    else:
+        internal_masq = Masquerade.NEVER
+    etp_local = spec.external_traffic_policy == "Local"
+    external_masq = Masquerade.NODE_ONLY if etp_local else Masquerade.ALWAYS
+
+    return PortPlan(
+        namespace=svc.metadata.namespace,
+        name=svc.metadata.name,
+        port_name=port.name,
+        protocol=port.protocol,
+        port=port.port,
+        family=family,
+        cluster_ip=cluster_ip,
+        node_port=node_port,
+        external_ips=external_ips,
+        lb_ips=lb_ips,
+        firewall=firewall,
+        source_ranges=ranges if firewall else (),
+        allow_lb_self=allow_self,
+        allowed_sources=allowed,
+        cluster_backends=cluster,
+        local_backends=local,
+        internal_route=internal_route,
+        internal_masquerade=internal_masq,
+        external_route=external_route,
+        external_masquerade=external_masq,
+        pod_shortcut=etp_local and bool(pod_cidrs),
+        affinity_timeout=spec.affinity_timeout(),
+        notes=tuple(notes),
+    )
+
+
+Claim = tuple[tuple[str, ...], str, str]  # key, what is claimed, field
+
+
+def _claims(idx: int, p: PortPlan) -> Iterator[Claim]:
+    """What one Service port owns: each frontend IP:port/protocol, and its NodePort."""
+    proto = p.protocol
+    yield (
+        (p.cluster_ip, str(p.port), proto),
+        f"{p.cluster_ip}:{p.port}/{proto}",
+        f"spec.ports[{idx}]",
+    )
+    for ip in (*p.external_ips, *p.lb_ips):
+        yield (ip, str(p.port), proto), f"{ip}:{p.port}/{proto}", f"spec.ports[{idx}]"
+    if p.node_port:
+        yield (
+            ("nodePort", str(p.node_port), proto),
+            f"nodePort {p.node_port}/{proto}",
+            f"spec.ports[{idx}].nodePort",
+        )
+
+
+def _conflict(inputs: Inputs, svc: Service, other: Service, what: str, field: str) -> Problem:
+    where = inputs.origin(other)
+    return Problem(
+        inputs.origin(svc),
+        field,
+        f"{what} is already claimed by Service "
+        f"{other.metadata.namespace}/{other.metadata.name}" + (f" ({where})" if where else ""),
+    )
+
+
+def _same_owner(key: tuple[str, ...], old: str, new: str) -> bool:
+    """One Service may name a frontend twice (its ClusterIP among its externalIPs, one
+    port in both families), but not give one NodePort to two of its ports."""
+    return key[0] != "nodePort" or old == new
+
+
+def _check_claims(
+    inputs: Inputs,
+    ports: list[tuple[Service, int, PortPlan]],
+    skipped: list[Problem] | None = None,
+) -> set[int]:
+    """Two Services cannot own the same IP:port/protocol or NodePort (say which two).
+
+    Without ``skipped``, every conflict is an InputError. With it, the Service created
+    first (metadata.creationTimestamp; then without one, in namespace/name order)
+    keeps its claims; a Service that conflicts with one kept, or with itself, is left
+    out whole, reported in ``skipped``, and its ``id()`` returned."""
+    if skipped is not None:
+        return _skip_conflicts(inputs, ports, skipped)
+    problems: list[Problem] = []
+    owners: dict[tuple[str, ...], tuple[Service, str]] = {}
+    for svc, idx, p in ports:
+        for key, what, field in _claims(idx, p):
+            old = owners.get(key)
+            if old is None:
+                owners[key] = (svc, what + field)
+            elif not (old[0] is svc and _same_owner(key, old[1], what + field)):
+                problems.append(_conflict(inputs, svc, old[0], what, field))
+    if problems:
+        raise InputError(problems)
+    return set()
+
+
+def _age(svc: Service) -> tuple[bool, float, str, str]:
+    ts = svc.metadata.creation_timestamp
+    return (ts is None, ts.timestamp() if ts else 0.0, svc.metadata.namespace, svc.metadata.name)
+
+
+def _skip_conflicts(
+    inputs: Inputs, ports: list[tuple[Service, int, PortPlan]], skipped: list[Problem]
+) -> set[int]:
+    by_service: dict[int, list[tuple[int, PortPlan]]] = defaultdict(list)
+    services: dict[int, Service] = {}
+    for svc, idx, p in ports:
+        by_service[id(svc)].append((idx, p))
+        services[id(svc)] = svc
+    owners: dict[tuple[str, ...], Service] = {}
+    losers: set[int] = set()
+    # Input order breaks the last tie (two copies of one Service): sorted() is stable.
+    for svc in sorted(services.values(), key=_age):
+        mine: dict[tuple[str, ...], str] = {}
+        problem = None
+        for idx, p in by_service[id(svc)]:
+            for key, what, field in _claims(idx, p):
+                other = owners.get(key)
+                if other is not None:
+                    problem = _conflict(inputs, svc, other, what, field)
+                elif key in mine and not _same_owner(key, mine[key], what + field):
+                    problem = _conflict(inputs, svc, svc, what, field)
+                else:
+                    mine.setdefault(key, what + field)
+                    continue
+                break
+            if problem:
+                break
+        if problem:
+            losers.add(id(svc))
+            skipped.append(Problem(problem.origin, problem.field, f"left out: {problem.message}"))
+            continue
+        for key in mine:
+            owners[key] = svc
+    return losers
+
+
+def resolve(inputs: Inputs, node: NodeConfig, skipped: list[Problem] | None = None) -> NodePlan:
+    """Build the node plan; raise InputError for conflicts between objects, or, given
+    ``skipped``, leave out the Services that lose a conflict and report them there
+    (see ``_check_claims``)."""
+    slices, ignored = _slices_by_service(inputs.slices)
+    families: list[FamilyPlan] = []
+    all_ports: list[tuple[Service, int, PortPlan]] = []
+    for family in (4, 6):
+        fam: Family = 4 if family == 4 else 6
+        pod_cidrs = _cidrs_in_family(node.spec.cluster_cidrs, fam)
+        ports: list[PortPlan] = []
+        for svc in programmed_services(inputs.services):
+            cluster_ip = next(
+                (ip for ip in svc.spec.all_cluster_ips() if family_of(ip) == fam), None
+            )
+            if cluster_ip is None:
+                continue
+            key = (svc.metadata.namespace, svc.metadata.name, fam)
+            svc_slices = slices.get(key, [])
+            hidden = sorted({i.text for i in ignored.get(key, [])})
+            for idx, port in enumerate(svc.spec.ports):
+                pairs = _merge_endpoints(svc_slices, port)
+                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs, hidden[:])
+                ports.append(plan)
+                all_ports.append((svc, idx, plan))
+        ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
+        npa = node.spec.node_port_addresses
+        cidrs: tuple[str, ...] = ()
+        fam_notes: list[str] = []
+        if npa == ["primary"]:
+            mode = "primary"
+        else:
+            fam_cidrs = _cidrs_in_family(npa, fam)
+            if not fam_cidrs:
+                # kube-proxy falls back to the zero CIDR of a family the list leaves out.
+                mode = "all"
+                name = "IPv4" if fam == 4 else "IPv6"
+                fam_notes.append(
+                    f"nodePortAddresses has no {name} CIDR: "
+                    f"NodePorts on every local {name} address except loopback"
+                )
+            elif any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
+                mode, cidrs = "all", ()
+            else:
+                mode, cidrs = "cidrs", fam_cidrs
+        families.append(
+            FamilyPlan(
+                family=fam,
+                table=node.spec.table_name,
+                node_ip=node.node_ip(fam),
+                pod_cidrs=pod_cidrs,
+                service_cidrs=_cidrs_in_family(node.spec.service_cidrs, fam),
+                foreign_ips=_foreign_cluster_ips(inputs.services, fam),
+                nodeport_mode=mode,
+                nodeport_cidrs=cidrs,
+                masquerade_bit=node.spec.masquerade_bit,
+                ports=tuple(ports),
+                notes=tuple(fam_notes),
+            )
+        )
+    losers = _check_claims(inputs, all_ports, skipped)
+    if losers:
+        dropped = {id(p) for svc, _, p in all_ports if id(svc) in losers}
+        families = [
+            replace(f, ports=tuple(p for p in f.ports if id(p) not in dropped)) for f in families
+        ]
+    return NodePlan(
+        node_name=node.metadata.name,
+        zone=node.spec.zone,
+        table=node.spec.table_name,
+        families=tuple(families),
+        ignored_slices=tuple(
+            sorted(
+                {i for group in ignored.values() for i in group},
+                key=lambda i: (i.namespace, i.name, i.label),
+            )
+        ),
+    )

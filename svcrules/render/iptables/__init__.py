@@ -1,0 +1,1 @@
+"""The iptables rendering: kube-proxy-style chains as iptables-restore input."""
