@@ -118,7 +118,7 @@ def write(path: Path, objs: list[Obj]) -> None:
 
 def with_changed_endpoint(objs: list[Obj], index: int = 0) -> list[Obj]:
     """A copy in which one endpoint of one Service moved to another address."""
-    out = json.loads(json.dumps(objs))
+    out: list[dict[str, Any]] = json.loads(json.dumps(objs))
     slices = [o for o in out if o["kind"] == "EndpointSlice"]
     ep = slices[index]["endpoints"][0]
     ip = ipaddress.ip_address(ep["addresses"][0])
@@ -142,7 +142,7 @@ def with_added_service(objs: list[Obj], endpoints: int) -> list[Obj]:
 
 
 def with_percent_changed(objs: list[Obj], percent: float = 1.0) -> list[Obj]:
-    out = json.loads(json.dumps(objs))
+    out: list[dict[str, Any]] = json.loads(json.dumps(objs))
     slices = [o for o in out if o["kind"] == "EndpointSlice"]
     step = max(1, int(100 / percent))
     for sl in slices[::step]:

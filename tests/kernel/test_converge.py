@@ -343,7 +343,7 @@ def test_random_churn_converges(runner: Runner) -> None:
         return Machine()
 
     run_state_machine_as_test(
-        fresh,
+        fresh,  # type: ignore[arg-type]  # hypothesis takes any factory of machines
         settings=settings(
             max_examples=EXAMPLES,
             stateful_step_count=STEPS,

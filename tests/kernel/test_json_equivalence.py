@@ -38,9 +38,9 @@ from .conftest import require_kernel
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
-CIDRS = {"clusterCIDRs": ["198.51.100.0/24", "2001:db8:2::/64"]}
-SERVICE_CIDRS = {"serviceCIDRs": ["203.0.113.0/25", "2001:db8:3::/112"]}
-DUAL = {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}
+CIDRS: dict[str, Any] = {"clusterCIDRs": ["198.51.100.0/24", "2001:db8:2::/64"]}
+SERVICE_CIDRS: dict[str, Any] = {"serviceCIDRs": ["203.0.113.0/25", "2001:db8:3::/112"]}
+DUAL: dict[str, Any] = {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}
 
 
 # -- the kernel side -------------------------------------------------------------

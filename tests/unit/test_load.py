@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +118,6 @@ def test_missing_file() -> None:
         ({"nodePortAddresses": ["primary", "10.0.0.0/8"]}, "cannot be combined"),
     ],
 )
-def test_node_config_validation(spec: dict[str, object], message: str) -> None:
+def test_node_config_validation(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(InputError, match=message):
         load_paths(["-"], stdin=io.StringIO(dump([node_config(**spec)])))
