@@ -29,9 +29,9 @@ from svcrules.cli.options import (
 from svcrules.cli.report import summary
 from svcrules.cli.run import EXIT_SKIPPED, Run, log_fields, reporting, require_net_admin
 from svcrules.compiler import Job, prepare
-from svcrules.errors import SvcrulesError
+from svcrules.errors import LockBusy, UsageError
 from svcrules.inputs.config import Overrides
-from svcrules.kernel.lock import DEFAULT_TIMEOUT, LockBusy, exclusive
+from svcrules.kernel.lock import DEFAULT_TIMEOUT, exclusive
 from svcrules.kernel.reconcile import Change, Driver, cleanup, execute, plan_change
 from svcrules.kernel.safety import DEFAULT_MAX_REMOVALS, Limits, check_removals
 from svcrules.kernel.state import DEFAULT_STATE_DIR, StateStore
@@ -180,10 +180,6 @@ def _report_invalid(change: Change) -> int:
     for line in change.new_meta.invalid:
         LOG.warning("%s", line, extra={"fields": {"event": "invalid"}})
     return EXIT_SKIPPED if change.new_meta.invalid else 0
-
-
-class UsageError(SvcrulesError):
-    """The command line is incomplete."""
 
 
 @app.command("diff")

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import MetricsError
 
 
 @dataclass
@@ -95,10 +95,6 @@ class SyncMetrics:
             for m in modes
         ]
         return "\n".join(out) + "\n"
-
-
-class MetricsError(SvcrulesError):
-    """The metrics file cannot be written."""
 
 
 def write_metrics(path: str | Path, metrics: SyncMetrics) -> None:

@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from svcrules.compiler import Job, Ruleset
-from svcrules.errors import SvcrulesError
+from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
 from svcrules.inputs.owned import check_name
 from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
-from svcrules.kernel.iptables.restore import JumpsChanged
-from svcrules.kernel.nft.diff import NeedsFullReplacement
-from svcrules.kernel.nft.transport import KernelError, first_error
+from svcrules.kernel.nft.transport import first_error
 from svcrules.kernel.state import Meta, StateStore
 from svcrules.kernel.stats import stats
 
@@ -189,7 +187,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     if not reason and old_script is not None:
         try:
             tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
-        except (NeedsFullReplacement, JumpsChanged) as exc:
+        except NeedsFullReplacement as exc:
             reason = str(exc)
         else:
             mode = "noop" if tx.empty else "incremental"

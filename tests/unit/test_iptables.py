@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svcrules
+from svcrules.errors import KernelError
 from svcrules.kernel.iptables.restore import (
     diff_restore,
     full_restore,
@@ -18,7 +19,6 @@ from svcrules.kernel.iptables.restore import (
     parsed_from_save,
     split_sections,
 )
-from svcrules.kernel.nft.transport import KernelError
 from svcrules.render.iptables.layout import CHAIN_MAX, PREFIX_MAX, family_section
 from tests.k8s import Obj, compile_objs, dump, endpoint, endpoint_slice, node_config, service
 from tests.strategies import clusters

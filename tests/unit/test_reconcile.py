@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from svcrules.compiler import Job, prepare
+from svcrules.errors import KernelError
 from svcrules.kernel.nft.driver import NftDriver
-from svcrules.kernel.nft.transport import KernelError, first_error
+from svcrules.kernel.nft.transport import first_error
 from svcrules.kernel.nft.transport import refused as refused_error
 from svcrules.kernel.reconcile import execute, plan_change
 from svcrules.kernel.state import StateStore

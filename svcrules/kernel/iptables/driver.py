@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from svcrules.compiler import Ruleset
+from svcrules.errors import KernelError
 from svcrules.inputs.owned import not_ours
 from svcrules.kernel.iptables.restore import (
     FAMILIES,
@@ -33,7 +34,6 @@ from svcrules.kernel.iptables.restore import (
     split_sections,
 )
 from svcrules.kernel.iptables.transport import Iptables
-from svcrules.kernel.nft.transport import KernelError
 from svcrules.render.iptables.layout import (
     chain_prefix,
     fingerprint_of,

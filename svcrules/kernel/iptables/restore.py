@@ -14,6 +14,8 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
+from svcrules.errors import JumpsChanged
+
 _FAMILY = re.compile(r"^# family (ipv[46])\b")
 _JUMP = re.compile(r"^# jump (\S+) (.*)$")
 FAMILIES = ("ipv4", "ipv6")
@@ -109,10 +111,6 @@ class RestoreTransaction:
             f"  chains +{self.chains_added} ~{self.chains_changed} -{self.chains_removed}; "
             f"built-in jumps +{self.jumps_added} -{self.jumps_removed}"
         )
-
-
-class JumpsChanged(Exception):
-    """The jumps in built-in chains differ: only a full replacement may change them."""
 
 
 def _edits(name: str, before: list[str], after: list[str]) -> list[str] | None:

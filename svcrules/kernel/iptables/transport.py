@@ -14,8 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from svcrules.errors import KernelError
 from svcrules.kernel.iptables.restore import BUILTIN, RestoreTable, is_own_chain, parsed_from_save
-from svcrules.kernel.nft.transport import KernelError
 from svcrules.kernel.tools import find_tool
 
 INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"

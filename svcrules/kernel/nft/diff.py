@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from svcrules.errors import NeedsFullReplacement
+
 _TABLE = re.compile(r"^table (ip6?) (\S+) \{$")
 _OBJECT = re.compile(r"^\t(set|map|chain) (\S+) \{$")
 _HEADER = ("type ", "typeof ", "flags ", "timeout ", "size ", "comment ", "policy ")
@@ -126,10 +128,6 @@ class Transaction:
             f"sets +{self.sets_added} -{self.sets_removed}; "
             f"elements +{self.elements_added} -{self.elements_removed}"
         )
-
-
-class NeedsFullReplacement(Exception):
-    """The change is not expressible incrementally (layout or table settings changed)."""
 
 
 def _decl(obj: NftObject) -> str:

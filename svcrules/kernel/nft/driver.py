@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from svcrules.compiler import Ruleset
+from svcrules.errors import KernelError
 from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
 from svcrules.kernel.nft.diff import Transaction, diff_scripts, parse_script
-from svcrules.kernel.nft.transport import Backend, KernelError, list_json
+from svcrules.kernel.nft.transport import Backend, list_json
 from svcrules.kernel.tools import find_tool
 from svcrules.render.nftables.layout import fingerprint_of
 

@@ -12,21 +12,13 @@ import json
 import subprocess
 from typing import Any, Protocol
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import KernelError
 from svcrules.kernel.tools import find_tool
 
 INSTALL_HINT = (
     "neither libnftables (libnftables.so.1) nor the nft command was found; install the OS "
     "package 'nftables' (Debian/Ubuntu: apt-get install nftables)"
 )
-
-
-class KernelError(SvcrulesError):
-    """The kernel (or nft) refused a command; the message is nft's, trimmed to its first
-    error (a refused transaction of thousands of elements makes nft print an error per
-    element); ``details`` keeps all of it."""
-
-    details: str = ""
 
 
 KEEP_LINES = 3  # nft prints an error as: location and message, the command, carets
