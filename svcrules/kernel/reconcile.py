@@ -25,7 +25,7 @@ from svcrules.kernel.stats import stats
 
 
 class Tx(Protocol):
-    """An incremental transaction of either backend."""
+    """A transaction of either backend: incremental, or a full replacement."""
 
     operations: int
     deleted: list[str]
@@ -41,10 +41,18 @@ class Tx(Protocol):
 class Driver(Protocol):
     """One backend's dealings with the kernel (driver_nft.py, driver_iptables.py)."""
 
-    backend: str  # "nftables" or "iptables"
+    backend: str  # its name in svcrules.kernel.registry
     name: str  # the kernel interface used (libnftables, nft, iptables-nft, ...)
 
+    @property
+    def tool(self) -> str:
+        """The tools whose rules this run keeps, when another's cannot see them ("" when
+        every interface of the backend sees the same rules)."""
+        ...
+
     def text(self, ruleset: Ruleset) -> str: ...
+
+    def sizes(self, ruleset: Ruleset) -> tuple[int, int, int]: ...
 
     def fingerprint_of(self, text: str) -> str | None: ...
 
@@ -56,9 +64,12 @@ class Driver(Protocol):
 
     def full(
         self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
-    ) -> tuple[str, int]: ...
+    ) -> Tx: ...
 
-    def send(self, script: str, tx: Any) -> tuple[str, list[str]]: ...
+    def send(self, script: str, tx: Any) -> tuple[str, list[str]]:
+        """Send ``script`` (``tx``'s script, or a part of it); return what was sent and
+        the objects left in the kernel for a later run to delete."""
+        ...
 
     def check(self, script: str) -> None: ...
 
@@ -75,7 +86,7 @@ class Change:
     reason: str
     script: str  # the exact transaction (nft script or iptables-restore inputs)
     operations: int
-    tx: Tx | None
+    tx: Tx | None  # None: nothing to send
     new_script: str
     new_meta: Meta
     old_meta: Meta
@@ -83,7 +94,7 @@ class Change:
     problems: list[str] = field(default_factory=list)
     kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
     # An incremental change: the full replacement to send instead if the kernel refuses it.
-    fallback: Callable[[], tuple[str, int]] | None = field(default=None, repr=False)
+    fallback: Callable[[], Tx] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -105,12 +116,13 @@ def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> No
             f"remove them with 'svcrules cleanup --backend {old_meta.backend}' before "
             f"applying with --backend {driver.backend}"
         )
-    if driver.backend == "iptables" and old_meta.tool and old_meta.tool != driver.name:
-        variant = old_meta.tool.removeprefix("iptables-")
+    if driver.tool and old_meta.tool and old_meta.tool != driver.tool:
+        backend = driver.backend
+        variant = old_meta.tool.removeprefix(f"{backend}-")
         raise SvcrulesError(
             f"svcrules' rules on this node were applied with {old_meta.tool}, and this run "
-            f"would use {driver.name}: pass --iptables {variant}, or remove them first with "
-            f"'svcrules cleanup --backend iptables --iptables {variant}'"
+            f"would use {driver.tool}: pass --{backend} {variant}, or remove them first with "
+            f"'svcrules cleanup --backend {backend} --{backend} {variant}'"
         )
 
 
@@ -159,8 +171,8 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     new_meta.input_digest = job.digest
     new_meta.table = ruleset.plan.table
     new_meta.backend = driver.backend
-    new_meta.tool = driver.name if driver.backend == "iptables" else ""
-    new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
+    new_meta.tool = driver.tool
+    new_meta.counts = dataclasses.asdict(stats(ruleset, driver.sizes(ruleset)))
     new_meta.owned = list(dict.fromkeys([*old_meta.owned, ruleset.plan.table]))
     new_meta.invalid = [str(p) for p in ruleset.skipped]
     if ruleset.plan.table != table:
@@ -206,15 +218,15 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
             )
     started = time.monotonic()
-    script, operations = driver.full(ruleset, table, old_script, retire)
+    full = driver.full(ruleset, table, old_script, retire)
     new_meta.owned = [table]
     kernel_seconds += time.monotonic() - started
     return Change(
         "full",
         reason,
-        script,
-        operations,
-        None,
+        full.script(),
+        full.operations,
+        full,
         new_script,
         new_meta,
         old_meta,
@@ -258,7 +270,7 @@ def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
         gone = driver.cleanup(table)
     else:
         gone = driver.cleanup(None, [*meta.owned, meta.table or "svcrules"])
-    same_tool = driver.backend != "iptables" or not meta.tool or meta.tool == driver.name
+    same_tool = not driver.tool or not meta.tool or meta.tool == driver.tool
     if (meta.backend == driver.backend and same_tool) or not store.has_state():
         store.clear()
     return gone
@@ -270,8 +282,9 @@ def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
     run, atomically, rather than fail the same way on every run until someone notices."""
     assert change.fallback is not None
     first = first_error(exc)
-    change.script, change.operations = change.fallback()
-    change.mode, change.tx, change.stale_after = "full", None, []
+    change.tx = change.fallback()
+    change.script, change.operations = change.tx.script(), change.tx.operations
+    change.mode, change.stale_after = "full", []
     change.new_meta.owned = [change.new_meta.table]
     change.reason = f"incremental refused: {first}; fell back to full replacement"
     change.problems.append(
@@ -279,7 +292,7 @@ def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
         "were replaced instead"
     )
     try:
-        change.script, _ = driver.send(change.script, None)
+        change.script, _ = driver.send(change.script, change.tx)
     except KernelError as again:
         raise KernelError(
             f"the kernel refused the incremental change ({first}), and the full "

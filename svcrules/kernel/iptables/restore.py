@@ -94,6 +94,10 @@ class RestoreTransaction:
     jumps_removed: int = 0
     deletions: list[str] = field(default_factory=list)  # never refused: restore is atomic
     deleted: list[str] = field(default_factory=list)
+    # What the kernel held before and is to hold after, per table: what a refused table
+    # puts back into those already sent (a table whose rules were not read stays new).
+    before: Parsed = field(default_factory=dict)
+    after: Parsed = field(default_factory=dict)
 
     def script(self, with_deletions: bool = True) -> str:
         return "".join(
@@ -184,9 +188,9 @@ def full_restore(new: Parsed, existing: Parsed) -> RestoreTransaction:
         for name, specs in want.chains.items():
             lines.extend(f"-A {name} {spec}" for spec in specs)
         kept: set[tuple[str, str]] = set()
-        wanted = {(chain, _target(spec)): spec for chain, spec in want.jumps}
+        wanted = {(chain, target_of(spec)): spec for chain, spec in want.jumps}
         for chain, spec in have.jumps:
-            key = (chain, _target(spec))
+            key = (chain, target_of(spec))
             if key in wanted and key not in kept:
                 kept.add(key)
                 continue
@@ -206,7 +210,7 @@ def full_restore(new: Parsed, existing: Parsed) -> RestoreTransaction:
     return tx
 
 
-def _target(spec: str) -> str:
+def target_of(spec: str) -> str:
     """The chain a rule jumps or goes to."""
     words = spec.split()
     for flag in ("-j", "-g", "--jump", "--goto"):
@@ -246,7 +250,7 @@ def parsed_from_save(save: str, prefix: str) -> RestoreTable:
             chain, _, spec = line[3:].partition(" ")
             if is_own_chain(chain, prefix):
                 out.chains.setdefault(chain, []).append(spec)
-            elif chain in BUILTIN and marker in spec and is_own_chain(_target(spec), prefix):
+            elif chain in BUILTIN and marker in spec and is_own_chain(target_of(spec), prefix):
                 out.jumps.append((chain, spec))
     return out
 
@@ -254,4 +258,4 @@ def parsed_from_save(save: str, prefix: str) -> RestoreTable:
 def has_jump(listing: str, chain: str, spec: str, prefix: str) -> bool:
     """Whether ``iptables -S CHAIN`` output holds svcrules' jump to ``spec``'s target."""
     found = parsed_from_save(listing, prefix).jumps
-    return any(c == chain and _target(s) == _target(spec) for c, s in found)
+    return any(c == chain and target_of(s) == target_of(spec) for c, s in found)

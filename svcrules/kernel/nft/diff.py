@@ -51,12 +51,12 @@ def parse_script(text: str) -> dict[tuple[str, str], TableText]:
     for line in lines:
         m = _TABLE.match(line)
         if m:
-            table = _parse_table(m.group(1), m.group(2), lines)
+            table = parse_table(m.group(1), m.group(2), lines)
             tables[(table.family, table.name)] = table
     return tables
 
 
-def _parse_table(family: str, name: str, lines: Iterator[str]) -> TableText:
+def parse_table(family: str, name: str, lines: Iterator[str]) -> TableText:
     table = TableText(family, name, "")
     for line in lines:
         if line == "}":
