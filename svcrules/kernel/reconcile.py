@@ -27,10 +27,15 @@ from svcrules.kernel.stats import stats
 class Tx(Protocol):
     """A transaction of either backend: incremental, or a full replacement."""
 
-    operations: int
-    deleted: list[str]
+    @property
+    def operations(self) -> int: ...
 
-    def script(self, with_deletions: bool = True) -> str: ...
+    @property
+    def deleted(self) -> list[str]:
+        """ "family kind name" of each object deleted, as a stale entry names it."""
+        ...
+
+    def script(self) -> str: ...
 
     @property
     def empty(self) -> bool: ...

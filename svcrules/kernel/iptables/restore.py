@@ -97,8 +97,6 @@ class RestoreTransaction:
     text; what it changes is counted from them."""
 
     ops: list[Operation] = field(default_factory=list)
-    deletions: list[str] = field(default_factory=list)  # never refused: restore is atomic
-    deleted: list[str] = field(default_factory=list)
     # What the kernel held before and is to hold after, per table: what a refused table
     # puts back into those already sent (a table whose rules were not read stays new).
     before: Parsed = field(default_factory=dict)
@@ -127,7 +125,12 @@ class RestoreTransaction:
     def chains_removed(self) -> int:
         return self.counts.chains_removed
 
-    def script(self, with_deletions: bool = True) -> str:
+    @property
+    def deleted(self) -> list[str]:
+        """Objects a refused deletion may leave for later: none, restore is atomic."""
+        return []
+
+    def script(self) -> str:
         parts = self.parts
         return "".join(
             section(fam, tbl, lines)

@@ -134,9 +134,8 @@ class Transaction:
     def operations(self) -> int:
         return self.counts.operations
 
-    def script(self, with_deletions: bool = True) -> str:
-        cmds = self.commands + (self.deletions if with_deletions else [])
-        return "".join(f"{c}\n" for c in cmds)
+    def script(self) -> str:
+        return "".join(f"{c}\n" for c in self.commands + self.deletions)
 
     def without(self, kept: set[str]) -> str:
         """The script without the deletions of ``kept`` ("family kind name" entries)."""

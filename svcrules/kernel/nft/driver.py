@@ -33,7 +33,7 @@ class Replacement:
     deleted: list[str] = field(default_factory=list)
     empty = False
 
-    def script(self, with_deletions: bool = True) -> str:
+    def script(self) -> str:
         return self.text
 
     def describe(self) -> str:
