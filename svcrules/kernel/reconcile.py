@@ -4,7 +4,8 @@ A run reads the fingerprint svcrules left in the kernel (one tiny set or chain
 per owned table) and compares it with the state directory. When they agree, it
 sends only the difference between the last text and the new one; when they do
 not (first run, lost state, someone changed the rules), it replaces everything
-svcrules owns. The backends (driver_nft.py, driver_iptables.py) know how.
+svcrules owns. Each backend's driver (nft/driver.py, iptables/driver.py; found by name in
+registry.py) knows how; this module never asks which backend it has.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from svcrules.compiler import Job, Ruleset
 from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
@@ -44,7 +45,7 @@ class Tx(Protocol):
 
 
 class Driver(Protocol):
-    """One backend's dealings with the kernel (driver_nft.py, driver_iptables.py)."""
+    """One backend's dealings with the kernel (nft/driver.py, iptables/driver.py)."""
 
     backend: str  # its name in svcrules.kernel.registry
     name: str  # the kernel interface used (libnftables, nft, iptables-nft, ...)
@@ -142,9 +143,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         old_script = None
     _check_backend(driver, old_script, old_meta)
     table = job.overrides.table_name or old_meta.table
-    started = time.monotonic()
-    kernel = driver.fingerprints(table) if table else {}
-    kernel_seconds = time.monotonic() - started
+    kernel, kernel_seconds = _timed(lambda: driver.fingerprints(table) if table else {})
     old_expected = driver.expected(old_script) if old_script is not None else {}
     in_kernel = bool(table) and _agree(kernel, old_expected)
     if (
@@ -170,33 +169,13 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
 
     ruleset = job.compile(driver.backend)
     new_script = driver.text(ruleset)
-    fingerprint = driver.fingerprint_of(new_script) or ""
-    new_meta = Meta.of_plan(ruleset.plan, fingerprint)
-    new_meta.failures, new_meta.last_success = old_meta.failures, old_meta.last_success
-    new_meta.input_digest = job.digest
-    new_meta.table = ruleset.plan.table
-    new_meta.backend = driver.backend
-    new_meta.tool = driver.tool
-    new_meta.counts = dataclasses.asdict(stats(ruleset, driver.sizes(ruleset)))
-    new_meta.owned = list(dict.fromkeys([*old_meta.owned, ruleset.plan.table]))
-    new_meta.invalid = [str(p) for p in ruleset.skipped]
+    new_meta = _new_meta(job, ruleset, driver, new_script, old_meta)
     if ruleset.plan.table != table:
         table = ruleset.plan.table
-        started = time.monotonic()
-        kernel = driver.fingerprints(table)
-        kernel_seconds += time.monotonic() - started
-
-    reason = ""
-    if old_script is None:
-        reason = f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
-    elif old_meta.table != table:
-        reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
-    elif not _agree(kernel, old_expected):
-        reason = f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
-    elif verify:
-        drift = driver.verify(table, old_script, old_meta.stale)
-        if drift:
-            reason = "verification found drift: " + "; ".join(drift[:3])
+        kernel, seconds = _timed(lambda: driver.fingerprints(table))
+        kernel_seconds += seconds
+    agree = _agree(kernel, old_expected)
+    reason = _why_full(store, driver, table, agree, old_script, old_meta, verify)
     # A full replacement also removes what svcrules made under earlier table names
     # (proven its own; others' are left alone), in the same transaction: afterwards
     # only the current name holds svcrules' rules.
@@ -222,10 +201,8 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 kernel_seconds=kernel_seconds,
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
             )
-    started = time.monotonic()
-    full = driver.full(ruleset, table, old_script, retire)
+    full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
     new_meta.owned = [table]
-    kernel_seconds += time.monotonic() - started
     return Change(
         "full",
         reason,
@@ -235,8 +212,54 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         new_script,
         new_meta,
         old_meta,
-        kernel_seconds=kernel_seconds,
+        kernel_seconds=kernel_seconds + seconds,
     )
+
+
+T = TypeVar("T")
+
+
+def _timed(call: Callable[[], T]) -> tuple[T, float]:
+    """The result of ``call`` and the seconds it took (time spent in the kernel)."""
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def _new_meta(job: Job, ruleset: Ruleset, driver: Driver, script: str, old: Meta) -> Meta:
+    """What the state directory will say once ``script`` is applied."""
+    meta = Meta.of_plan(ruleset.plan, driver.fingerprint_of(script) or "")
+    meta.failures, meta.last_success = old.failures, old.last_success
+    meta.input_digest = job.digest
+    meta.table = ruleset.plan.table
+    meta.backend = driver.backend
+    meta.tool = driver.tool
+    meta.counts = dataclasses.asdict(stats(ruleset, driver.sizes(ruleset)))
+    meta.owned = list(dict.fromkeys([*old.owned, ruleset.plan.table]))
+    meta.invalid = [str(p) for p in ruleset.skipped]
+    return meta
+
+
+def _why_full(
+    store: StateStore,
+    driver: Driver,
+    table: str,
+    agree: bool,
+    old_script: str | None,
+    old_meta: Meta,
+    verify: bool,
+) -> str:
+    """Why the kernel must be replaced whole ("" when an incremental change may do);
+    ``agree``: whether the kernel holds the fingerprints of ``old_script``."""
+    if old_script is None:
+        return f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
+    if old_meta.table != table:
+        return f"the owned table changed from {old_meta.table!r} to {table!r}"
+    if not agree:
+        return f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
+    if verify and (drift := driver.verify(table, old_script, old_meta.stale)):
+        return "verification found drift: " + "; ".join(drift[:3])
+    return ""
 
 
 def execute(change: Change, driver: Driver, store: StateStore) -> None:
