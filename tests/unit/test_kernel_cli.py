@@ -25,7 +25,7 @@ def kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """One fake kernel per backend for the whole test; ``opened`` records the tools
     the CLI asked for."""
     monkeypatch.setattr(cli_run, "net_admin_problem", lambda: None)
-    fakes: dict[str, Any] = {}
+    fakes: dict[tuple[str, str], Any] = {}
     opened: list[tuple[str, str]] = []
     for name, row in list(registry.BACKENDS.items()):
 

@@ -353,7 +353,7 @@ def test_verification_after_sending_catches_a_kernel_that_lost_the_change(tmp_pa
     def forgetful(script: str, **kw: Any) -> str:
         return "" if "\ntable ip " in script else original(script, **kw)
 
-    fake.run = forgetful  # type: ignore[method-assign]
+    fake.run = forgetful
     with pytest.raises(KernelError, match="verification failed"):
         run(job("11"), driver, store)
     assert not store.has_state()
