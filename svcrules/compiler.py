@@ -6,7 +6,7 @@ import gc
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
 from typing import TextIO
@@ -15,10 +15,9 @@ from svcrules.errors import InputError, OnInvalid, Problem
 from svcrules.inputs.config import Overrides, node_config
 from svcrules.inputs.load import Inputs, Source, load_sources, read_sources
 from svcrules.inputs.model import NodeConfig
-from svcrules.kernel.nft.diff import Tables, parse_script
 from svcrules.plan.node import NodePlan
 from svcrules.plan.resolve import resolve
-from svcrules.render.nftables.layout import render_nft
+from svcrules.render.backends import RENDERERS
 from svcrules.render.templates import template_dir
 
 
@@ -32,26 +31,27 @@ class Ruleset:
 
     plan: NodePlan
     skipped: tuple[Problem, ...] = ()
-
-    @cached_property
-    def nft(self) -> str:
-        return render_nft(self.plan)
-
-    @cached_property
-    def tables(self) -> Tables:
-        """The script cut into objects (for diffs and counts), parsed once."""
-        return parse_script(self.nft)
-
-    @cached_property
-    def iptables(self) -> str:
-        """Both families' iptables-restore inputs (the iptables backend)."""
-        from svcrules.render.iptables.layout import render_iptables
-
-        return render_iptables(self.plan)
+    _texts: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def text(self, backend: str) -> str:
-        """The ruleset as the given backend ("nftables" or "iptables") loads it."""
-        return self.iptables if backend == "iptables" else self.nft
+        """The ruleset as the named backend loads it (svcrules.render.backends), rendered
+        once."""
+        if backend not in self._texts:
+            try:
+                render = RENDERERS[backend]
+            except KeyError:
+                raise ValueError(f"unknown backend {backend!r}: one of {list(RENDERERS)}") from None
+            self._texts[backend] = render(self.plan)
+        return self._texts[backend]
+
+    @property
+    def nft(self) -> str:
+        return self.text("nftables")
+
+    @property
+    def iptables(self) -> str:
+        """Both families' iptables-restore inputs (the iptables backend)."""
+        return self.text("iptables")
 
     @cached_property
     def json(self) -> str:

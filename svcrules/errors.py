@@ -1,8 +1,23 @@
-"""Errors that carry where in the input they come from.
+"""Every error svcrules raises on purpose, in one place.
 
 Every problem a user can fix is an ``InputError`` holding all the problems
 found, each pointing at a file, a document and a field, so that one run
-reports everything at once.
+reports everything at once. The rest say what stopped a run on a node::
+
+    SvcrulesError                 shown as one line, exit code 2
+        InputError                the objects or the NodeConfig
+        UsageError                the command line
+        NotPermitted              no CAP_NET_ADMIN
+        KernelError               the kernel or its tools refused (nothing applied)
+        StateError                the state directory cannot be used
+        LockError                 the lock file cannot be opened
+            LockBusy              another run holds it (--no-wait: not a failure)
+            LockTimeout           another run held it too long
+        MetricsError              the metrics file cannot be written
+        RemovalRefused            a safety limit
+
+    NeedsFullReplacement          not a failure: a change only a full replacement can make
+        JumpsChanged              (iptables) the jumps from built-in chains changed
 """
 
 from __future__ import annotations
@@ -59,3 +74,52 @@ class InputError(SvcrulesError):
 # frontends conflict: "fail" the whole run (the default), or "skip" those objects,
 # report them (``Ruleset.skipped``) and compile the rest.
 OnInvalid = Literal["fail", "skip"]
+
+
+class UsageError(SvcrulesError):
+    """The command line is incomplete."""
+
+
+class NotPermitted(SvcrulesError):
+    """The process lacks CAP_NET_ADMIN."""
+
+
+class KernelError(SvcrulesError):
+    """The kernel (or its tools) refused a command. For nft, the message is trimmed to
+    its first error (a refused transaction of thousands of elements makes nft print an
+    error per element); ``details`` keeps all of it."""
+
+    details: str = ""
+
+
+class StateError(SvcrulesError):
+    """The state directory cannot be used (not a directory, not writable, disk full)."""
+
+
+class LockError(SvcrulesError):
+    """The lock file cannot be opened."""
+
+
+class LockBusy(LockError):
+    """Another run holds the lock and we were told not to wait: not a failure."""
+
+
+class LockTimeout(LockError):
+    """Another run held the lock for longer than we were willing to wait."""
+
+
+class MetricsError(SvcrulesError):
+    """The metrics file cannot be written."""
+
+
+class RemovalRefused(SvcrulesError):
+    """The run would remove more Service ports than allowed."""
+
+
+class NeedsFullReplacement(Exception):
+    """The change is not expressible incrementally (layout or table settings changed,
+    an object lingers): the reconciler replaces everything svcrules owns instead."""
+
+
+class JumpsChanged(NeedsFullReplacement):
+    """The jumps in built-in chains differ: only a full replacement may change them."""

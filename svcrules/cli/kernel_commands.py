@@ -29,9 +29,10 @@ from svcrules.cli.options import (
 from svcrules.cli.report import summary
 from svcrules.cli.run import EXIT_SKIPPED, Run, log_fields, reporting, require_net_admin
 from svcrules.compiler import Job, prepare
-from svcrules.errors import SvcrulesError
+from svcrules.errors import LockBusy, UsageError
 from svcrules.inputs.config import Overrides
-from svcrules.kernel.lock import DEFAULT_TIMEOUT, LockBusy, exclusive
+from svcrules.kernel import registry
+from svcrules.kernel.lock import DEFAULT_TIMEOUT, exclusive
 from svcrules.kernel.reconcile import Change, Driver, cleanup, execute, plan_change
 from svcrules.kernel.safety import DEFAULT_MAX_REMOVALS, Limits, check_removals
 from svcrules.kernel.state import DEFAULT_STATE_DIR, StateStore
@@ -147,17 +148,13 @@ OnInvalidOpt = Annotated[
 ]
 
 
-def open_driver(backend: BackendChoice, nft: NftChoice, iptables: IptablesChoice) -> Driver:
+def open_driver(
+    backend: BackendChoice, nft: NftChoice, iptables: IptablesChoice, saved_tool: str = ""
+) -> Driver:
     """The chosen backend with its kernel interface."""
-    if backend is BackendChoice.iptables:
-        from svcrules.kernel.iptables.driver import IptablesDriver
-        from svcrules.kernel.iptables.transport import Iptables
-
-        return IptablesDriver(Iptables(iptables.value))
-    from svcrules.kernel.nft.driver import NftDriver
-    from svcrules.kernel.nft.transport import open_backend
-
-    return NftDriver(open_backend(nft.value))
+    return registry.open_driver(
+        backend.value, {"nft": nft.value, "iptables": iptables.value}, saved_tool
+    )
 
 
 def _prepare(
@@ -180,10 +177,6 @@ def _report_invalid(change: Change) -> int:
     for line in change.new_meta.invalid:
         LOG.warning("%s", line, extra={"fields": {"event": "invalid"}})
     return EXIT_SKIPPED if change.new_meta.invalid else 0
-
-
-class UsageError(SvcrulesError):
-    """The command line is incomplete."""
 
 
 @app.command("diff")
@@ -399,9 +392,6 @@ def cleanup_cmd(
         with exclusive(state_dir / "lock", True, lock_timeout):
             meta = store.load()[1]
             chosen = backend or BackendChoice(meta.backend)
-            if chosen is BackendChoice.iptables and iptables is IptablesChoice.auto and meta.tool:
-                # The variant that applied them is the one that can see them.
-                iptables = IptablesChoice(meta.tool.removeprefix("iptables-"))
-            driver = open_driver(chosen, nft, iptables)
+            driver = open_driver(chosen, nft, iptables, meta.tool)
             gone = cleanup(driver, store, table_name)
     print(f"removed: {', '.join(gone)}" if gone else "nothing to remove")

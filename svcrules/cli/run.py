@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import typer
 
 from svcrules.cli.logs import LOG
-from svcrules.errors import SvcrulesError
+from svcrules.errors import NotPermitted, SvcrulesError
 from svcrules.kernel.caps import net_admin_problem
 from svcrules.kernel.metrics import SyncMetrics, previous_failures, write_metrics
 from svcrules.kernel.reconcile import Change
@@ -31,10 +31,6 @@ EXIT_OK = 0
 EXIT_CHANGES = 1  # diff: something would change
 EXIT_FAILED = 2  # nothing was applied (bad input, refusal, environment)
 EXIT_SKIPPED = 3  # applied, but invalid objects were left out (--on-invalid skip)
-
-
-class NotPermitted(SvcrulesError):
-    """The process lacks CAP_NET_ADMIN."""
 
 
 def require_net_admin() -> None:

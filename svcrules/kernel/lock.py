@@ -11,21 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import LockBusy, LockError, LockTimeout
 
 DEFAULT_TIMEOUT = 60.0
-
-
-class LockBusy(SvcrulesError):
-    """Another run holds the lock and we were told not to wait: not a failure."""
-
-
-class LockTimeout(SvcrulesError):
-    """Another run held the lock for longer than we were willing to wait."""
-
-
-class LockError(SvcrulesError):
-    """The lock file cannot be opened."""
 
 
 @contextmanager

@@ -10,7 +10,38 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import MetricsError
+
+# name (after svcrules_), type, help, SyncMetrics attribute: in the file's order.
+_ROWS = (
+    (
+        "last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful sync.",
+        "last_success",
+    ),
+    ("last_sync_success", "gauge", "1 if the last sync succeeded, else 0.", "success"),
+    ("sync_duration_seconds", "gauge", "Wall time of the last sync.", "duration"),
+    (
+        "sync_operations",
+        "gauge",
+        "Operations sent to the kernel by the last sync (elements, rules, objects).",
+        "operations",
+    ),
+    ("sync_failures_total", "counter", "Failed syncs since the state was created.", "failures"),
+    ("services", "gauge", "Services programmed on this node.", "services"),
+    ("service_ports", "gauge", "Service ports programmed (per family).", "service_ports"),
+    ("endpoints", "gauge", "Distinct endpoints (address, port) in use.", "endpoints"),
+    ("chains", "gauge", "Chains in the owned tables.", "chains"),
+    ("rules", "gauge", "Rules in the owned tables.", "rules"),
+    ("elements", "gauge", "Set and map elements in the owned tables.", "elements"),
+    (
+        "invalid_objects",
+        "gauge",
+        "Objects the last sync left out as invalid or conflicting (--on-invalid skip).",
+        "invalid_objects",
+    ),
+)
 
 
 @dataclass
@@ -32,52 +63,10 @@ class SyncMetrics:
 
     def render(self) -> str:
         label = f'{{table="{self.table}"}}'
-        rows = [
-            (
-                "last_success_timestamp_seconds",
-                "gauge",
-                "Unix time of the last successful sync.",
-                self.last_success,
-            ),
-            (
-                "last_sync_success",
-                "gauge",
-                "1 if the last sync succeeded, else 0.",
-                int(self.success),
-            ),
-            ("sync_duration_seconds", "gauge", "Wall time of the last sync.", self.duration),
-            (
-                "sync_operations",
-                "gauge",
-                "Operations sent to the kernel by the last sync (elements, rules, objects).",
-                self.operations,
-            ),
-            (
-                "sync_failures_total",
-                "counter",
-                "Failed syncs since the state was created.",
-                self.failures,
-            ),
-            ("services", "gauge", "Services programmed on this node.", self.services),
-            (
-                "service_ports",
-                "gauge",
-                "Service ports programmed (per family).",
-                self.service_ports,
-            ),
-            ("endpoints", "gauge", "Distinct endpoints (address, port) in use.", self.endpoints),
-            ("chains", "gauge", "Chains in the owned tables.", self.chains),
-            ("rules", "gauge", "Rules in the owned tables.", self.rules),
-            ("elements", "gauge", "Set and map elements in the owned tables.", self.elements),
-            (
-                "invalid_objects",
-                "gauge",
-                "Objects the last sync left out as invalid or conflicting (--on-invalid skip).",
-                self.invalid_objects,
-            ),
-        ]
         out = []
-        for name, kind, help_, value in rows:
+        for name, kind, help_, attr in _ROWS:
+            value = getattr(self, attr)
+            value = int(value) if isinstance(value, bool) else value
             out += [
                 f"# HELP svcrules_{name} {help_}",
                 f"# TYPE svcrules_{name} {kind}",
@@ -95,10 +84,6 @@ class SyncMetrics:
             for m in modes
         ]
         return "\n".join(out) + "\n"
-
-
-class MetricsError(SvcrulesError):
-    """The metrics file cannot be written."""
 
 
 def write_metrics(path: str | Path, metrics: SyncMetrics) -> None:

@@ -4,7 +4,8 @@ A run reads the fingerprint svcrules left in the kernel (one tiny set or chain
 per owned table) and compares it with the state directory. When they agree, it
 sends only the difference between the last text and the new one; when they do
 not (first run, lost state, someone changed the rules), it replaces everything
-svcrules owns. The backends (driver_nft.py, driver_iptables.py) know how.
+svcrules owns. Each backend's driver (nft/driver.py, iptables/driver.py; found by name in
+registry.py) knows how; this module never asks which backend it has.
 """
 
 from __future__ import annotations
@@ -13,26 +14,29 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from svcrules.compiler import Job, Ruleset
-from svcrules.errors import SvcrulesError
+from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
 from svcrules.inputs.owned import check_name
 from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
-from svcrules.kernel.iptables.restore import JumpsChanged
-from svcrules.kernel.nft.diff import NeedsFullReplacement
-from svcrules.kernel.nft.transport import KernelError, first_error
+from svcrules.kernel.nft.transport import first_error
 from svcrules.kernel.state import Meta, StateStore
 from svcrules.kernel.stats import stats
 
 
 class Tx(Protocol):
-    """An incremental transaction of either backend."""
+    """A transaction of either backend: incremental, or a full replacement."""
 
-    operations: int
-    deleted: list[str]
+    @property
+    def operations(self) -> int: ...
 
-    def script(self, with_deletions: bool = True) -> str: ...
+    @property
+    def deleted(self) -> list[str]:
+        """ "family kind name" of each object deleted, as a stale entry names it."""
+        ...
+
+    def script(self) -> str: ...
 
     @property
     def empty(self) -> bool: ...
@@ -41,12 +45,20 @@ class Tx(Protocol):
 
 
 class Driver(Protocol):
-    """One backend's dealings with the kernel (driver_nft.py, driver_iptables.py)."""
+    """One backend's dealings with the kernel (nft/driver.py, iptables/driver.py)."""
 
-    backend: str  # "nftables" or "iptables"
+    backend: str  # its name in svcrules.kernel.registry
     name: str  # the kernel interface used (libnftables, nft, iptables-nft, ...)
 
+    @property
+    def tool(self) -> str:
+        """The tools whose rules this run keeps, when another's cannot see them ("" when
+        every interface of the backend sees the same rules)."""
+        ...
+
     def text(self, ruleset: Ruleset) -> str: ...
+
+    def sizes(self, ruleset: Ruleset) -> tuple[int, int, int]: ...
 
     def fingerprint_of(self, text: str) -> str | None: ...
 
@@ -58,9 +70,12 @@ class Driver(Protocol):
 
     def full(
         self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
-    ) -> tuple[str, int]: ...
+    ) -> Tx: ...
 
-    def send(self, script: str, tx: Any) -> tuple[str, list[str]]: ...
+    def send(self, script: str, tx: Any) -> tuple[str, list[str]]:
+        """Send ``script`` (``tx``'s script, or a part of it); return what was sent and
+        the objects left in the kernel for a later run to delete."""
+        ...
 
     def check(self, script: str) -> None: ...
 
@@ -77,7 +92,7 @@ class Change:
     reason: str
     script: str  # the exact transaction (nft script or iptables-restore inputs)
     operations: int
-    tx: Tx | None
+    tx: Tx | None  # None: nothing to send
     new_script: str
     new_meta: Meta
     old_meta: Meta
@@ -85,7 +100,7 @@ class Change:
     problems: list[str] = field(default_factory=list)
     kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
     # An incremental change: the full replacement to send instead if the kernel refuses it.
-    fallback: Callable[[], tuple[str, int]] | None = field(default=None, repr=False)
+    fallback: Callable[[], Tx] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -107,12 +122,13 @@ def _check_backend(driver: Driver, old_script: str | None, old_meta: Meta) -> No
             f"remove them with 'svcrules cleanup --backend {old_meta.backend}' before "
             f"applying with --backend {driver.backend}"
         )
-    if driver.backend == "iptables" and old_meta.tool and old_meta.tool != driver.name:
-        variant = old_meta.tool.removeprefix("iptables-")
+    if driver.tool and old_meta.tool and old_meta.tool != driver.tool:
+        backend = driver.backend
+        variant = old_meta.tool.removeprefix(f"{backend}-")
         raise SvcrulesError(
             f"svcrules' rules on this node were applied with {old_meta.tool}, and this run "
-            f"would use {driver.name}: pass --iptables {variant}, or remove them first with "
-            f"'svcrules cleanup --backend iptables --iptables {variant}'"
+            f"would use {driver.tool}: pass --{backend} {variant}, or remove them first with "
+            f"'svcrules cleanup --backend {backend} --{backend} {variant}'"
         )
 
 
@@ -127,9 +143,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         old_script = None
     _check_backend(driver, old_script, old_meta)
     table = job.overrides.table_name or old_meta.table
-    started = time.monotonic()
-    kernel = driver.fingerprints(table) if table else {}
-    kernel_seconds = time.monotonic() - started
+    kernel, kernel_seconds = _timed(lambda: driver.fingerprints(table) if table else {})
     old_expected = driver.expected(old_script) if old_script is not None else {}
     in_kernel = bool(table) and _agree(kernel, old_expected)
     if (
@@ -155,33 +169,13 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
 
     ruleset = job.compile(driver.backend)
     new_script = driver.text(ruleset)
-    fingerprint = driver.fingerprint_of(new_script) or ""
-    new_meta = Meta.of_plan(ruleset.plan, fingerprint)
-    new_meta.failures, new_meta.last_success = old_meta.failures, old_meta.last_success
-    new_meta.input_digest = job.digest
-    new_meta.table = ruleset.plan.table
-    new_meta.backend = driver.backend
-    new_meta.tool = driver.name if driver.backend == "iptables" else ""
-    new_meta.counts = dataclasses.asdict(stats(ruleset, driver.backend))
-    new_meta.owned = list(dict.fromkeys([*old_meta.owned, ruleset.plan.table]))
-    new_meta.invalid = [str(p) for p in ruleset.skipped]
+    new_meta = _new_meta(job, ruleset, driver, new_script, old_meta)
     if ruleset.plan.table != table:
         table = ruleset.plan.table
-        started = time.monotonic()
-        kernel = driver.fingerprints(table)
-        kernel_seconds += time.monotonic() - started
-
-    reason = ""
-    if old_script is None:
-        reason = f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
-    elif old_meta.table != table:
-        reason = f"the owned table changed from {old_meta.table!r} to {table!r}"
-    elif not _agree(kernel, old_expected):
-        reason = f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
-    elif verify:
-        drift = driver.verify(table, old_script, old_meta.stale)
-        if drift:
-            reason = "verification found drift: " + "; ".join(drift[:3])
+        kernel, seconds = _timed(lambda: driver.fingerprints(table))
+        kernel_seconds += seconds
+    agree = _agree(kernel, old_expected)
+    reason = _why_full(store, driver, table, agree, old_script, old_meta, verify)
     # A full replacement also removes what svcrules made under earlier table names
     # (proven its own; others' are left alone), in the same transaction: afterwards
     # only the current name holds svcrules' rules.
@@ -189,7 +183,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     if not reason and old_script is not None:
         try:
             tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
-        except (NeedsFullReplacement, JumpsChanged) as exc:
+        except NeedsFullReplacement as exc:
             reason = str(exc)
         else:
             mode = "noop" if tx.empty else "incremental"
@@ -207,21 +201,65 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 kernel_seconds=kernel_seconds,
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
             )
-    started = time.monotonic()
-    script, operations = driver.full(ruleset, table, old_script, retire)
+    full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
     new_meta.owned = [table]
-    kernel_seconds += time.monotonic() - started
     return Change(
         "full",
         reason,
-        script,
-        operations,
-        None,
+        full.script(),
+        full.operations,
+        full,
         new_script,
         new_meta,
         old_meta,
-        kernel_seconds=kernel_seconds,
+        kernel_seconds=kernel_seconds + seconds,
     )
+
+
+T = TypeVar("T")
+
+
+def _timed(call: Callable[[], T]) -> tuple[T, float]:
+    """The result of ``call`` and the seconds it took (time spent in the kernel)."""
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def _new_meta(job: Job, ruleset: Ruleset, driver: Driver, script: str, old: Meta) -> Meta:
+    """What the state directory will say once ``script`` is applied."""
+    meta = Meta.of_plan(ruleset.plan, driver.fingerprint_of(script) or "")
+    meta.failures, meta.last_success = old.failures, old.last_success
+    meta.input_digest = job.digest
+    meta.table = ruleset.plan.table
+    meta.backend = driver.backend
+    meta.tool = driver.tool
+    meta.counts = dataclasses.asdict(stats(ruleset, driver.sizes(ruleset)))
+    meta.owned = list(dict.fromkeys([*old.owned, ruleset.plan.table]))
+    meta.invalid = [str(p) for p in ruleset.skipped]
+    return meta
+
+
+def _why_full(
+    store: StateStore,
+    driver: Driver,
+    table: str,
+    agree: bool,
+    old_script: str | None,
+    old_meta: Meta,
+    verify: bool,
+) -> str:
+    """Why the kernel must be replaced whole ("" when an incremental change may do);
+    ``agree``: whether the kernel holds the fingerprints of ``old_script``."""
+    if old_script is None:
+        return f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
+    if old_meta.table != table:
+        return f"the owned table changed from {old_meta.table!r} to {table!r}"
+    if not agree:
+        return f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
+    if verify and (drift := driver.verify(table, old_script, old_meta.stale)):
+        return "verification found drift: " + "; ".join(drift[:3])
+    return ""
 
 
 def execute(change: Change, driver: Driver, store: StateStore) -> None:
@@ -260,7 +298,7 @@ def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
         gone = driver.cleanup(table)
     else:
         gone = driver.cleanup(None, [*meta.owned, meta.table or "svcrules"])
-    same_tool = driver.backend != "iptables" or not meta.tool or meta.tool == driver.name
+    same_tool = not driver.tool or not meta.tool or meta.tool == driver.tool
     if (meta.backend == driver.backend and same_tool) or not store.has_state():
         store.clear()
     return gone
@@ -272,8 +310,9 @@ def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
     run, atomically, rather than fail the same way on every run until someone notices."""
     assert change.fallback is not None
     first = first_error(exc)
-    change.script, change.operations = change.fallback()
-    change.mode, change.tx, change.stale_after = "full", None, []
+    change.tx = change.fallback()
+    change.script, change.operations = change.tx.script(), change.tx.operations
+    change.mode, change.stale_after = "full", []
     change.new_meta.owned = [change.new_meta.table]
     change.reason = f"incremental refused: {first}; fell back to full replacement"
     change.problems.append(
@@ -281,7 +320,7 @@ def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
         "were replaced instead"
     )
     try:
-        change.script, _ = driver.send(change.script, None)
+        change.script, _ = driver.send(change.script, change.tx)
     except KernelError as again:
         raise KernelError(
             f"the kernel refused the incremental change ({first}), and the full "

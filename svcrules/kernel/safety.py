@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from svcrules.errors import OnInvalid, SvcrulesError
+from svcrules.errors import OnInvalid, RemovalRefused
 from svcrules.kernel.state import Meta
 
 DEFAULT_MAX_REMOVALS = 50.0  # percent of the programmed Service ports
-
-
-class RemovalRefused(SvcrulesError):
-    """The run would remove more Service ports than allowed."""
 
 
 @dataclass(frozen=True)

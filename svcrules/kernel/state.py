@@ -29,17 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import StateError
 from svcrules.plan.node import NodePlan, PortPlan
 
 FORMAT_VERSION = 2
 MAGIC = "svcrules-state"
 DEFAULT_STATE_DIR = "/var/lib/svcrules"
 LEGACY_FILES = ("last.json", "last.nft", "last.iptables")  # format 1: two files, not atomic
-
-
-class StateError(SvcrulesError):
-    """The state directory cannot be used (not a directory, not writable, disk full)."""
 
 
 def port_digest(p: PortPlan) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svcrules.compiler import Ruleset
-from svcrules.kernel.iptables.restore import parse_restore
 
 
 @dataclass(frozen=True)
@@ -18,21 +17,10 @@ class Stats:
     elements: int
 
 
-def stats(ruleset: Ruleset, backend: str = "nftables") -> Stats:
+def stats(ruleset: Ruleset, sizes: tuple[int, int, int]) -> Stats:
+    """The plan's sizes, and the backend's chains, rules and elements (Driver.sizes)."""
     ports = [p for f in ruleset.plan.families for p in f.ports]
-    chains = rules = elements = 0
-    if backend == "iptables":
-        for part in parse_restore(ruleset.iptables).values():
-            chains += len(part.chains)
-            rules += sum(len(specs) for specs in part.chains.values())
-    else:
-        for table in ruleset.tables.values():
-            for obj in table.objects.values():
-                if obj.kind == "chain":
-                    chains += 1
-                    rules += len(obj.items)
-                else:
-                    elements += len(obj.items)
+    chains, rules, elements = sizes
     return Stats(
         services=len({p.service for p in ports}),
         service_ports=len(ports),

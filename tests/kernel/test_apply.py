@@ -7,54 +7,19 @@ state directory in a temporary folder.
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.k8s import Obj, dump, endpoint_slice, service
 
+from .backends import BACKENDS
 from .lab import Lab
-from .test_semantics import CIP, CLIENT, FOREIGN, NODE, cfg, dropped, eps, ok, refused
-
-CIP_B = "203.0.113.20"
-
-
-class Node:
-    """Runs the svcrules command in the lab's node namespace."""
-
-    def __init__(self, lab: Lab, tmp: Path) -> None:
-        self.lab = lab
-        self.tmp = tmp
-        self.state = tmp / "state"
-        self.inputs = tmp / "inputs.yaml"
-
-    def write(self, *objs: Obj, node: Obj | None = None) -> None:
-        self.inputs.write_text(dump([node or cfg(), *objs]))
-
-    def cmd(self, verb: str, *args: str) -> list[str]:
-        return [sys.executable, "-m", "svcrules", verb, *args, "--state-dir", str(self.state)]
-
-    def run(
-        self, verb: str, *args: str, with_inputs: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        extra = [str(self.inputs)] if with_inputs else []
-        return self.lab.exec("node", *self.cmd(verb, *extra, *args), check=False, timeout=120)
-
-    def apply(self, *objs: Obj, node: Obj | None = None, expect: int = 0) -> str:
-        self.write(*objs, node=node)
-        proc = self.run("apply")
-        assert proc.returncode == expect, proc.stderr
-        return proc.stdout
-
-    def transaction(self, *objs: Obj) -> str:
-        self.write(*objs)
-        proc = self.run("diff", "--output", "nft")
-        assert proc.returncode in (0, 1), proc.stderr
-        return proc.stdout
+from .nodes import CIP_B, Node, node_for, ops, svc_a, svc_b
+from .test_semantics import CIP, CLIENT, FOREIGN, NODE, dropped, eps, ok, refused
 
 
 @pytest.fixture
@@ -62,23 +27,10 @@ def node(lab: Lab, tmp_path: Path) -> Node:
     return Node(lab, tmp_path)
 
 
-def svc_a(*pods: str, **spec: Any) -> list[Obj]:
-    return [
-        service("a", CIP, **spec),
-        endpoint_slice("a", eps(*pods)),
-    ]
-
-
-def svc_b(*pods: str, port: int = 80) -> list[Obj]:
-    return [
-        service("b", CIP_B, ports=[{"name": "http", "port": port}]),
-        endpoint_slice("b", eps(*pods)),
-    ]
-
-
-def ops(summary: str) -> int:
-    line = next(ln for ln in summary.splitlines() if ln.startswith("Kernel:"))
-    return int(line.split(" operations")[0].split()[-1])
+@pytest.fixture(params=BACKENDS)
+def any_node(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """The node with each backend in turn: for what must hold whichever is used."""
+    yield from node_for(lab, tmp_path, request.param)
 
 
 def test_apply_noop_and_one_endpoint_change(lab: Lab, node: Node) -> None:
@@ -253,7 +205,8 @@ def test_sync_is_quiet_and_writes_metrics(lab: Lab, node: Node) -> None:
     assert 'svcrules_last_sync_success{table="svcrules"} 1' in text
 
 
-def test_affinity_survives_an_apply_that_changes_another_service(lab: Lab, node: Node) -> None:
+def test_affinity_survives_an_apply_that_changes_another_service(lab: Lab, any_node: Node) -> None:
+    node = any_node
     a = svc_a("pod1", "pod2", "pod3", sessionAffinity="ClientIP")
     node.apply(*a, *svc_b("pod4"))
     pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=8)))
@@ -263,7 +216,8 @@ def test_affinity_survives_an_apply_that_changes_another_service(lab: Lab, node:
         assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
 
 
-def test_udp_client_moves_off_a_removed_backend(lab: Lab, node: Node) -> None:
+def test_udp_client_moves_off_a_removed_backend(lab: Lab, any_node: Node) -> None:
+    node = any_node
     udp = [service("dns", CIP, ports=[{"name": "dns", "port": 53, "protocol": "UDP"}])]
 
     def dns(*pods: str) -> list[Obj]:

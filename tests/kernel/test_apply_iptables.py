@@ -10,76 +10,32 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.k8s import Obj, endpoint_slice
+from tests.k8s import endpoint_slice
 
 from . import backends
 from .lab import Lab
-from .test_apply import (  # the same tests, collected here with this module's node fixture
+from .nodes import (
     CIP_B,
+    VARIANTS,
+    IptablesNode,
     Node,
+    chains_named,
+    node_for,
     ops,
     svc_a,
     svc_b,
-    test_affinity_survives_an_apply_that_changes_another_service,  # noqa: F401
-    test_udp_client_moves_off_a_removed_backend,  # noqa: F401
 )
 from .test_semantics import CIP, FOREIGN_IPTABLES, LB, NODE, dropped, eps, ok, refused, web
 
-VARIANTS = ("nft", "legacy")
-
-
-class IptablesNode(Node):
-    """Node that runs every command with --backend iptables --iptables VARIANT."""
-
-    def __init__(self, lab: Lab, tmp: Path, variant: str) -> None:
-        super().__init__(lab, tmp)
-        self.variant = variant
-
-    def cmd(self, verb: str, *args: str) -> list[str]:
-        flags = ["--backend", "iptables", "--iptables", self.variant]
-        return [*super().cmd(verb, *args), *flags]
-
-    def transaction(self, *objs: Obj) -> str:
-        self.write(*objs)
-        proc = self.run("diff", "--output", "script")
-        assert proc.returncode in (0, 1), proc.stderr
-        return proc.stdout
-
-    def save(self, family: str = "ipv4") -> str:
-        return self.lab.exec("node", backends.tool(self.variant, family, "-save")).stdout
-
-    def ipt(self, *args: str, family: str = "ipv4") -> str:
-        return self.lab.exec("node", backends.tool(self.variant, family), *args).stdout
-
-    def own(self) -> list[str]:
-        """svcrules' chains and rules in both families, without counters."""
-        text = self.save("ipv4") + self.save("ipv6")
-        return [ln for ln in backends.rules_only(text) if "SVCRULES" in ln]
-
-    def others(self) -> list[str]:
-        """IPv4 (where the other owners' rules are) rules that are not svcrules'."""
-        return [ln for ln in backends.rules_only(self.save()) if "SVCRULES" not in ln]
-
 
 @pytest.fixture(params=VARIANTS)
-def node(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> object:
-    variant = request.param
-    backends.require(f"iptables-{variant}")
-    yield IptablesNode(lab, tmp_path, variant)
-    if variant == "legacy":
-        backends.reset_legacy(lab)
-
-
-def chains_named(tx: str) -> set[str]:
-    """Kinds of chains a transaction declares or edits: SVC, SEP, STATE, SERVICES, ...
-    (and the names of built-in chains it touches)."""
-    names = {ln[1:].split()[0] for ln in tx.splitlines() if ln.startswith(":")}
-    names |= {ln.split()[1] for ln in tx.splitlines() if ln.startswith(("-D ", "-I "))}
-    return {n.removeprefix("SVCRULES-").split("-")[0] for n in names}
+def node(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+    yield from node_for(lab, tmp_path, f"iptables-{request.param}")
 
 
 def test_noop_and_one_endpoint_change_name_only_their_chains(lab: Lab, node: IptablesNode) -> None:

@@ -20,7 +20,7 @@ from tests.k8s import Obj, dump, endpoint_slice, service
 from . import backends
 from .converge import Runner
 from .lab import Lab
-from .test_apply import CIP_B, Node, svc_a, svc_b
+from .nodes import CIP_B, Node, svc_a, svc_b
 from .test_semantics import CIP, cfg, ok
 
 CIP_C = "203.0.113.30"

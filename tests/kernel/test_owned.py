@@ -14,8 +14,7 @@ import pytest
 
 from . import backends
 from .lab import Lab
-from .test_apply import Node, svc_a
-from .test_apply_iptables import VARIANTS, IptablesNode
+from .nodes import VARIANTS, IptablesNode, Node, svc_a
 from .test_semantics import CIP, cfg, ok
 
 # What iptables-nft makes of a Docker-style masquerade rule: the nft table `ip nat`.

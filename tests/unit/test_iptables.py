@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svcrules
+from svcrules.errors import KernelError
 from svcrules.kernel.iptables.restore import (
     diff_restore,
     full_restore,
@@ -18,7 +19,6 @@ from svcrules.kernel.iptables.restore import (
     parsed_from_save,
     split_sections,
 )
-from svcrules.kernel.nft.transport import KernelError
 from svcrules.render.iptables.layout import CHAIN_MAX, PREFIX_MAX, family_section
 from tests.k8s import Obj, compile_objs, dump, endpoint, endpoint_slice, node_config, service
 from tests.strategies import clusters
@@ -198,46 +198,30 @@ def test_check_against_an_iptables_golden() -> None:
     assert res.exit_code == 1 and res.stdout.startswith("---")
 
 
-class FakeIptables:
-    """Refuses the IPv4 filter table; reads chain names only, as with iptables-nft."""
-
-    name = "iptables-nft"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str]] = []
-
-    def restore(self, family: str, text: str, *, check_only: bool = False) -> None:
-        if family == "ipv4" and text.startswith("*filter"):
-            raise KernelError("iptables-nft-restore refused the change: line 3 failed")
-        self.sent.append((family, text))
-
-    def owned(self, family: str, table: str, prefix: str) -> object:
-        from svcrules.kernel.iptables.restore import RestoreTable
-
-        return RestoreTable(chains={f"{prefix}-SEP-OLD": []}, complete=False)
-
-    def read_chains(self, family: str, table: str, chains: list[str]) -> str:
-        """svcrules' mark in each <P>-STATE: the chains are svcrules' own."""
-        mark = f'--comment "svcrules {"0" * 32}" -j RETURN'
-        return "".join(f"-A {c} -m comment {mark}\n" for c in chains if c.endswith("-STATE"))
-
-
 def test_a_refused_table_puts_back_what_it_can_and_says_what_it_could_not() -> None:
+    """iptables-nft: only chain names are read, so a full replacement can put back only
+    what the last text applied says; without it, the tables already sent stay new."""
     from svcrules.kernel.iptables.driver import IptablesDriver
+    from svcrules.kernel.iptables.fake import FakeIptables
 
     ruleset = compile_objs([node_config(), *web("198.51.100.11")], backend="iptables")
     old = compile_objs([node_config(), *web("198.51.100.12")], backend="iptables").iptables
     for previous, known in ((old, True), (None, False)):
-        kernel = FakeIptables()
-        driver = IptablesDriver(kernel)  # type: ignore[arg-type]
-        script, _ = driver.full(ruleset, "svcrules", previous)
+        kernel = FakeIptables("nft")
+        for (fam, _), part in split_sections(full_restore(parse_restore(old), {}).script()):
+            kernel.restore(fam, part)
+        kernel.sent.clear()
+        kernel.refuse = lambda fam, part: fam == "ipv4" and part.startswith("*filter")
+        driver = IptablesDriver(kernel)
+        tx = driver.full(ruleset, "svcrules", previous)
         with pytest.raises(KernelError) as err:
-            driver.send(script, None)
+            driver.send(tx.script(), tx)
         first, *back = kernel.sent
         assert first[0] == "ipv4" and first[1].startswith("*nat")
         if known:  # the last text svcrules applied goes back into IPv4 nat
             assert len(back) == 1 and "198.51.100.12" in back[0][1]
             assert "keep the new rules" not in str(err.value)
+            assert "198.51.100.12" in kernel.save("ipv4", "nat")
         else:  # nothing known to put back: say so; the next run replaces everything
             assert back == [] and "ipv4 nat" in str(err.value)
             assert "keep the new rules" in str(err.value)

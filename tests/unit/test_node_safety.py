@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from svcrules.cli import app
 from svcrules.cli import run as cli_run
 from svcrules.compiler import prepare
-from svcrules.errors import InputError
+from svcrules.errors import InputError, LockTimeout, RemovalRefused, StateError
 from svcrules.inputs.config import Overrides
-from svcrules.kernel.lock import LockTimeout, exclusive
+from svcrules.kernel.lock import exclusive
 from svcrules.kernel.metrics import previous_failures
-from svcrules.kernel.safety import Limits, RemovalRefused, check_removals
-from svcrules.kernel.state import LEGACY_FILES, Meta, StateError, StateStore
+from svcrules.kernel.safety import Limits, check_removals
+from svcrules.kernel.state import LEGACY_FILES, Meta, StateStore
 from svcrules.kernel.tools import find_tool
 from tests.k8s import dump, node_config, service
 

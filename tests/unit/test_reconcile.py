@@ -1,119 +1,37 @@
-"""Deciding what a run sends, with a fake kernel (the kernel tests send it for real)."""
+"""Deciding and sending what a run changes, against the shipped fake kernels (the kernel
+tests send it for real)."""
 
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from svcrules.compiler import Job, prepare
+from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
+from svcrules.kernel.iptables.restore import split_sections
 from svcrules.kernel.nft.driver import NftDriver
-from svcrules.kernel.nft.transport import KernelError, first_error
+from svcrules.kernel.nft.fake import FakeNft
+from svcrules.kernel.nft.transport import first_error
 from svcrules.kernel.nft.transport import refused as refused_error
-from svcrules.kernel.reconcile import execute, plan_change
+from svcrules.kernel.reconcile import Change, Driver, cleanup, execute, plan_change
+from svcrules.kernel.registry import BACKENDS, open_fake
 from svcrules.kernel.state import StateStore
 from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
 
-
-@dataclass
-class FakeKernel:
-    """Remembers the fingerprint the last script carried; answers state-set listings."""
-
-    fingerprint: str | None = None
-    scripts: list[str] = field(default_factory=list)
-    name = "fake"
-
-    def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
-        if script.startswith("list set"):
-            if self.fingerprint is None:
-                return json.dumps({"nftables": []})
-            elem = [{"elem": {"val": 1, "comment": f"svcrules {self.fingerprint}"}}]
-            return json.dumps({"nftables": [{"set": {"name": "state", "elem": elem}}]})
-        self.scripts.append(script)
-        for line in script.splitlines():
-            if 'comment "svcrules ' in line:
-                self.fingerprint = line.split('comment "svcrules ')[1][:32]
-        return ""
+# Every backend, and both iptables variants (they read the kernel differently).
+KERNELS = ["nftables", "iptables-legacy", "iptables-nft"]
 
 
-def job(*pods: str) -> Job:
+def job(*pods: str, **spec: Any) -> Job:
     objs = [
-        node_config(),
+        node_config(**spec),
         service("a", "203.0.113.10"),
         endpoint_slice("a", [endpoint(f"198.51.100.{p}") for p in pods]),
     ]
     return prepare(["-"], stdin=io.StringIO(dump(objs)))
-
-
-def test_first_run_full_then_noop_without_compiling(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    kernel, store = FakeKernel(), StateStore(tmp_path)
-    first = plan_change(job("11"), NftDriver(kernel), store)
-    assert first.mode == "full" and "first run" in first.reason
-    execute(first, NftDriver(kernel), store)
-    # Same bytes in, same fingerprint in the kernel: nothing is even compiled.
-    monkeypatch.setattr(Job, "compile", lambda self: pytest.fail("compiled"))
-    again = plan_change(job("11"), NftDriver(kernel), store)
-    assert again.mode == "noop" and again.operations == 0
-    monkeypatch.undo()
-    # --verify compiles and reads the tables back; this fake kernel lists no tables.
-    verified = plan_change(job("11"), NftDriver(kernel), store, verify=True)
-    assert verified.mode == "full" and "verification found drift" in verified.reason
-
-
-def test_endpoint_change_is_incremental_and_drift_is_full(tmp_path: Path) -> None:
-    kernel, store = FakeKernel(), StateStore(tmp_path)
-    execute(plan_change(job("11"), NftDriver(kernel), store), NftDriver(kernel), store)
-    change = plan_change(job("12"), NftDriver(kernel), store)
-    assert change.mode == "incremental"
-    assert "198.51.100.12" in change.script and "table ip" not in change.script
-    kernel.fingerprint = "0" * 32  # someone replaced the tables
-    drift = plan_change(job("12"), NftDriver(kernel), store)
-    assert drift.mode == "full" and "differ from what svcrules last wrote" in drift.reason
-
-
-class BusyKernel(FakeKernel):
-    """Refuses (EBUSY) every transaction, dry runs included, that deletes a chain whose
-    name contains ``busy``, as the kernel does while a rule svcrules does not know of
-    still jumps to it; nft's message names another command of the batch."""
-
-    busy: str = "svc-"
-    refused: int = 0
-
-    def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
-        if self.busy and any(
-            ln.startswith("delete chain") and self.busy in ln for ln in script.splitlines()
-        ):
-            self.refused += 1
-            raise KernelError(
-                "Error: Could not process rule: Device or resource busy\n"
-                "delete element ip svcrules state { 1 }"
-            )
-        return super().run(script, check_only=check_only, json_output=json_output)
-
-
-def test_ebusy_leaves_only_the_chain_in_use_and_the_next_run_deletes_it(tmp_path: Path) -> None:
-    kernel, store = BusyKernel(), StateStore(tmp_path)
-    execute(plan_change(affinity_job("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
-    removal = plan_change(affinity_job("a"), NftDriver(kernel), store)
-    assert removal.mode == "incremental" and removal.tx and len(removal.tx.deleted) == 4
-    execute(removal, NftDriver(kernel), store)
-    _, meta = store.load()
-    assert [s.split()[1] + " " + s.split()[2][:4] for s in meta.stale] == ["chain svc-"]
-    assert (
-        "delete map" in kernel.scripts[-1] and "delete chain ip svcrules aep-" in kernel.scripts[-1]
-    )
-    # Once free, the next run deletes it, though the inputs did not change.
-    kernel.busy = ""
-    later = plan_change(affinity_job("a"), NftDriver(kernel), store)
-    assert later.mode == "incremental"
-    assert later.script.splitlines()[-1] == f"delete chain ip svcrules {meta.stale[0].split()[2]}"
-    execute(later, NftDriver(kernel), store)
-    assert store.load()[1].stale == []
 
 
 def affinity_job(*names: str) -> Job:
@@ -128,52 +46,317 @@ def affinity_job(*names: str) -> Job:
     return prepare(["-"], stdin=io.StringIO(dump(items)))
 
 
+def run(job: Job, driver: Driver, store: StateStore, verify: bool = False) -> Change:
+    change = plan_change(job, driver, store, verify)
+    execute(change, driver, store)
+    return change
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_first_run_full_then_noop_without_compiling(
+    kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake, driver = open_fake(kernel)
+    store = StateStore(tmp_path)
+    first = run(job("11"), driver, store)
+    assert first.mode == "full" and "first run" in first.reason
+    # Same bytes in, same fingerprint in the kernel: nothing is even compiled.
+    monkeypatch.setattr(Job, "compile", lambda self, backend: pytest.fail("compiled"))
+    again = plan_change(job("11"), driver, store)
+    assert again.mode == "noop" and again.operations == 0 and again.script == ""
+    execute(again, driver, store)
+    monkeypatch.undo()
+    # --verify compiles and reads everything back: no drift, nothing to send.
+    verified = plan_change(job("11"), driver, store, verify=True)
+    assert verified.mode == "noop", verified.reason
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_endpoint_change_is_incremental_and_drift_is_full(kernel: str, tmp_path: Path) -> None:
+    fake, driver = open_fake(kernel)
+    store = StateStore(tmp_path)
+    run(job("11"), driver, store)
+    change = run(job("12"), driver, store)
+    assert change.mode == "incremental" and change.tx is not None
+    assert "198.51.100.12" in change.script
+    assert "table ip" not in change.script and "*filter" not in change.script
+    assert change.operations == change.tx.operations > 0
+    assert change.tx.describe().startswith("  chains +")
+    # Someone changed the fingerprint behind svcrules' back: everything is replaced.
+    _tamper_fingerprint(fake)
+    drift = plan_change(job("13"), driver, store)
+    assert drift.mode == "full" and "differ from what svcrules last wrote" in drift.reason
+    execute(drift, driver, store)
+    assert plan_change(job("13"), driver, store).mode == "noop"
+
+
+def _tamper_fingerprint(fake: Any) -> None:
+    if isinstance(fake, FakeNft):
+        fake.run('flush set ip svcrules state\nadd element ip svcrules state { 1 comment "x" }')
+        return
+    for table in fake.tables.values():
+        if "SVCRULES-STATE" in table.chains:
+            mark = f'-m comment --comment "svcrules {"0" * 32}" -j RETURN'
+            table.chains["SVCRULES-STATE"] = [mark]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_verify_finds_rules_changed_behind_svcrules_back(kernel: str, tmp_path: Path) -> None:
+    for can_load in (True, False):  # nft/iptables in a namespace of its own, or counts only
+        fake, driver = open_fake(kernel)
+        fake.can_load_elsewhere = can_load
+        store = StateStore(tmp_path / str(can_load))
+        run(job("11"), driver, store)
+        if isinstance(fake, FakeNft):
+            fake.run("add element ip svcrules cluster-ips { 203.0.113.99 }")
+        else:
+            chain = next(c for c in fake.tables[("ipv4", "nat")].chains if "-SVC-" in c)
+            fake.tables[("ipv4", "nat")].chains[chain].append("-j ACCEPT")
+        assert plan_change(job("11"), driver, store).mode == "noop"  # the fingerprint agrees
+        change = run(job("11"), driver, store, verify=True)
+        assert change.mode == "full" and "verification found drift" in change.reason
+        assert plan_change(job("11"), driver, store, verify=True).mode == "noop"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_table_name_change_replaces_and_retires_the_old_name(kernel: str, tmp_path: Path) -> None:
+    fake, driver = open_fake(kernel)
+    store = StateStore(tmp_path)
+    run(job("11"), driver, store)
+    renamed = run(job("11", tableName="edge"), driver, store)
+    assert renamed.mode == "full" and "owned table changed" in renamed.reason
+    assert store.load()[1].owned == ["edge"]
+    assert _names(fake) == _names_after_fresh_apply(kernel, job("11", tableName="edge"), tmp_path)
+
+
+def _names(fake: Any) -> set[str]:
+    if isinstance(fake, FakeNft):
+        return {
+            f"{fam} {name} {obj}" for (fam, name), t in fake.tables.items() for obj in t.objects
+        }
+    return {f"{part} {chain}" for part, t in fake.tables.items() for chain in t.chains}
+
+
+def _names_after_fresh_apply(kernel: str, job: Job, tmp_path: Path) -> set[str]:
+    fake, driver = open_fake(kernel)
+    run(job, driver, StateStore(tmp_path / "fresh"))
+    return _names(fake)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cleanup_removes_svcrules_rules_and_state_only(kernel: str, tmp_path: Path) -> None:
+    fake, driver = open_fake(kernel)
+    store = StateStore(tmp_path)
+    _other_owner(fake)
+    before = _names(fake)
+    run(affinity_job("a", "b"), driver, store)
+    run(affinity_job("a"), driver, store)
+    gone = cleanup(driver, store, None)
+    assert gone and not store.has_state()
+    assert _names(fake) <= before | {f"{p} {c}" for p in _parts() for c in _builtins(p)}
+    assert _names(fake) >= before
+    assert cleanup(driver, store, None) == []  # nothing left: nothing to do
+    with pytest.raises(SvcrulesError, match="another program"):
+        cleanup(driver, store, "kube")
+
+
+def _parts() -> list[tuple[str, str]]:
+    return [(f, t) for f in ("ipv4", "ipv6") for t in ("nat", "filter")]
+
+
+def _builtins(part: tuple[str, str]) -> tuple[str, ...]:
+    from svcrules.kernel.iptables.fake import BUILTINS
+
+    return BUILTINS[part[1]]
+
+
+def _other_owner(fake: Any) -> None:
+    """Another program's table or chains, some of which look like svcrules'."""
+    if isinstance(fake, FakeNft):
+        fake.run("table ip other {\n\tchain c {\n\t\taccept\n\t}\n}\n")
+        return
+    fake.restore(
+        "ipv4", "*nat\n:OTHER - [0:0]\n-A PREROUTING -j OTHER\n-A OTHER -j ACCEPT\nCOMMIT\n"
+    )
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rules_of_the_owned_name_that_svcrules_did_not_make_are_refused(
+    kernel: str, tmp_path: Path
+) -> None:
+    fake, driver = open_fake(kernel)
+    if isinstance(fake, FakeNft):
+        fake.run("table ip svcrules {\n\tchain mine {\n\t\taccept\n\t}\n}\n")
+    else:
+        fake.restore("ipv4", "*nat\n:SVCRULES-SERVICES - [0:0]\nCOMMIT\n")
+    store = StateStore(tmp_path)
+    with pytest.raises(SvcrulesError, match="not created by svcrules"):
+        plan_change(job("11"), driver, store)
+    with pytest.raises(SvcrulesError, match="not created by svcrules"):
+        cleanup(driver, store, "svcrules")
+    assert _names(fake) and not store.has_state()
+
+
+def test_one_backend_at_a_time(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    run(job("11"), open_fake("nftables")[1], store)
+    with pytest.raises(SvcrulesError, match="cleanup --backend nftables"):
+        plan_change(job("11"), open_fake("iptables-legacy")[1], store)
+    cleanup(open_fake("iptables-legacy")[1], store, None)
+    assert store.has_state(), "another backend's cleanup keeps the state"
+    store.clear()
+    run(job("11"), open_fake("iptables-legacy")[1], store)
+    with pytest.raises(SvcrulesError, match="--iptables legacy"):
+        plan_change(job("11"), open_fake("iptables-nft")[1], store)
+
+
+def test_ebusy_leaves_only_the_chain_in_use_and_the_next_run_deletes_it(tmp_path: Path) -> None:
+    """A rule svcrules does not know of jumps to a chain the change deletes: the kernel
+    refuses (EBUSY); that one deletion waits for a later run, the rest goes through."""
+    fake, driver = open_fake("nftables")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    svc = next(n for n in fake.tables[("ip", "svcrules")].objects if "-default-b-" in n)
+    fake.run(f"add chain ip svcrules intruder\nadd rule ip svcrules intruder jump {svc}")
+    removal = plan_change(affinity_job("a"), driver, store)
+    assert removal.mode == "incremental" and removal.tx and len(removal.tx.deleted) == 4
+    execute(removal, driver, store)
+    _, meta = store.load()
+    assert meta.stale == [f"ip chain {svc}"]
+    assert "delete map" in fake.scripts[-1] and "delete chain ip svcrules aep-" in fake.scripts[-1]
+    assert svc in fake.tables[("ip", "svcrules")].objects
+    # Once free, the next run deletes it, though the inputs did not change.
+    fake.run("flush chain ip svcrules intruder\ndelete chain ip svcrules intruder")
+    later = plan_change(affinity_job("a"), driver, store)
+    assert later.mode == "incremental"
+    assert later.script.splitlines()[-1] == f"delete chain ip svcrules {svc}"
+    execute(later, driver, store)
+    assert store.load()[1].stale == []
+    assert svc not in fake.tables[("ip", "svcrules")].objects
+
+
+def test_ebusy_on_everything_leaves_every_deletion_for_later(tmp_path: Path) -> None:
+    fake, driver = open_fake("nftables")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b", "c"), driver, store)
+    fake.refuse = lambda script: (
+        "Error: Could not process rule: Device or resource busy" if "delete" in script else ""
+    )
+    with pytest.raises(KernelError, match="busy"):
+        run(affinity_job("a"), driver, store)
+
+
 def test_deletions_come_in_dependency_order(tmp_path: Path) -> None:
     """A ClientIP Service's verdict map points at its endpoint chains, and its Service
     chain jumps to them: the map goes first, the chains that jump before their targets."""
-    kernel, store = FakeKernel(), StateStore(tmp_path)
-    execute(plan_change(affinity_job("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
-    tx = plan_change(affinity_job("a"), NftDriver(kernel), store).tx
+    _fake, driver = open_fake("nftables")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    tx = plan_change(affinity_job("a"), driver, store).tx
     assert tx is not None
-    order = [d.split()[1] + " " + d.split()[4].split("-")[0] for d in tx.deletions]
+    order = [d.split()[1] + " " + d.split()[4].split("-")[0] for d in tx.deletions]  # type: ignore[attr-defined]
     assert order[0].startswith("map ") and set(order[-2:]) == {"chain aep"}, order
     assert order.index("chain svc") < order.index("chain aep")
-    assert len(tx.deletions) == len(tx.deleted)
-
-
-class RefusingKernel(FakeKernel):
-    """Refuses the first incremental transaction, as the kernel does when an element
-    the saved script names was deleted behind svcrules' back."""
-
-    refused: int = 0
-
-    def run(self, script: str, *, check_only: bool = False, json_output: bool = False) -> str:
-        if "delete element" in script and not script.startswith("table") and not self.refused:
-            self.refused += 1
-            lines = [
-                "Error: Could not process rule: No such file or directory",
-                "delete element ip svcrules service-ips { 203.0.113.11 . tcp . 80 }",
-                "^^^^^",
-            ]
-            raise refused_error("\n".join(lines * 5000))
-        return super().run(script, check_only=check_only, json_output=json_output)
+    assert len(tx.deletions) == len(tx.deleted)  # type: ignore[attr-defined]
 
 
 def test_a_refused_incremental_change_falls_back_to_full_replacement(tmp_path: Path) -> None:
-    kernel, store = RefusingKernel(), StateStore(tmp_path)
-    execute(plan_change(affinity_job("a", "b"), NftDriver(kernel), store), NftDriver(kernel), store)
-    change = plan_change(affinity_job("a"), NftDriver(kernel), store)
+    """An element the saved script names was deleted behind svcrules' back: nft refuses
+    the incremental change, and the same run replaces everything instead."""
+    fake, driver = open_fake("nftables")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    fake.run("delete element ip svcrules service-ips { 203.0.113.11 . tcp . 80 }")
+    change = plan_change(affinity_job("a"), driver, store)
     assert change.mode == "incremental"
-    execute(change, NftDriver(kernel), store)
-    assert kernel.refused == 1 and change.mode == "full" and change.tx is None
+    execute(change, driver, store)
+    assert change.mode == "full" and change.tx is not None
     assert change.reason == (
         "incremental refused: Error: Could not process rule: No such file or directory: "
         "delete element ip svcrules service-ips { 203.0.113.11 . tcp . 80 }; "
         "fell back to full replacement"
     )
-    assert kernel.scripts[-1].startswith("#!") or "delete table ip svcrules" in kernel.scripts[-1]
+    assert "delete table ip svcrules" in fake.scripts[-1]
     assert any("refused the incremental change" in p for p in change.problems)
-    assert store.load()[1].fingerprint == kernel.fingerprint
+    assert plan_change(affinity_job("a"), driver, store, verify=True).mode == "noop"
+
+
+def test_a_refused_full_replacement_after_a_refused_incremental_says_both(tmp_path: Path) -> None:
+    fake, driver = open_fake("nftables")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    fake.refuse = lambda script: "Error: Could not process rule: Operation not supported"
+    with pytest.raises(KernelError, match="and the full replacement too"):
+        run(affinity_job("a"), driver, store)
+
+
+@pytest.mark.parametrize("variant", ["legacy", "nft"])
+def test_a_refused_iptables_table_puts_back_the_tables_already_sent(
+    variant: str, tmp_path: Path
+) -> None:
+    fake, driver = open_fake(f"iptables-{variant}")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    saved = {part: fake.save(*part) for part in _parts()}
+    fake.refuse = lambda fam, text: text.startswith("*filter")  # after nat went through
+    change = plan_change(affinity_job("a"), driver, store)
+    assert change.mode == "incremental"
+    assert [p for p, _ in split_sections(change.script)][:2] == [
+        ("ipv4", "nat"),
+        ("ipv4", "filter"),
+    ]
+    with pytest.raises(KernelError, match="refused the change"):
+        execute(change, driver, store)
+    assert {part: fake.save(*part) for part in _parts()} == saved
+    fake.refuse = None
+    assert run(affinity_job("a"), driver, store).mode == "incremental"
+
+
+def test_iptables_refusal_names_the_line_and_a_likely_cause(tmp_path: Path) -> None:
+    """Another owner's rule jumps to a chain the change deletes: iptables refuses it."""
+    fake, driver = open_fake("iptables-legacy")
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    svc = [c for c in fake.tables[("ipv4", "nat")].chains if "-SVC-" in c]
+    fake.restore(
+        "ipv4", "*nat\n:OTHER - [0:0]\n" + "".join(f"-A OTHER -j {c}\n" for c in svc) + "COMMIT\n"
+    )
+    with pytest.raises(KernelError, match=r"-X SVCRULES-SVC-\w+ \(a rule svcrules does not own"):
+        run(affinity_job("a"), driver, store)
+
+
+def test_iptables_jumps_changed_means_a_full_replacement() -> None:
+    """Only a full replacement changes the jumps from built-in chains (an older version
+    of svcrules may have hooked other chains)."""
+    _fake, driver = open_fake("iptables-legacy")
+    ruleset = job("11").compile("iptables")
+    old = "".join(ln for ln in ruleset.iptables.splitlines(True) if "# jump OUTPUT" not in ln)
+    with pytest.raises(NeedsFullReplacement, match="jumps from built-in chains changed"):
+        driver.incremental(old, ruleset, set())
+
+
+def test_a_missing_jump_is_drift(tmp_path: Path) -> None:
+    fake, driver = open_fake("iptables-legacy")
+    store = StateStore(tmp_path)
+    run(job("11"), driver, store)
+    fake.tables[("ipv4", "nat")].chains["PREROUTING"].clear()
+    change = run(job("11"), driver, store)
+    assert change.mode == "full" and "differ" in change.reason
+    assert fake.tables[("ipv4", "nat")].chains["PREROUTING"]
+
+
+def test_verification_after_sending_catches_a_kernel_that_lost_the_change(tmp_path: Path) -> None:
+    fake, driver = open_fake("nftables")
+    store = StateStore(tmp_path)
+    original = fake.run
+
+    def forgetful(script: str, **kw: Any) -> str:
+        return "" if "\ntable ip " in script else original(script, **kw)
+
+    fake.run = forgetful
+    with pytest.raises(KernelError, match="verification failed"):
+        run(job("11"), driver, store)
+    assert not store.has_state()
 
 
 def test_kernel_errors_are_trimmed_to_the_first_error() -> None:
@@ -187,3 +370,8 @@ def test_kernel_errors_are_trimmed_to_the_first_error() -> None:
     ]
     assert exc.details == message
     assert first_error(exc) == "Error: busy: delete chain ip t x"
+
+
+def test_the_registry_names_every_backend() -> None:
+    assert sorted(BACKENDS) == ["iptables", "nftables"]
+    assert isinstance(open_fake("nftables")[1], NftDriver)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from svcrules.compiler import Ruleset
+from svcrules.errors import KernelError
 from svcrules.inputs.owned import not_ours
 from svcrules.kernel.iptables.restore import (
     FAMILIES,
@@ -32,8 +33,7 @@ from svcrules.kernel.iptables.restore import (
     parsed_from_save,
     split_sections,
 )
-from svcrules.kernel.iptables.transport import Iptables
-from svcrules.kernel.nft.transport import KernelError
+from svcrules.kernel.iptables.transport import Transport, chain_names, owned, read_chains
 from svcrules.render.iptables.layout import (
     chain_prefix,
     fingerprint_of,
@@ -46,14 +46,26 @@ from svcrules.render.iptables.layout import (
 class IptablesDriver:
     backend = "iptables"
 
-    def __init__(self, kernel: Iptables) -> None:
+    def __init__(self, kernel: Transport) -> None:
         self.kernel = kernel
         self.name = kernel.name
-        self._before: Parsed = {}  # what the kernel held before the change being sent
-        self._after: Parsed = {}
 
     def text(self, ruleset: Ruleset) -> str:
-        return ruleset.iptables
+        return ruleset.text(self.backend)
+
+    @property
+    def tool(self) -> str:
+        """iptables-nft and iptables-legacy cannot see each other's rules."""
+        return self.name
+
+    def sizes(self, ruleset: Ruleset) -> tuple[int, int, int]:
+        """Chains, rules and (none here) elements of the ruleset."""
+        parts = parse_restore(ruleset.iptables).values()
+        return (
+            sum(len(p.chains) for p in parts),
+            sum(len(specs) for p in parts for specs in p.chains.values()),
+            0,
+        )
 
     def fingerprint_of(self, text: str) -> str | None:
         return fingerprint_of(text)
@@ -72,8 +84,8 @@ class IptablesDriver:
         for fam in FAMILIES:
             for tbl in TABLES:
                 wanted = jumps(prefix, tbl)
-                listing = self.kernel.read_chains(
-                    fam, tbl, [f"{prefix}-STATE", *sorted({c for c, _ in wanted})]
+                listing = read_chains(
+                    self.kernel, fam, tbl, [f"{prefix}-STATE", *sorted({c for c, _ in wanted})]
                 )
                 found = state_fingerprint(listing)
                 if not all(has_jump(listing, c, spec, prefix) for c, spec in wanted):
@@ -83,12 +95,13 @@ class IptablesDriver:
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> RestoreTransaction:
         before, after = parse_restore(old), parse_restore(ruleset.iptables)
-        self._before, self._after = before, after
-        return diff_restore(before, after)
+        tx = diff_restore(before, after)
+        tx.before, tx.after = before, after
+        return tx
 
     def full(
         self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
-    ) -> tuple[str, int]:
+    ) -> RestoreTransaction:
         """Whatever the kernel holds of svcrules' chains is replaced: declared anew, and
         deleted when the new text has no such chain. The chains and jumps of earlier
         names (``retire``) that svcrules made go in the same per-table restores. Chains
@@ -104,22 +117,22 @@ class IptablesDriver:
                 existing = _merge(existing, found)
         after = parse_restore(ruleset.iptables)
         old = parse_restore(previous) if previous else {}
-        self._before = {
+        tx = full_restore(after, existing)
+        tx.before = {
             part: have if have.complete else old.get(part, have) for part, have in existing.items()
         }
-        self._after = after
-        tx = full_restore(after, existing)
-        return tx.script(), tx.operations
+        tx.after = after
+        return tx
 
     def _existing(self, prefix: str) -> Parsed:
         return {
-            (fam, tbl): self.kernel.owned(fam, tbl, prefix) for fam in FAMILIES for tbl in TABLES
+            (fam, tbl): owned(self.kernel, fam, tbl, prefix) for fam in FAMILIES for tbl in TABLES
         }
 
     def _proven(self, prefix: str) -> bool:
         """Whether a ``<P>-STATE`` chain with svcrules' comment exists in any table."""
         return any(
-            state_fingerprint(self.kernel.read_chains(fam, tbl, [f"{prefix}-STATE"]))
+            state_fingerprint(read_chains(self.kernel, fam, tbl, [f"{prefix}-STATE"]))
             for fam in FAMILIES
             for tbl in TABLES
         )
@@ -143,33 +156,36 @@ class IptablesDriver:
             for tbl in TABLES:
                 found += [
                     c.removesuffix("-STATE")
-                    for c in self.kernel.chain_names(fam, tbl)
+                    for c in chain_names(self.kernel, fam, tbl)
                     if c.endswith("-STATE")
                 ]
         return [p for p in dict.fromkeys(found) if self._proven(p)]
 
-    def send(self, script: str, tx: object) -> tuple[str, list[str]]:
-        """Send each table's input in turn; if one is refused, put back those sent."""
+    def send(self, script: str, tx: RestoreTransaction) -> tuple[str, list[str]]:
+        """Send each table's input in turn; if one is refused, put back those sent
+        (``tx.before``, where it is known)."""
         sent: list[tuple[str, str]] = []
         for (fam, tbl), text in split_sections(script):
             try:
                 self.kernel.restore(fam, text)
             except KernelError as exc:
-                self._roll_back(sent, exc)
+                self._roll_back(tx, sent, exc)
                 raise
             sent.append((fam, tbl))
         return script, []
 
-    def _roll_back(self, sent: list[tuple[str, str]], exc: KernelError) -> None:
+    def _roll_back(
+        self, tx: RestoreTransaction, sent: list[tuple[str, str]], exc: KernelError
+    ) -> None:
         """Bring the tables already sent back to what they held. Where that is unknown
         (iptables-nft, a full replacement without saved state: reading the rules back
         would take minutes at scale), they keep the new rules, and the fingerprint
         mismatch makes the next run replace everything."""
-        known = [p for p in sent if self._before.get(p, RestoreTable()).complete]
+        known = [p for p in sent if tx.before.get(p, RestoreTable()).complete]
         unknown = [f"{fam} {tbl}" for fam, tbl in sent if (fam, tbl) not in known]
         back = full_restore(
-            {p: self._before.get(p, RestoreTable()) for p in known},
-            {p: self._after.get(p, RestoreTable()) for p in known},
+            {p: tx.before.get(p, RestoreTable()) for p in known},
+            {p: tx.after.get(p, RestoreTable()) for p in known},
         )
         try:
             for (fam, _), text in split_sections(back.script()):

@@ -13,6 +13,10 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from functools import partial
+
+from svcrules.errors import JumpsChanged
+from svcrules.kernel.transaction import Counts, Kind, Operation, Verb, count
 
 _FAMILY = re.compile(r"^# family (ipv[46])\b")
 _JUMP = re.compile(r"^# jump (\S+) (.*)$")
@@ -79,55 +83,86 @@ def split_sections(script: str) -> list[tuple[Part, str]]:
     return out
 
 
+def restore_line(op: Operation) -> str:
+    """An operation as an iptables-restore line."""
+    if op.kind is Kind.CHAIN:
+        return f"-X {op.name}" if op.verb is Verb.DELETE else f":{op.name} - [0:0]"
+    flag = {Verb.ADD: "-A", Verb.INSERT: "-I", Verb.DELETE: "-D"}[op.verb]
+    return f"{flag} {op.name} {op.detail}"
+
+
 @dataclass
 class RestoreTransaction:
-    """Per (family, table), the restore lines that bring the kernel to the new text."""
+    """Per (family, table), the restore operations that bring the kernel to the new
+    text; what it changes is counted from them."""
 
-    parts: dict[Part, list[str]] = field(default_factory=dict)
-    operations: int = 0
-    chains_added: int = 0
-    chains_changed: int = 0
-    chains_removed: int = 0
-    jumps_added: int = 0
-    jumps_removed: int = 0
-    deletions: list[str] = field(default_factory=list)  # never refused: restore is atomic
-    deleted: list[str] = field(default_factory=list)
+    ops: list[Operation] = field(default_factory=list)
+    # What the kernel held before and is to hold after, per table: what a refused table
+    # puts back into those already sent (a table whose rules were not read stays new).
+    before: Parsed = field(default_factory=dict)
+    after: Parsed = field(default_factory=dict)
 
-    def script(self, with_deletions: bool = True) -> str:
+    @property
+    def parts(self) -> dict[Part, list[str]]:
+        out: dict[Part, list[str]] = {}
+        for op in self.ops:
+            out.setdefault((op.family, op.table), []).append(restore_line(op))
+        return out
+
+    @property
+    def counts(self) -> Counts:
+        return count(self.ops)
+
+    @property
+    def operations(self) -> int:
+        return len(self.ops)
+
+    @property
+    def chains_added(self) -> int:
+        return self.counts.chains_added
+
+    @property
+    def chains_removed(self) -> int:
+        return self.counts.chains_removed
+
+    @property
+    def deleted(self) -> list[str]:
+        """Objects a refused deletion may leave for later: none, restore is atomic."""
+        return []
+
+    def script(self) -> str:
+        parts = self.parts
         return "".join(
             section(fam, tbl, lines)
             for (fam, tbl) in ((f, t) for f in FAMILIES for t in TABLES)
-            if (lines := self.parts.get((fam, tbl)))
+            if (lines := parts.get((fam, tbl)))
         )
 
     @property
     def empty(self) -> bool:
-        return not any(self.parts.values())
+        return not self.ops
 
     def describe(self) -> str:
+        c = self.counts
         return (
-            f"  chains +{self.chains_added} ~{self.chains_changed} -{self.chains_removed}; "
-            f"built-in jumps +{self.jumps_added} -{self.jumps_removed}"
+            f"  chains +{c.chains_added} ~{c.chains_changed} -{c.chains_removed}; "
+            f"built-in jumps +{c.jumps_added} -{c.jumps_removed}"
         )
 
 
-class JumpsChanged(Exception):
-    """The jumps in built-in chains differ: only a full replacement may change them."""
-
-
-def _edits(name: str, before: list[str], after: list[str]) -> list[str] | None:
-    """``-D``/``-I`` lines that turn a chain's rules from ``before`` into ``after`` in
-    place, or None when refilling the whole chain is shorter. Deleting by rule spec and
-    inserting at each new rule's final position (in ascending order) is exact because
-    svcrules never repeats a rule within a chain."""
+def _edits(name: str, before: list[str], after: list[str]) -> list[tuple[Verb, str]] | None:
+    """Rule deletions and insertions (verb, ``spec`` or ``N spec``) that turn a chain's
+    rules from ``before`` into ``after`` in place, or None when refilling the whole chain
+    is shorter. Deleting by rule spec and inserting at each new rule's final position
+    (in ascending order) is exact because svcrules never repeats a rule within a chain."""
     matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
-    deletes: list[str] = []
-    inserts: list[str] = []
+    deletes: list[tuple[Verb, str]] = []
+    inserts: list[tuple[Verb, str]] = []
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag in ("delete", "replace"):
-            deletes += [f"-D {name} {spec}" for spec in before[i1:i2]]
+            deletes += [(Verb.DELETE, spec) for spec in before[i1:i2]]
         if tag in ("insert", "replace"):
-            inserts += [f"-I {name} {j + 1} {after[j]}" for j in range(j1, j2)]
+            inserts += [(Verb.INSERT, f"{j + 1} {after[j]}") for j in range(j1, j2)]
     if len(deletes) + len(inserts) >= len(after) + 1:
         return None
     return deletes + inserts
@@ -143,32 +178,28 @@ def diff_restore(old: Parsed, new: Parsed) -> RestoreTransaction:
         before, after = old.get(part, RestoreTable()), new.get(part, RestoreTable())
         if before.jumps != after.jumps:
             raise JumpsChanged(f"{part[0]} {part[1]}: the jumps from built-in chains changed")
-        declare: list[str] = []
-        rules: list[str] = []
-        edits: list[str] = []
-        delete: list[str] = []
+        op = partial(Operation, family=part[0], table=part[1])
+        declare: list[Operation] = []
+        rules: list[Operation] = []
+        edits: list[Operation] = []
+        delete: list[Operation] = []
         for name, specs in after.chains.items():
             if name in before.chains and before.chains[name] == specs:
                 continue
             if name in before.chains:
-                tx.chains_changed += 1
                 in_place = _edits(name, before.chains[name], specs)
                 if in_place is not None:
-                    edits.extend(in_place)
+                    edits += [op(verb, Kind.RULE, name=name, detail=d) for verb, d in in_place]
                     continue
+                declare.append(op(Verb.REPLACE, Kind.CHAIN, name=name))
             else:
-                tx.chains_added += 1
-            declare.append(f":{name} - [0:0]")
-            rules.extend(f"-A {name} {spec}" for spec in specs)
+                declare.append(op(Verb.ADD, Kind.CHAIN, name=name))
+            rules += [op(Verb.ADD, Kind.RULE, name=name, detail=spec) for spec in specs]
         for name in before.chains:
             if name not in after.chains:
-                declare.append(f":{name} - [0:0]")
-                delete.append(f"-X {name}")
-                tx.chains_removed += 1
-        lines = declare + rules + edits + delete
-        if lines:
-            tx.parts[part] = lines
-            tx.operations += len(lines)
+                declare.append(op(Verb.FLUSH, Kind.CHAIN, name=name))
+                delete.append(op(Verb.DELETE, Kind.CHAIN, name=name))
+        tx.ops += declare + rules + edits + delete
     return tx
 
 
@@ -181,34 +212,29 @@ def full_restore(new: Parsed, existing: Parsed) -> RestoreTransaction:
     for part in sorted(set(new) | set(existing)):
         want = new.get(part, RestoreTable())
         have = existing.get(part, RestoreTable())
-        lines = [f":{name} - [0:0]" for name in want.chains]
-        lines += [f":{name} - [0:0]" for name in have.chains if name not in want.chains]
+        op = partial(Operation, family=part[0], table=part[1])
+        removed = [name for name in have.chains if name not in want.chains]
+        ops = [op(Verb.ADD, Kind.CHAIN, name=name) for name in want.chains]
+        ops += [op(Verb.FLUSH, Kind.CHAIN, name=name) for name in removed]
         for name, specs in want.chains.items():
-            lines.extend(f"-A {name} {spec}" for spec in specs)
+            ops += [op(Verb.ADD, Kind.RULE, name=name, detail=spec) for spec in specs]
         kept: set[tuple[str, str]] = set()
-        wanted = {(chain, _target(spec)): spec for chain, spec in want.jumps}
+        wanted = {(chain, target_of(spec)): spec for chain, spec in want.jumps}
         for chain, spec in have.jumps:
-            key = (chain, _target(spec))
+            key = (chain, target_of(spec))
             if key in wanted and key not in kept:
                 kept.add(key)
                 continue
-            lines.append(f"-D {chain} {spec}")
-            tx.jumps_removed += 1
+            ops.append(op(Verb.DELETE, Kind.RULE, name=chain, detail=spec, builtin=True))
         for (chain, target), spec in wanted.items():
             if (chain, target) not in kept:
-                lines.append(f"-I {chain} 1 {spec}")
-                tx.jumps_added += 1
-        removed = [name for name in have.chains if name not in want.chains]
-        lines += [f"-X {name}" for name in removed]
-        tx.chains_added += len(want.chains)
-        tx.chains_removed += len(removed)
-        if lines:
-            tx.parts[part] = lines
-            tx.operations += len(lines)
+                ops.append(op(Verb.INSERT, Kind.RULE, name=chain, detail=f"1 {spec}", builtin=True))
+        ops += [op(Verb.DELETE, Kind.CHAIN, name=name) for name in removed]
+        tx.ops += ops
     return tx
 
 
-def _target(spec: str) -> str:
+def target_of(spec: str) -> str:
     """The chain a rule jumps or goes to."""
     words = spec.split()
     for flag in ("-j", "-g", "--jump", "--goto"):
@@ -248,7 +274,7 @@ def parsed_from_save(save: str, prefix: str) -> RestoreTable:
             chain, _, spec = line[3:].partition(" ")
             if is_own_chain(chain, prefix):
                 out.chains.setdefault(chain, []).append(spec)
-            elif chain in BUILTIN and marker in spec and is_own_chain(_target(spec), prefix):
+            elif chain in BUILTIN and marker in spec and is_own_chain(target_of(spec), prefix):
                 out.jumps.append((chain, spec))
     return out
 
@@ -256,4 +282,4 @@ def parsed_from_save(save: str, prefix: str) -> RestoreTable:
 def has_jump(listing: str, chain: str, spec: str, prefix: str) -> bool:
     """Whether ``iptables -S CHAIN`` output holds svcrules' jump to ``spec``'s target."""
     found = parsed_from_save(listing, prefix).jumps
-    return any(c == chain and _target(s) == _target(spec) for c, s in found)
+    return any(c == chain and target_of(s) == target_of(spec) for c, s in found)

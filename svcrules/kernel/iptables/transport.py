@@ -13,14 +13,81 @@ import shlex
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
+from svcrules.errors import KernelError
 from svcrules.kernel.iptables.restore import BUILTIN, RestoreTable, is_own_chain, parsed_from_save
-from svcrules.kernel.nft.transport import KernelError
 from svcrules.kernel.tools import find_tool
 
 INSTALL_HINT = "install the OS package 'iptables' (Debian/Ubuntu: apt-get install iptables)"
 VARIANTS = ("auto", "nft", "legacy")
 LOCK_WAIT = "5"  # seconds to wait for the xtables lock (iptables-legacy)
+
+
+class Transport(Protocol):
+    """What the driver needs of the iptables tools (Iptables; FakeIptables in tests)."""
+
+    name: str  # iptables-nft or iptables-legacy
+
+    def restore(self, family: str, text: str, *, check_only: bool = False) -> None:
+        """Send one ``*table … COMMIT`` input; the kernel takes all of it or none."""
+        ...
+
+    def save(self, family: str, table: str) -> str:
+        """``iptables-save -t TABLE``."""
+        ...
+
+    def list_chain(self, family: str, table: str, chain: str) -> str | None:
+        """``iptables -S CHAIN`` output, or None when the chain does not exist."""
+        ...
+
+    def nft_chain_names(self, family: str, table: str) -> list[str] | None:
+        """With iptables-nft, the table's chain names read cheaply from nft; else None."""
+        ...
+
+    def load_elsewhere(self, sections: list[tuple[tuple[str, str], str]]) -> dict[str, str] | None:
+        """iptables-save of each family and table after loading ``sections`` somewhere
+        that is not the node; None when that is not possible here."""
+        ...
+
+    def drop_if_empty(self, family: str, table: str) -> bool:
+        """With iptables-nft, delete the nft table when nothing but empty built-in chains
+        is left in it."""
+        ...
+
+
+def read_chains(kernel: Transport, family: str, table: str, chains: list[str]) -> str:
+    """The rules of a few chains, in iptables-save form. iptables-legacy fetches the
+    whole table for any listing, so one iptables-save serves them all; iptables-nft
+    lists one chain cheaply but a whole table slowly (77 s at 10,000 Services)."""
+    if kernel.name == "iptables-legacy":
+        wanted = tuple(f"-A {c} " for c in chains)
+        return "".join(
+            f"{ln}\n" for ln in kernel.save(family, table).splitlines() if ln.startswith(wanted)
+        )
+    return "".join(kernel.list_chain(family, table, c) or "" for c in chains)
+
+
+def owned(kernel: Transport, family: str, table: str, prefix: str) -> RestoreTable:
+    """svcrules' chains and jumps in one table. With iptables-legacy, read whole
+    (iptables-save is quick); with iptables-nft, only the chain names (from nft, as
+    iptables-nft-save takes minutes at scale) and the built-in chains' jumps."""
+    names = kernel.nft_chain_names(family, table)
+    if names is None:
+        return parsed_from_save(kernel.save(family, table), prefix)
+    out = parsed_from_save(read_chains(kernel, family, table, list(BUILTIN)), prefix)
+    out.chains = {name: [] for name in sorted(n for n in names if is_own_chain(n, prefix))}
+    out.complete = False
+    return out
+
+
+def chain_names(kernel: Transport, family: str, table: str) -> list[str]:
+    """The names of every chain in one table (cheaply, with iptables-nft: from nft)."""
+    names = kernel.nft_chain_names(family, table)
+    if names is None:
+        save = kernel.save(family, table)
+        names = [ln[1:].split(" ", 1)[0] for ln in save.splitlines() if ln.startswith(":")]
+    return sorted(names)
 
 
 class Iptables:
@@ -60,7 +127,7 @@ class Iptables:
         proc = self._run(args, text)
         if proc.returncode != 0:
             err = _quiet(proc.stderr) or f"exit code {proc.returncode}"
-            raise KernelError(f"{args[0]} refused the change: {_with_line(err, text)}")
+            raise KernelError(f"{args[0]} refused the change: {with_line(err, text)}")
 
     def save(self, family: str, table: str) -> str:
         proc = self._run([self._tools[(family, "-save")], "-t", table])
@@ -73,38 +140,7 @@ class Iptables:
         proc = self._run([self._tools[(family, "")], "-w", LOCK_WAIT, "-t", table, "-S", chain])
         return proc.stdout if proc.returncode == 0 else None
 
-    def read_chains(self, family: str, table: str, chains: list[str]) -> str:
-        """The rules of a few chains, in iptables-save form. iptables-legacy fetches the
-        whole table for any listing, so one iptables-save serves them all; iptables-nft
-        lists one chain cheaply but a whole table slowly (77 s at 10,000 Services)."""
-        if self.name == "iptables-legacy":
-            wanted = tuple(f"-A {c} " for c in chains)
-            return "".join(
-                f"{ln}\n" for ln in self.save(family, table).splitlines() if ln.startswith(wanted)
-            )
-        return "".join(self.list_chain(family, table, c) or "" for c in chains)
-
-    def owned(self, family: str, table: str, prefix: str) -> RestoreTable:
-        """svcrules' chains and jumps in one table. With iptables-legacy, read whole
-        (iptables-save is quick); with iptables-nft, only the chain names (from nft, as
-        iptables-nft-save takes minutes at scale) and the built-in chains' jumps."""
-        names = self._nft_chain_names(family, table)
-        if names is None:
-            return parsed_from_save(self.save(family, table), prefix)
-        out = parsed_from_save(self.read_chains(family, table, list(BUILTIN)), prefix)
-        out.chains = {name: [] for name in sorted(n for n in names if is_own_chain(n, prefix))}
-        out.complete = False
-        return out
-
-    def chain_names(self, family: str, table: str) -> list[str]:
-        """The names of every chain in one table (cheaply, with iptables-nft: from nft)."""
-        names = self._nft_chain_names(family, table)
-        if names is None:
-            save = self.save(family, table)
-            names = [ln[1:].split(" ", 1)[0] for ln in save.splitlines() if ln.startswith(":")]
-        return sorted(names)
-
-    def _nft_chain_names(self, family: str, table: str) -> list[str] | None:
+    def nft_chain_names(self, family: str, table: str) -> list[str] | None:
         """With iptables-nft and nft at hand, the table's chain names; else None."""
         nft = find_tool("nft")
         if self.name != "iptables-nft" or nft is None:
@@ -174,7 +210,7 @@ class Iptables:
         return proc.returncode == 0
 
 
-def _with_line(err: str, text: str) -> str:
+def with_line(err: str, text: str) -> str:
     """iptables-restore names the input line it failed at ("line 10 failed", or
     "line 10: CHAIN_DEL failed ..."), and iptables-legacy says nothing more: show it.
     Deleting a chain that another owner's rule still jumps to is the refusal one runs

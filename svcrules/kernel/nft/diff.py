@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
+
+from svcrules.errors import NeedsFullReplacement
+from svcrules.kernel.transaction import Counts, Kind, Operation, Verb, count
 
 _TABLE = re.compile(r"^table (ip6?) (\S+) \{$")
 _OBJECT = re.compile(r"^\t(set|map|chain) (\S+) \{$")
@@ -49,12 +53,12 @@ def parse_script(text: str) -> dict[tuple[str, str], TableText]:
     for line in lines:
         m = _TABLE.match(line)
         if m:
-            table = _parse_table(m.group(1), m.group(2), lines)
+            table = parse_table(m.group(1), m.group(2), lines)
             tables[(table.family, table.name)] = table
     return tables
 
 
-def _parse_table(family: str, name: str, lines: Iterator[str]) -> TableText:
+def parse_table(family: str, name: str, lines: Iterator[str]) -> TableText:
     table = TableText(family, name, "")
     for line in lines:
         if line == "}":
@@ -91,25 +95,47 @@ def _parse_object(kind: str, name: str, lines: Iterator[str]) -> NftObject:
     raise ValueError(f"unterminated {kind} {name}")
 
 
+def command(op: Operation) -> str:
+    """An operation as an nft command."""
+    where = f"{op.family} {op.table}"
+    if op.kind is Kind.RULE:
+        return f"add rule {where} {op.name} {op.detail}"
+    if op.kind is Kind.ELEMENT or op.verb is Verb.ADD:
+        return f"{op.verb} {op.kind} {where} {op.name} {{ {op.detail} }}"
+    return f"{op.verb} {op.kind} {where} {op.name}"
+
+
 @dataclass
 class Transaction:
-    """nft commands in a safe order, and how much they change."""
+    """nft operations in a safe order: ``ops``, then ``deletes`` (run last, in
+    dependency order); what it changes is counted from them."""
 
-    commands: list[str] = field(default_factory=list)
-    deletions: list[str] = field(default_factory=list)  # run last, in dependency order
-    deleted: list[str] = field(default_factory=list)  # "family kind name", one per deletion
-    operations: int = 0
-    chains_added: int = 0
-    chains_changed: int = 0
-    chains_removed: int = 0
-    elements_added: int = 0
-    elements_removed: int = 0
-    sets_added: int = 0
-    sets_removed: int = 0
+    ops: list[Operation] = field(default_factory=list)
+    deletes: list[Operation] = field(default_factory=list)
 
-    def script(self, with_deletions: bool = True) -> str:
-        cmds = self.commands + (self.deletions if with_deletions else [])
-        return "".join(f"{c}\n" for c in cmds)
+    @property
+    def commands(self) -> list[str]:
+        return [command(op) for op in self.ops]
+
+    @property
+    def deletions(self) -> list[str]:
+        return [command(op) for op in self.deletes]
+
+    @property
+    def deleted(self) -> list[str]:
+        """ "family kind name", one per deletion."""
+        return [f"{op.family} {op.kind} {op.name}" for op in self.deletes]
+
+    @property
+    def counts(self) -> Counts:
+        return count([*self.ops, *self.deletes])
+
+    @property
+    def operations(self) -> int:
+        return self.counts.operations
+
+    def script(self) -> str:
+        return "".join(f"{c}\n" for c in self.commands + self.deletions)
 
     def without(self, kept: set[str]) -> str:
         """The script without the deletions of ``kept`` ("family kind name" entries)."""
@@ -118,18 +144,15 @@ class Transaction:
 
     @property
     def empty(self) -> bool:
-        return not self.commands and not self.deletions
+        return not self.ops and not self.deletes
 
     def describe(self) -> str:
+        c = self.counts
         return (
-            f"  chains +{self.chains_added} ~{self.chains_changed} -{self.chains_removed}; "
-            f"sets +{self.sets_added} -{self.sets_removed}; "
-            f"elements +{self.elements_added} -{self.elements_removed}"
+            f"  chains +{c.chains_added} ~{c.chains_changed} -{c.chains_removed}; "
+            f"sets +{c.sets_added} -{c.sets_removed}; "
+            f"elements +{c.elements_added} -{c.elements_removed}"
         )
-
-
-class NeedsFullReplacement(Exception):
-    """The change is not expressible incrementally (layout or table settings changed)."""
 
 
 def _decl(obj: NftObject) -> str:
@@ -146,11 +169,11 @@ def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str])
     linger in the kernel (a delete refused earlier), as "family kind name"."""
     if old.comment != new.comment:
         raise NeedsFullReplacement("table settings changed")
-    where = f"{new.family} {new.name}"
-    adds_decl: list[str] = []
-    del_elems: list[str] = []
-    add_elems: list[str] = []
-    rules: list[str] = []
+    op = partial(Operation, family=new.family, table=new.name)
+    declare: list[Operation] = []
+    del_elems: list[Operation] = []
+    add_elems: list[Operation] = []
+    rules: list[Operation] = []
     for name, obj in new.objects.items():
         before = old.objects.get(name)
         if before is not None and (before.kind != obj.kind or before.header != obj.header):
@@ -159,31 +182,39 @@ def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str])
             if before is None:
                 if obj.is_base_chain:
                     raise NeedsFullReplacement(f"new base chain {name}")
-                adds_decl.append(f"add chain {where} {name} {{ {_decl(obj)} }}")
-                tx.chains_added += 1
+                declare.append(op(Verb.ADD, Kind.CHAIN, name=name, detail=_decl(obj)))
             elif before.items == obj.items:
                 continue
             else:
-                rules.append(f"flush chain {where} {name}")
-                tx.chains_changed += 1
-            rules.extend(f"add rule {where} {name} {rule}" for rule in obj.items)
-            tx.operations += 1 + len(obj.items)
+                rules.append(op(Verb.FLUSH, Kind.CHAIN, name=name))
+            rules += [op(Verb.ADD, Kind.RULE, name=name, detail=rule) for rule in obj.items]
             continue
         old_keys = before.keys() if before else {}
         new_keys = obj.keys()
         if before is None:
-            adds_decl.insert(0, f"add {obj.kind} {where} {name} {{ {_decl(obj)} }}")
-            tx.sets_added += 1
-            tx.operations += 1
+            declare.insert(0, op(Verb.ADD, Kind(obj.kind), name=name, detail=_decl(obj)))
         gone = [k for k, v in old_keys.items() if new_keys.get(k) != v]
         fresh = [v for k, v in new_keys.items() if old_keys.get(k) != v]
-        for chunk in _chunks(gone):
-            del_elems.append(f"delete element {where} {name} {{ {', '.join(chunk)} }}")
-        for chunk in _chunks(fresh):
-            add_elems.append(f"add element {where} {name} {{ {', '.join(chunk)} }}")
-        tx.elements_removed += len(gone)
-        tx.elements_added += len(fresh)
-        tx.operations += len(gone) + len(fresh)
+        for verb, items, out in ((Verb.DELETE, gone, del_elems), (Verb.ADD, fresh, add_elems)):
+            for chunk in _chunks(items):
+                detail = ", ".join(chunk)
+                out.append(op(verb, Kind.ELEMENT, name=name, detail=detail, count=len(chunk)))
+    removed = _removed(old, new, stale)
+    for obj in removed:
+        if obj.kind == "chain":
+            rules.append(op(Verb.FLUSH, Kind.CHAIN, name=obj.name))
+    # Deletions in dependency order: sets and maps first (a verdict map's elements hold
+    # references to chains; rules that use a set are flushed before any deletion), then
+    # each chain before the chains it jumps to. A chain is then deleted only once
+    # nothing in the transaction refers to it, which current kernels require (EBUSY).
+    for obj in _deletion_order(removed):
+        tx.deletes.append(op(Verb.DELETE, Kind(obj.kind), name=obj.name))
+    tx.ops.extend([*declare, *del_elems, *add_elems, *rules])
+
+
+def _removed(old: TableText, new: TableText, stale: set[str]) -> list[NftObject]:
+    """The objects of ``old`` that ``new`` no longer has, and those a refused delete left
+    in the kernel earlier (``stale``)."""
     removed = [o for n, o in old.objects.items() if n not in new.objects]
     for entry in sorted(stale):
         fam, kind, name = entry.split(" ")
@@ -197,22 +228,7 @@ def diff_table(old: TableText, new: TableText, tx: Transaction, stale: set[str])
     for obj in removed:
         if obj.is_base_chain:
             raise NeedsFullReplacement(f"base chain {obj.name} removed")
-    for obj in removed:
-        if obj.kind == "chain":
-            rules.append(f"flush chain {where} {obj.name}")
-            tx.chains_removed += 1
-            tx.operations += 2
-        else:
-            tx.sets_removed += 1
-            tx.operations += 1
-    # Deletions in dependency order: sets and maps first (a verdict map's elements hold
-    # references to chains; rules that use a set are flushed before any deletion), then
-    # each chain before the chains it jumps to. A chain is then deleted only once
-    # nothing in the transaction refers to it, which current kernels require (EBUSY).
-    for obj in _deletion_order(removed):
-        tx.deletions.append(f"delete {obj.kind} {where} {obj.name}")
-        tx.deleted.append(f"{new.family} {obj.kind} {obj.name}")
-    tx.commands.extend([*adds_decl, *del_elems, *add_elems, *rules])
+    return removed
 
 
 _TARGET = re.compile(r"\b(?:jump|goto) ([A-Za-z0-9_.-]+)")

@@ -9,20 +9,35 @@ neither replaced nor deleted (svcrules.inputs.owned).
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from svcrules.compiler import Ruleset
+from svcrules.errors import KernelError
 from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
-from svcrules.kernel.nft.diff import Transaction, diff_scripts, parse_script
-from svcrules.kernel.nft.transport import Backend, KernelError, list_json
-from svcrules.kernel.tools import find_tool
+from svcrules.kernel.nft.diff import Tables, Transaction, diff_scripts, parse_script
+from svcrules.kernel.nft.transport import Backend, list_json
 from svcrules.render.nftables.layout import fingerprint_of
 
 FAMILIES = ("ip", "ip6")
 BUSY_SEARCHES = 8  # objects still in use looked for one by one; beyond, all deletions wait
+
+
+@dataclass
+class Replacement:
+    """A full replacement: the rendered script (with the deletions of retired tables)."""
+
+    text: str
+    operations: int
+    deleted: list[str] = field(default_factory=list)
+    empty = False
+
+    def script(self) -> str:
+        return self.text
+
+    def describe(self) -> str:
+        return f"  {self.operations} objects, rules and elements written anew"
 
 
 class NftDriver:
@@ -31,9 +46,33 @@ class NftDriver:
     def __init__(self, kernel: Backend) -> None:
         self.kernel = kernel
         self.name = kernel.name
+        self._parsed: tuple[Ruleset, Tables] | None = None
+
+    def tables(self, ruleset: Ruleset) -> Tables:
+        """The ruleset's script cut into objects (for diffs and counts), parsed once."""
+        if self._parsed is None or self._parsed[0] is not ruleset:
+            self._parsed = (ruleset, parse_script(ruleset.nft))
+        return self._parsed[1]
 
     def text(self, ruleset: Ruleset) -> str:
-        return ruleset.nft
+        return ruleset.text(self.backend)
+
+    @property
+    def tool(self) -> str:
+        """libnftables and nft see the same rules: nothing to tell apart."""
+        return ""
+
+    def sizes(self, ruleset: Ruleset) -> tuple[int, int, int]:
+        """Chains, rules and set or map elements of the ruleset."""
+        chains = rules = elements = 0
+        for table in self.tables(ruleset).values():
+            for obj in table.objects.values():
+                if obj.kind == "chain":
+                    chains += 1
+                    rules += len(obj.items)
+                else:
+                    elements += len(obj.items)
+        return chains, rules, elements
 
     def fingerprint_of(self, text: str) -> str | None:
         return fingerprint_of(text)
@@ -103,26 +142,27 @@ class NftDriver:
                 raise not_ours(f"{fam} {table}", "no svcrules state set")
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Transaction:
-        return diff_scripts(old, ruleset.tables, stale)
+        return diff_scripts(old, self.tables(ruleset), stale)
 
     def full(
         self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()
-    ) -> tuple[str, int]:
+    ) -> Replacement:
         """The rendered script replaces both tables whole (create, delete, recreate), and
         deletes the tables of earlier names (``retire``) that svcrules made, all in one
         transaction. A table of the owned name that svcrules did not make is refused."""
         present = self._tables()
         self._check_ours(table, present)
         gone = [t for t in self.owned_tables(list(retire), present) if t.split()[1] != table]
-        ops = sum(1 + len(obj.items) for t in ruleset.tables.values() for obj in t.objects.values())
+        tables = self.tables(ruleset).values()
+        ops = sum(1 + len(obj.items) for t in tables for obj in t.objects.values())
         script = ruleset.nft
         if gone:
             at = script.find("\ntable ") + 1
             deletes = "".join(f"delete table {t}\n" for t in gone)
             script = script[:at] + deletes + script[at:]
-        return script, ops + len(gone)
+        return Replacement(script, ops + len(gone))
 
-    def send(self, script: str, tx: Transaction | None) -> tuple[str, list[str]]:
+    def send(self, script: str, tx: Transaction | Replacement) -> tuple[str, list[str]]:
         """Run the transaction; return what was sent and the objects left for later.
 
         Deletions come in dependency order, so a kernel refuses one (EBUSY) only while
@@ -134,7 +174,11 @@ class NftDriver:
             try:
                 self.kernel.run(script)
             except KernelError as exc:
-                if tx is None or not tx.deletions or "busy" not in str(exc).lower():
+                if (
+                    isinstance(tx, Replacement)
+                    or not tx.deletions
+                    or "busy" not in str(exc).lower()
+                ):
                     raise
                 pending = [name for name in tx.deleted if name not in left]
                 if not pending:
@@ -170,7 +214,7 @@ class NftDriver:
         into that form, by loading it into an empty network namespace of its own; where
         that cannot be done (no ``nft`` command or ``unshare``), names and counts only."""
         lingering = {" ".join((s.split(" ")[0], s.split(" ")[2])) for s in stale}
-        loaded = _load_elsewhere(script, table)
+        loaded = self.kernel.load_elsewhere(script, table)
         if loaded is None:
             want, have = _structure_of_script(script), self._structure_of_kernel(table)
             return _compare(want, have, lingering)
@@ -299,30 +343,6 @@ def listed_content(listing: list[dict[str, Any]]) -> dict[str, Any]:
         chain = out.get(key)
         if isinstance(chain, Content):
             out[key] = Content("chain", chain.declaration, tuple(listed))
-    return out
-
-
-def _load_elsewhere(script: str, table: str) -> list[dict[str, Any]] | None:
-    """The objects of ``script`` as nft lists them once loaded, in a network namespace
-    made for the purpose and gone when nft exits (nothing of the node's is touched);
-    None when that is not possible here."""
-    nft, unshare = find_tool("nft"), find_tool("unshare")
-    if nft is None or unshare is None:
-        return None
-    lister = " && ".join(f'"$0" -j list table {fam} {table}' for fam in FAMILIES)
-    proc = subprocess.run(
-        [unshare, "--net", "sh", "-c", f'"$0" -f - && {lister}', nft],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return None
-    out: list[dict[str, Any]] = []
-    for chunk in proc.stdout.splitlines():
-        if chunk.strip():
-            out += [o for o in json.loads(chunk).get("nftables", []) if "metainfo" not in o]
     return out
 
 

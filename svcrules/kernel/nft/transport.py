@@ -12,21 +12,13 @@ import json
 import subprocess
 from typing import Any, Protocol
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import KernelError
 from svcrules.kernel.tools import find_tool
 
 INSTALL_HINT = (
     "neither libnftables (libnftables.so.1) nor the nft command was found; install the OS "
     "package 'nftables' (Debian/Ubuntu: apt-get install nftables)"
 )
-
-
-class KernelError(SvcrulesError):
-    """The kernel (or nft) refused a command; the message is nft's, trimmed to its first
-    error (a refused transaction of thousands of elements makes nft print an error per
-    element); ``details`` keeps all of it."""
-
-    details: str = ""
 
 
 KEEP_LINES = 3  # nft prints an error as: location and message, the command, carets
@@ -74,6 +66,11 @@ class Backend(Protocol):
         """Run an nft script as one transaction; return its output."""
         ...
 
+    def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
+        """The objects of ``script`` as this nft lists them once loaded somewhere that is
+        not the node (``list table``, JSON, both families); None when not possible."""
+        ...
+
 
 class LibNftables:
     """libnftables through PyPI ``pip-nftables`` (no process per call)."""
@@ -99,6 +96,9 @@ class LibNftables:
         if rc != 0:
             raise refused(err.strip() or f"nft failed with code {rc}")
         return str(out)
+
+    def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
+        return load_elsewhere(script, table)
 
 
 class NftCommand:
@@ -127,6 +127,9 @@ class NftCommand:
             raise refused(proc.stderr.strip() or f"nft failed with code {proc.returncode}")
         return proc.stdout
 
+    def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
+        return load_elsewhere(script, table)
+
 
 def open_backend(prefer: str = "auto") -> Backend:
     """libnftables if it loads, else the nft command; ``prefer`` forces one."""
@@ -152,3 +155,27 @@ def list_json(backend: Backend, what: str) -> list[dict[str, Any]]:
         raise
     data = json.loads(out or '{"nftables": []}')
     return [o for o in data.get("nftables", []) if "metainfo" not in o]
+
+
+def load_elsewhere(script: str, table: str) -> list[dict[str, Any]] | None:
+    """The objects of ``script`` as nft lists them once loaded, in a network namespace
+    made for the purpose and gone when nft exits (nothing of the node's is touched);
+    None when that is not possible here."""
+    nft, unshare = find_tool("nft"), find_tool("unshare")
+    if nft is None or unshare is None:
+        return None
+    lister = " && ".join(f'"$0" -j list table {fam} {table}' for fam in ("ip", "ip6"))
+    proc = subprocess.run(
+        [unshare, "--net", "sh", "-c", f'"$0" -f - && {lister}', nft],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    out: list[dict[str, Any]] = []
+    for chunk in proc.stdout.splitlines():
+        if chunk.strip():
+            out += [o for o in json.loads(chunk).get("nftables", []) if "metainfo" not in o]
+    return out

@@ -1,0 +1,99 @@
+"""diff, apply, sync and cleanup from the command line, with the registry's drivers
+opened over the shipped fakes: the whole path of a run, without root."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from svcrules.cli import app
+from svcrules.cli import run as cli_run
+from svcrules.kernel import registry
+from svcrules.kernel.nft.fake import FakeNft
+from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """One fake kernel per backend for the whole test; ``opened`` records the tools
+    the CLI asked for."""
+    monkeypatch.setattr(cli_run, "net_admin_problem", lambda: None)
+    fakes: dict[tuple[str, str], Any] = {}
+    opened: list[tuple[str, str]] = []
+    for name, row in list(registry.BACKENDS.items()):
+
+        def open_fake(tool: str, name: str = name, row: registry.Backend = row) -> Any:
+            opened.append((name, tool))
+            variant = "" if tool == "auto" else tool
+            if (name, variant) not in fakes:
+                fakes[(name, variant)] = row.fake(variant)
+            return fakes[(name, variant)][1]
+
+        monkeypatch.setitem(registry.BACKENDS, name, dataclasses.replace(row, open=open_fake))
+    return {"fakes": fakes, "opened": opened}
+
+
+def write(tmp_path: Path, *pods: str) -> str:
+    objs = [
+        node_config(),
+        service("web", "203.0.113.10"),
+        endpoint_slice("web", [endpoint(f"198.51.100.{p}") for p in pods]),
+    ]
+    path = tmp_path / "in.yaml"
+    path.write_text(dump(objs))
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", [["-b", "nftables"], ["-b", "iptables", "--iptables", "nft"]])
+def test_diff_apply_sync_cleanup(
+    tmp_path: Path, kernels: dict[str, Any], backend: list[str]
+) -> None:
+    state = ["--state-dir", str(tmp_path / "state"), *backend]
+    inputs = write(tmp_path, "11")
+    res = runner.invoke(app, ["diff", inputs, *state])
+    assert res.exit_code == 1 and "full replacement (no saved state" in res.stdout
+    res = runner.invoke(app, ["apply", "--dry-run", inputs, *state])
+    assert res.exit_code == 0, res.stderr
+    res = runner.invoke(app, ["apply", inputs, *state])
+    assert res.exit_code == 0 and "Kernel: full replacement" in res.stdout, res.stderr
+    res = runner.invoke(app, ["diff", inputs, *state])
+    assert res.exit_code == 0 and "no change" in res.stdout
+    inputs = write(tmp_path, "12")
+    res = runner.invoke(app, ["diff", "--output", "script", inputs, *state])
+    assert res.exit_code == 1 and "198.51.100.12" in res.stdout
+    prom = tmp_path / "m.prom"
+    res = runner.invoke(app, ["sync", inputs, *state, "--metrics-file", str(prom)])
+    assert res.exit_code == 0 and "incremental" in res.stderr, res.stderr
+    assert 'svcrules_sync_mode{table="svcrules",mode="incremental"} 1' in prom.read_text()
+    res = runner.invoke(app, ["cleanup", "--state-dir", str(tmp_path / "state")])
+    assert res.exit_code == 0 and res.stdout.startswith("removed: "), res.stderr
+    (fake, _driver), *_ = kernels["fakes"].values()
+    assert not (fake.tables if isinstance(fake, FakeNft) else _svcrules_chains(fake))
+    # cleanup without --backend used what the state named, with the tool that applied it
+    assert kernels["opened"][-1] == (
+        ("nftables", "auto") if backend[1] == "nftables" else ("iptables", "nft")
+    )
+
+
+def _svcrules_chains(fake: Any) -> list[str]:
+    return [c for t in fake.tables.values() for c in t.chains if c.startswith("SVCRULES")]
+
+
+def test_a_refused_transaction_is_exit_2_and_leaves_the_rules(
+    tmp_path: Path, kernels: dict[str, Any]
+) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert runner.invoke(app, ["apply", write(tmp_path, "11"), *state]).exit_code == 0
+    ((fake, _driver),) = kernels["fakes"].values()
+    before = copy.deepcopy(fake.tables)
+    fake.refuse = lambda script: "Error: Could not process rule: Operation not permitted"
+    res = runner.invoke(app, ["apply", write(tmp_path, "12"), *state])
+    assert res.exit_code == 2 and "Operation not permitted" in res.stderr
+    assert fake.tables == before
