@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,16 +70,18 @@ def test_add_remove_service_and_change_port(lab: Lab, node: Node) -> None:
 
 
 def test_flip_traffic_policies(lab: Lab, node: Node) -> None:
-    objs = lambda **spec: [  # noqa: E731
-        service(
-            "a",
-            CIP,
-            type="NodePort",
-            ports=[{"name": "http", "port": 80, "nodePort": 30080}],
-            **spec,
-        ),
-        endpoint_slice("a", eps("pod2") + eps("pod3", node="node-b")),
-    ]
+    def objs(**spec: Any) -> list[Obj]:
+        return [
+            service(
+                "a",
+                CIP,
+                type="NodePort",
+                ports=[{"name": "http", "port": 80, "nodePort": 30080}],
+                **spec,
+            ),
+            endpoint_slice("a", eps("pod2") + eps("pod3", node="node-b")),
+        ]
+
     node.apply(*objs())
     res = ok(lab.probe("client", NODE, 30080, count=24))
     assert lab.backends(res) == {"pod2", "pod3"}

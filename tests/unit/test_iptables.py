@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from fractions import Fraction
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,11 +27,11 @@ from tests.strategies import clusters
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def text(*objs: Obj, **spec: object) -> str:
+def text(*objs: Obj, **spec: Any) -> str:
     return compile_objs([node_config(**spec), *objs], backend="iptables").iptables
 
 
-def web(*ips: str, **spec: object) -> list[Obj]:
+def web(*ips: str, **spec: Any) -> list[Obj]:
     return [
         service("web", "203.0.113.10", **spec),
         endpoint_slice("web", [endpoint(ip) for ip in ips]),
