@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,18 +187,23 @@ class StateStore:
             raise StateError(f"state directory {self.dir} is not writable")
         if self.path.is_dir():
             raise StateError(f"{self.path} is a directory; remove it")
-        self._remove_temp_files()
 
     def _remove_temp_files(self) -> None:
-        """Temporary files of runs that died before their rename (the lock is held, so
-        no live run owns one)."""
+        """Temporary files of runs that died before their rename. Only ``save`` calls
+        this, under the lock; a run without the lock (a failure being counted) may still
+        be writing its own, so those younger than a minute stay."""
+        now = time.time()
         for tmp in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.name.endswith(f".{os.getpid()}.tmp") or now - tmp.stat().st_mtime < 60:
+                    continue
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
     def save(self, script: str, meta: Meta) -> None:
         """Replace the state and the counters (the state first: it is what matters)."""
         self.check_dir()
+        self._remove_temp_files()
         _atomic_write(self.path, _encode(script, meta))
         self.save_counters(meta)
         for name in LEGACY_FILES:

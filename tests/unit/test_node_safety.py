@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,9 +168,12 @@ def test_failed_write_leaves_no_temporary_file(
 
 
 def test_temporary_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
-    (tmp_path / ".state.12345.tmp").write_text("half")
+    dead, young = tmp_path / ".state.12345.tmp", tmp_path / ".counters.json.12346.tmp"
+    dead.write_text("half")
+    young.write_text("being written by a run without the lock")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
     StateStore(tmp_path).save("x\n", meta("a"))
-    assert not (tmp_path / ".state.12345.tmp").exists()
+    assert not dead.exists() and young.exists()
 
 
 def test_kill_during_save_keeps_old_or_new_state(tmp_path: Path) -> None:
