@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from svcrules.render.nftables import layout as nftables
 from svcrules.errors import InputError
 from svcrules.plan.explain import explain_text
 from svcrules.plan.node import Masquerade, PortPlan, Route
+from svcrules.render.nftables import layout as nftables
 from tests.k8s import compile_objs, endpoint, endpoint_slice, node_config, service
 
 NODE = node_config(clusterCIDRs=["198.51.100.0/24", "2001:db8:2::/64"])
