@@ -1,8 +1,10 @@
 """The rule program (svcrules/plan/program.py): every packet decision the backends
-need, made once."""
+need, made once; the nftables and iptables layouts only name and spell it."""
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +23,9 @@ from svcrules.plan.program import (
     Terminal,
     program,
 )
+from svcrules.render.iptables import layout as iptables
+from svcrules.render.names import chain_name
+from svcrules.render.nftables import layout as nftables
 from tests.k8s import Obj, compile_objs, endpoint, endpoint_slice, node_config, service
 from tests.strategies import clusters
 
@@ -85,6 +90,33 @@ def test_own_cluster_ip_among_external_ips_first_claim_wins() -> None:
     assert entry.target == ChainId(Role.SERVICE, "default/a:http/TCP")
 
 
+def test_both_layouts_spell_the_program_they_are_given() -> None:
+    """Change one step of the program: both backends follow, neither re-decides."""
+    svc = service("a", "203.0.113.1", NODEPORT, type="NodePort")
+    eps = endpoint_slice("a", [endpoint("198.51.100.11"), endpoint("198.51.100.12")])
+    fp = one_family([NODE, svc, eps])
+    ext = next(c for c in fp.chains if c.id.role is Role.EXTERNAL)
+    dropped = fp._replace(
+        chains=tuple(c._replace(steps=(DROP,)) if c is ext else c for c in fp.chains)
+    )
+    name = chain_name("ext", ext.id.key)
+    body = dict(nftables.layout_family(fp, "node-a").chain_text)[name]
+    assert "dnat" in body and "drop" not in body
+    body = dict(nftables.layout_family(dropped, "node-a").chain_text)[name]
+    assert body.splitlines()[-1].strip() == "drop" and "dnat" not in body
+
+    def ext_rules(fp: FamilyProgram) -> tuple[str, ...]:
+        return next(
+            c.rules for c in iptables.layout_family(fp, "node-a").chains if "-EXT-" in c.name
+        )
+
+    assert any("-SEP-" in r for r in ext_rules(fp))
+    assert ext_rules(dropped) == ("-j ACCEPT",)  # left untranslated: filter drops it
+    assert [f.filter for f in iptables.layout_family(dropped, "node-a").refused_nodeports] == [
+        "DROP"
+    ]
+
+
 def test_nodeport_scope_per_mode() -> None:
     svc = service("a", "203.0.113.1")
     for addresses, scope in [
@@ -94,3 +126,35 @@ def test_nodeport_scope_per_mode() -> None:
     ]:
         fp = one_family([node_config(nodePortAddresses=addresses), svc])
         assert tuple(fp.nodeport_scope) == scope, addresses
+
+
+def _imported_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "svcrules.plan.node"
+        for alias in node.names
+    }
+
+
+def test_layouts_do_not_read_the_plans_decisions() -> None:
+    """The render package reads the program, never the plan's routes, masquerade
+    modes or per-port decisions: each decision is made once, before it."""
+    decisions = {"Route", "Masquerade", "PortPlan", "FamilyPlan"}
+    for path in (ROOT / "svcrules" / "render").rglob("*.py"):
+        assert not _imported_names(path) & decisions, path
+
+
+def test_templates_make_no_decisions() -> None:
+    """Templates loop over prepared values: no comparisons, arithmetic, formatting or
+    branches; the only condition left is whether a set has elements to list."""
+    for path in (ROOT / "templates").rglob("*.j2"):
+        for tag in re.findall(r"\{[{%](.*?)[%}]\}", path.read_text(), flags=re.S):
+            code = re.sub(r'"[^"]*"', '""', tag.strip("-+ \n"))  # strings are text
+            assert not re.search(r"==|!=|\bformat\b|\belif\b|\belse\b|[*/%]| [+-] ", code), (
+                path,
+                tag,
+            )
+            if code.startswith("if "):
+                assert re.fullmatch(r"if [\w.]+", code), (path, tag)
