@@ -184,7 +184,7 @@ class _Builder:
 
     def __init__(self, plan: FamilyPlan, node_name: str) -> None:
         self.plan = plan
-        self.node_name = node_name
+        self.here = ("", node_name)
         self.selections: dict[str, Selection] = {}
         self.used: dict[str, Selection] = {}
         self.chains: list[Chain] = []
@@ -192,17 +192,18 @@ class _Builder:
         self.claimed: set[tuple[str, str, int]] = set()
         self.nodeports: list[Frontend] = []
         self.firewalls: list[Firewall] = []
+        self.key = self.proto = ""  # of the port being built
 
     def selection(self, p: PortPlan, which: str) -> Selection:
-        key = f"{p.key}#{which}"
+        key = f"{self.key}#{which}"
         sel = self.selections.get(key)
         if sel is None:
             backends = p.cluster_backends if which == "cluster" else p.local_backends
-            node = self.node_name
             # A pod's traffic to its own Service passes its own node's rules only, so
             # only this node's endpoints (or those of unknown node) can hairpin here.
-            hairpin = tuple(b.node in ("", node) for b in backends)
-            sel = Selection(key, p.key, p.protocol.lower(), backends, hairpin, p.affinity_timeout)
+            here = self.here
+            hairpin = tuple([b.node in here for b in backends])
+            sel = Selection(key, self.key, self.proto, backends, hairpin, p.affinity_timeout)
             self.selections[key] = sel
         return sel
 
@@ -220,7 +221,9 @@ class _Builder:
             self.dispatch.append(f)
 
     def port(self, p: PortPlan) -> None:
-        proto = p.protocol.lower()
+        # The port's key and protocol, spelled once: they name everything below.
+        self.key = p.key
+        self.proto = proto = p.protocol.lower()
         # Endpoint sets get their place in the order the plan names them.
         if p.uses_cluster_backends():
             self.selection(p, "cluster")
@@ -237,23 +240,23 @@ class _Builder:
         elif p.internal_route is Route.DROP:
             target = Terminal.DROP
         else:
-            target = ChainId(Role.SERVICE, p.key)
+            target = ChainId(Role.SERVICE, self.key)
             which = "local" if p.internal_route is Route.LOCAL else "cluster"
             steps = (*_masquerade_step(p.internal_masquerade), self.pick(p, which))
             self.chains.append(Chain(target, proto, steps))
-        self.claim(Frontend(FrontendKind.CLUSTER_IP, p.cluster_ip, proto, p.port, p.key, target))
+        self.claim(Frontend(FrontendKind.CLUSTER_IP, p.cluster_ip, proto, p.port, self.key, target))
 
     def external(self, p: PortPlan, proto: str) -> None:
         target: Target
         if p.external_route is Route.REJECT:
             target = Terminal.REJECT
         elif p.external_route is Route.CLUSTER:
-            target = ChainId(Role.EXTERNAL, p.key)
+            target = ChainId(Role.EXTERNAL, self.key)
             steps: tuple[Step, ...] = (MarkMasquerade(Sources.ALL), self.pick(p, "cluster"))
             self.chains.append(Chain(target, proto, steps))
         else:  # eTP Local: local endpoints or drop, pods and the node short-circuited
-            target = ChainId(Role.EXTERNAL, p.key)
-            clu = ChainId(Role.CLUSTER_SHORTCUT, p.key)
+            target = ChainId(Role.EXTERNAL, self.key)
+            clu = ChainId(Role.CLUSTER_SHORTCUT, self.key)
             last: Step = self.pick(p, "local") if p.external_route is Route.LOCAL else DROP
             steps = (
                 *((Shortcut(Sources.PODS, clu, False),) if p.pod_shortcut else ()),
@@ -267,14 +270,14 @@ class _Builder:
             (FrontendKind.EXTERNAL_IP, p.external_ips),
         ):
             for ip in ips:
-                self.claim(Frontend(kind, ip, proto, p.port, p.key, target))
+                self.claim(Frontend(kind, ip, proto, p.port, self.key, target))
         if p.node_port:
             self.nodeports.append(
-                Frontend(FrontendKind.NODE_PORT, "", proto, p.node_port, p.key, target)
+                Frontend(FrontendKind.NODE_PORT, "", proto, p.node_port, self.key, target)
             )
         if p.firewall:
             for ip in p.lb_ips:
-                self.firewalls.append(Firewall(ip, proto, p.port, p.key, p.allowed_sources))
+                self.firewalls.append(Firewall(ip, proto, p.port, self.key, p.allowed_sources))
 
     def nodeport_scope(self) -> NodePortScope:
         plan = self.plan

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from typing import NamedTuple
 
 from svcrules.errors import SvcrulesError
@@ -56,16 +57,25 @@ DIGEST = 10  # base32 characters (50 bits) in per-Service and per-endpoint chain
 PREFIX_MAX = CHAIN_MAX - len("-SEP-") - DIGEST
 
 
+# A rule after "-A <chain> ": (matches, each followed by a space, or ""; "-j " or
+# "-g "; target). Kept in parts, not joined: at 10,000 Services there are hundreds of
+# thousands, and the parts are shared strings (chain names, probabilities).
+Rule = tuple[str, str, str]
+
+
 class Endpoint(NamedTuple):
     """One ``-SEP-`` chain: a Service port's endpoint (hairpin mark, affinity, DNAT)."""
 
     chain: str
-    rules: tuple[str, ...]  # what follows "-A <chain> "
+    rules: tuple[Rule, ...]  # before the DNAT: hairpin mark, remember the client
+    protocol: str
+    comment: str
+    destination: str  # address:port as --to-destination spells it
 
 
 class Chain(NamedTuple):
     name: str
-    rules: tuple[str, ...]  # what follows "-A <name> "
+    rules: tuple[Rule, ...]
 
 
 class Frontend(NamedTuple):
@@ -171,13 +181,15 @@ def chain_prefix(table_name: str) -> str:
     return prefix
 
 
-def _probability(i: int, n: int) -> str:
-    """Chance that the i-th of n cascade rules takes the packet: each endpoint ends up
-    with 1/n (kube-proxy's formatting: ten decimals)."""
-    return "" if i == n - 1 else f"{1.0 / (n - i):0.10f}"
+@cache
+def _cascade(i: int, n: int) -> str:
+    """The match of the i-th of n cascade rules: each endpoint ends up with 1/n
+    (kube-proxy's formatting: ten decimals); the last takes what is left."""
+    return "" if i == n - 1 else f"-m statistic --mode random --probability {1.0 / (n - i):0.10f} "
 
 
 KIND = {Role.SERVICE: "SVC", Role.EXTERNAL: "EXT", Role.CLUSTER_SHORTCUT: "CLU"}
+LOCAL_SOURCE = "-m addrtype --src-type LOCAL "
 
 
 class _Speller:
@@ -188,20 +200,20 @@ class _Speller:
         self.fp = fp
         self.prefix = prefix
         self.host = host
-        self.mark_masq = f"-j {prefix}-MARK-MASQ"
+        self.mark_masq = ("", "-j ", f"{prefix}-MARK-MASQ")
         self.seps: dict[str, Endpoint] = {}
-        self.picks: dict[str, tuple[str, ...]] = {}
+        self.picks: dict[str, tuple[Rule, ...]] = {}
 
     def chain(self, cid: ChainId) -> str:
         return f"{self.prefix}-{KIND[cid.role]}-{digest32(cid.key)}"
 
-    def pick(self, sel: Selection) -> tuple[str, ...]:
+    def pick(self, sel: Selection) -> tuple[Rule, ...]:
         rules = self.picks.get(sel.key)
         if rules is None:
             rules = self.picks[sel.key] = self._pick(sel)
         return rules
 
-    def _pick(self, sel: Selection) -> tuple[str, ...]:
+    def _pick(self, sel: Selection) -> tuple[Rule, ...]:
         """Affinity checks, then a random cascade of -SEP- chains."""
         seps = []
         for b, hairpin in zip(sel.endpoints, sel.hairpin, strict=True):
@@ -209,50 +221,44 @@ class _Speller:
             seps.append(name)
             if name not in self.seps:
                 self.seps[name] = self._endpoint(name, sel, b, hairpin)
-        rules: list[str] = []
+        rules: list[Rule] = []
         if sel.affinity is not None:
-            check = f"--rcheck --seconds {sel.affinity} --reap"
-            rules.extend(f"-m recent --name {sep} {check} -g {sep}" for sep in seps)
+            check = f" --rcheck --seconds {sel.affinity} --reap "
+            rules.extend((f"-m recent --name {sep}{check}", "-g ", sep) for sep in seps)
         n = len(seps)
-        for i, sep in enumerate(seps):
-            chance = _probability(i, n)
-            rules.append(
-                f"-m statistic --mode random --probability {chance} -g {sep}"
-                if chance
-                else f"-g {sep}"
-            )
+        rules.extend((_cascade(i, n), "-g ", sep) for i, sep in enumerate(seps))
         return tuple(rules)
 
     def _endpoint(self, name: str, sel: Selection, b: Backend, hairpin: bool) -> Endpoint:
-        rules = [f"-s {b.ip}{self.host} {self.mark_masq}"] if hairpin else []
+        rules: tuple[Rule, ...] = ()
+        if hairpin:
+            rules = ((f"-s {b.ip}{self.host} ", *self.mark_masq[1:]),)
         if sel.affinity is not None:
-            rules.append(f"-m recent --name {name} --set")
+            rules = (*rules, (f"-m recent --name {name} ", "--set", ""))
         dest = f"{b.ip}:{b.port}" if self.fp.family == 4 else f"[{b.ip}]:{b.port}"
         label = comment(f"{sel.port_key} {b.ip} {b.port}")
-        rules.append(
-            f'-p {sel.protocol} -m comment --comment "{label}" -j DNAT --to-destination {dest}'
-        )
-        return Endpoint(name, tuple(rules))
+        return Endpoint(name, rules, sel.protocol, label, dest)
 
     def spell(self, c: ProgramChain) -> Chain:
-        rules: list[str] = []
+        rules: list[Rule] = []
         for step in c.steps:
             if isinstance(step, MarkMasquerade):
-                non_pod = step.sources is Sources.NON_POD
-                rules.append(f"-j {self.prefix}-MASQ-NON-POD" if non_pod else self.mark_masq)
+                if step.sources is Sources.NON_POD:
+                    rules.append(("", "-j ", f"{self.prefix}-MASQ-NON-POD"))
+                else:
+                    rules.append(self.mark_masq)
             elif isinstance(step, Shortcut):
                 target = self.chain(step.target)
                 if step.sources is Sources.PODS:
-                    rules.extend(f"-s {cidr} -g {target}" for cidr in self.fp.pod_cidrs)
+                    rules.extend((f"-s {cidr} ", "-g ", target) for cidr in self.fp.pod_cidrs)
                 else:
-                    local = "-m addrtype --src-type LOCAL"
                     if step.masquerade:
-                        rules.append(f"{local} {self.mark_masq}")
-                    rules.append(f"{local} -g {target}")
+                        rules.append((LOCAL_SOURCE, *self.mark_masq[1:]))
+                    rules.append((LOCAL_SOURCE, "-g ", target))
             elif isinstance(step, ProgramPick):
                 rules.extend(self.pick(step.selection))
             else:  # Drop: leave untranslated, the filter table drops it
-                rules.append("-j ACCEPT")
+                rules.append(("", "-j ", "ACCEPT"))
         return Chain(self.chain(c.id), tuple(rules))
 
 

@@ -119,14 +119,19 @@ def _allocate(requests: list[tuple[str, int]], block_bits: int, nblocks: int) ->
     return out
 
 
-def _name(cid: prog.ChainId) -> str:
-    return chain_name(CHAIN_PREFIX[cid.role], cid.key)
+class _Names:
+    """Each chain's name, computed once: dispatch entries and shortcuts name them too."""
 
+    def __init__(self, fp: FamilyProgram) -> None:
+        self.names = {c.id: chain_name(CHAIN_PREFIX[c.id.role], c.id.key) for c in fp.chains}
 
-def _target(target: prog.Target) -> str:
-    if isinstance(target, Terminal):
-        return TERMINAL_VERDICT[target]
-    return f"goto {_name(target)}"
+    def __getitem__(self, cid: prog.ChainId) -> str:
+        return self.names[cid]
+
+    def verdict(self, target: prog.Target) -> str:
+        if isinstance(target, Terminal):
+            return TERMINAL_VERDICT[target]
+        return f"goto {self.names[target]}"
 
 
 def _interval_sets(fp: FamilyProgram) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -218,7 +223,7 @@ class _Picks:
         return tuple(rules)
 
 
-def _chain(c: prog.Chain, picks: _Picks) -> NftChain:
+def _chain(c: prog.Chain, picks: _Picks, names: _Names) -> NftChain:
     rules: list[Rule] = []
     for step in c.steps:
         if isinstance(step, prog.Pick):
@@ -226,16 +231,16 @@ def _chain(c: prog.Chain, picks: _Picks) -> NftChain:
         elif isinstance(step, prog.MarkMasquerade):
             rules.append(MarkMasquerade(step.sources is prog.Sources.NON_POD))
         elif isinstance(step, prog.Shortcut):
-            target = _name(step.target)
+            goto = f"goto {names[step.target]}"
             if step.sources is prog.Sources.PODS:
-                rules.append(PodsGoto(target))
+                rules.append(PodsGoto(goto))
             else:
                 if step.masquerade:
                     rules.append(NodeSource(f"jump {MARK_FOR_MASQUERADE}"))
-                rules.append(NodeSource(f"goto {target}"))
+                rules.append(NodeSource(goto))
         else:
             rules.append(Verdict("drop"))
-    return NftChain(_name(c.id), comment(c.id.key), None, tuple(rules))
+    return NftChain(names[c.id], comment(c.id.key), None, tuple(rules))
 
 
 def layout_family(fp: FamilyProgram, node_name: str) -> Table:
@@ -251,11 +256,14 @@ def layout_family(fp: FamilyProgram, node_name: str) -> Table:
         hairpin=fp.hairpin,
     )
     picks = _Picks(table, fp)
-    chains = sorted((_chain(c, picks) for c in fp.chains), key=lambda c: c.name)
+    names = _Names(fp)
+    chains = sorted((_chain(c, picks, names) for c in fp.chains), key=lambda c: c.name)
     aeps = sorted(picks.endpoint_chains.values(), key=lambda c: c.name)
     table.chains = [*_fixed_chains(fp), *aeps, *chains]
-    table.service_ips = [(f.address, f.protocol, f.port, _target(f.target)) for f in fp.dispatch]
-    table.nodeports = [(f.protocol, f.port, _target(f.target)) for f in fp.nodeports]
+    table.service_ips = [
+        (f.address, f.protocol, f.port, names.verdict(f.target)) for f in fp.dispatch
+    ]
+    table.nodeports = [(f.protocol, f.port, names.verdict(f.target)) for f in fp.nodeports]
     table.fw_frontends = [(w.address, w.protocol, w.port) for w in fp.firewalls]
     allow = set()
     for w in fp.firewalls:

@@ -258,13 +258,13 @@ class MarkMasquerade(NamedTuple):
 
 
 class PodsGoto(NamedTuple):
-    target: str
+    verdict: str  # "goto CHAIN"
 
     def text(self, f: Fam) -> str:
-        return f"{f.name} saddr @pod-cidrs goto {self.target}"
+        return f"{f.name} saddr @pod-cidrs {self.verdict}"
 
     def json(self, f: Fam) -> Exprs:
-        return [match(_saddr(f), ref("pod-cidrs")), verdict(f"goto {self.target}")]
+        return [match(_saddr(f), ref("pod-cidrs")), verdict(self.verdict)]
 
 
 class NodeSource(NamedTuple):
