@@ -22,144 +22,28 @@ from svcrules.plan.node import NodePlan
 from svcrules.render.nftables.layout import Table, fingerprint_of, layout, render_tables
 from svcrules.render.nftables.rules import Json, NftChain, Obj, concat, prefix, verdict
 
-STATE_COMMENT = "what svcrules last wrote: a fingerprint of the whole script"
-AFFINITY_SET_SIZE = 1048576  # as the template declares it
-
-
-def _set(
-    t: Table,
-    name: str,
-    key: Json,
-    comment: str,
-    elems: list[Json],
-    *,
-    data: str | None = None,
-    flags: tuple[str, ...] = (),
-    size: int | None = None,
-    timeout: int | None = None,
-) -> Obj:
-    """A named set (or map when ``data`` is given), keys in nft's listing order."""
-    body: Obj = {"family": t.family, "name": name, "table": t.name, "type": key, "comment": comment}
-    if data is not None:
-        body["map"] = data
-    if size is not None:
-        body["size"] = size
-    if flags:
-        body["flags"] = list(flags)
-    if timeout is not None:
-        body["timeout"] = timeout
-    if elems:
-        body["elem"] = elems
-    return {"map" if data is not None else "set": body}
-
 
 def _sets(t: Table) -> list[Obj]:
-    a = t.fam.addr_type
+    """Every set and map but state, in the template's order, from the same
+    declarations and elements."""
+    f, d = t.fam, t.decls
     out: list[Obj] = []
-    for name, comment, cidrs in t.interval_sets:
-        elems: list[Json] = [prefix(c) for c in cidrs]
-        out.append(_set(t, name, a, comment, elems, flags=("interval",)))
-    out.append(
-        _set(
-            t,
-            "foreign-cluster-ips",
-            a,
-            "ClusterIPs of Services another proxy handles: left alone",
-            list(t.foreign_ips),
-        )
-    )
-    out.append(
-        _set(
-            t,
-            "cluster-ips",
-            a,
-            "ClusterIPs: ports no Service defines are rejected",
-            list(t.cluster_ips),
-        )
-    )
-    out.append(
-        _set(
-            t,
-            "service-ips",
-            [a, "inet_proto", "inet_service"],
-            "ClusterIP, LoadBalancer and external IP frontends",
-            [[concat(ip, proto, port), verdict(v)] for ip, proto, port, v in t.service_ips],
-            data="verdict",
-        )
-    )
-    out.append(
-        _set(
-            t,
-            "service-nodeports",
-            ["inet_proto", "inet_service"],
-            "NodePort frontends",
-            [[concat(proto, port), verdict(v)] for proto, port, v in t.nodeports],
-            data="verdict",
-        )
-    )
-    out.append(
-        _set(
-            t,
-            "firewall-ips",
-            [a, "inet_proto", "inet_service"],
-            "LoadBalancer frontends with loadBalancerSourceRanges",
-            [concat(ip, proto, port) for ip, proto, port in t.fw_frontends],
-        )
-    )
-    out.append(
-        _set(
-            t,
-            "firewall-allow",
-            [a, "inet_proto", "inet_service", a],
-            "frontend . allowed source range",
-            [concat(ip, proto, port, prefix(cidr)) for ip, proto, port, cidr in t.fw_allow],
-            flags=("interval",),
-        )
-    )
-    # typeof numgen ... : lists as an integer key (nft 1.0.6).
+    for decl, items in t.plain_sets:
+        elems: list[Json] = [prefix(c) for c in items] if decl.interval else list(items)
+        out.append(decl.json(f, t.name, elems))
+    keyed: list[tuple[str, list[Json]]] = [
+        ("service-ips", [[concat(i, p, n), verdict(v)] for i, p, n, v in t.service_ips]),
+        ("service-nodeports", [[concat(p, n), verdict(v)] for p, n, v in t.nodeports]),
+        ("firewall-ips", [concat(i, p, n) for i, p, n in t.fw_frontends]),
+        ("firewall-allow", [concat(i, p, n, prefix(c)) for i, p, n, c in t.fw_allow]),
+    ]
     for name, (_, entries) in t.backends.items():
-        out.append(
-            _set(
-                t,
-                name,
-                "integer",
-                "slot : endpoint address . port",
-                [[slot, concat(ip, port)] for slot, ip, port in entries],
-                data=f"{a} . inet_service",
-            )
-        )
+        keyed.append((name, [[slot, concat(ip, port)] for slot, ip, port in entries]))
     for name, slots in t.affinity_slots.items():
-        out.append(
-            _set(
-                t,
-                name,
-                "integer",
-                "slot : endpoint chain, for Services with ClientIP affinity",
-                [[slot, verdict(f"goto {aep}")] for slot, aep in slots],
-                data="verdict",
-            )
-        )
-    out.append(
-        _set(
-            t,
-            "hairpin",
-            [a, a],
-            "endpoint . itself: a pod reaching itself is masqueraded",
-            [concat(ip, ip) for ip in t.hairpin],
-        )
-    )
-    out.append(
-        _set(
-            t,
-            "affinity",
-            [a, "integer"],
-            "client . Service-endpoint id, for ClientIP affinity",
-            [],
-            flags=("timeout", "dynamic"),
-            size=AFFINITY_SET_SIZE,
-            timeout=10800,
-        )
-    )
+        keyed.append((name, [[slot, verdict(f"goto {aep}")] for slot, aep in slots]))
+    keyed.append(("hairpin", [concat(ip, ip) for ip in t.hairpin]))
+    keyed.append(("affinity", []))
+    out.extend(d[name].json(f, t.name, elems) for name, elems in keyed)
     return out
 
 
@@ -179,12 +63,8 @@ def table_objects(t: Table, fingerprint: str) -> list[Obj]:
         "name": t.name,
         "comment": f"svcrules: Services of node {t.node_label}",
     }
-    state = _set(
-        t,
-        "state",
-        "mark",
-        STATE_COMMENT,
-        [{"elem": {"val": 1, "comment": f"svcrules {fingerprint}"}}],
+    state = t.decls["state"].json(
+        t.fam, t.name, [{"elem": {"val": 1, "comment": f"svcrules {fingerprint}"}}]
     )
     out: list[Obj] = [{"table": table}, state, *_sets(t)]
     out.extend(_chain(t, c) for c in t.chains)

@@ -48,6 +48,7 @@ from svcrules.render.nftables.rules import (
     SetMark,
     Verdict,
 )
+from svcrules.render.nftables.sets import SetDecl, affinity_map, backends_map, fixed_sets
 from svcrules.render.templates import render_fingerprinted
 
 PROTOCOLS = ("tcp", "udp", "sctp")
@@ -73,11 +74,11 @@ class Table:
     name: str
     fam: Fam
     node_label: str  # the node's name, cleaned and short enough for a comment
-    # (name, comment, elements) of the interval sets that exist: pod-cidrs,
-    # service-cidrs, nodeport-ips
-    interval_sets: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)
-    foreign_ips: tuple[str, ...] = ()
-    cluster_ips: tuple[str, ...] = ()
+    decls: dict[str, SetDecl] = field(default_factory=dict)  # every set and map, by name
+    # The sets of plain addresses or CIDRs, as (declaration, elements): those of
+    # pod-cidrs, service-cidrs and nodeport-ips that exist, foreign-cluster-ips and
+    # cluster-ips
+    plain_sets: list[tuple[SetDecl, tuple[str, ...]]] = field(default_factory=list)
     service_ips: list[tuple[str, str, int, str]] = field(default_factory=list)
     nodeports: list[tuple[str, int, str]] = field(default_factory=list)
     fw_frontends: list[tuple[str, str, int]] = field(default_factory=list)
@@ -134,16 +135,17 @@ class _Names:
         return f"goto {self.names[target]}"
 
 
-def _interval_sets(fp: FamilyProgram) -> list[tuple[str, str, tuple[str, ...]]]:
-    out = []
-    if fp.pod_cidrs:
-        out.append(("pod-cidrs", "clusterCIDRs: pod sources", fp.pod_cidrs))
-    if fp.service_cidrs:
-        comment_ = "serviceCIDRs: unallocated addresses here are dropped"
-        out.append(("service-cidrs", comment_, fp.service_cidrs))
-    if fp.nodeport_scope.within is not None:
-        out.append(("nodeport-ips", "addresses that serve NodePorts", fp.nodeport_scope.within))
-    return out
+def _plain_sets(
+    fp: FamilyProgram, decls: dict[str, SetDecl]
+) -> list[tuple[SetDecl, tuple[str, ...]]]:
+    elements: list[tuple[str, tuple[str, ...] | None]] = [
+        ("pod-cidrs", fp.pod_cidrs or None),  # no clusterCIDRs: no set, nothing refers to it
+        ("service-cidrs", fp.service_cidrs or None),
+        ("nodeport-ips", fp.nodeport_scope.within),
+        ("foreign-cluster-ips", fp.foreign_ips),
+        ("cluster-ips", fp.cluster_ips),
+    ]
+    return [(decls[name], elems) for name, elems in elements if elems is not None]
 
 
 def _fixed_chains(fp: FamilyProgram) -> list[NftChain]:
@@ -245,14 +247,13 @@ def _chain(c: prog.Chain, picks: _Picks, names: _Names) -> NftChain:
 
 def layout_family(fp: FamilyProgram, node_name: str) -> Table:
     """Name and spell one family's program as nft objects."""
+    fam = Fam.of(fp.family)
     table = Table(
-        family="ip" if fp.family == 4 else "ip6",
+        family=fam.name,
         name=fp.table,
-        fam=Fam.of(fp.family),
+        fam=fam,
         node_label=comment(node_name, 90),
-        interval_sets=_interval_sets(fp),
-        foreign_ips=fp.foreign_ips,
-        cluster_ips=fp.cluster_ips,
+        decls=fixed_sets(fam),
         hairpin=fp.hairpin,
     )
     picks = _Picks(table, fp)
@@ -271,8 +272,13 @@ def layout_family(fp: FamilyProgram, node_name: str) -> Table:
         for cidr in collapse_cidrs(w.allowed):
             allow.add((w.address, w.protocol, w.port, cidr))
     table.fw_allow = sorted(allow, key=lambda e: (ip_sort_key(e[0]), e[1], e[2], ip_sort_key(e[3])))
+    table.plain_sets = _plain_sets(fp, table.decls)
     table.backends = {k: (v[0], sorted(v[1])) for k, v in sorted(table.backends.items())}
     table.affinity_slots = {k: sorted(v) for k, v in sorted(table.affinity_slots.items())}
+    for name, (protocol, _) in table.backends.items():
+        table.decls[name] = backends_map(fam, name, protocol)
+    for name in table.affinity_slots:
+        table.decls[name] = affinity_map(name)
     return table
 
 
