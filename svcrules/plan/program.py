@@ -8,6 +8,12 @@ backends need is made here or in the plan before it, once; a layout only names
 the chains and spells the steps (nft maps and slot buckets, or iptables chains and
 ``statistic`` cascades, are spelling).
 
+Two roles the backends have chains for are not chains here, because what they do
+is already said: an endpoint chain (nft ``aep-``, iptables ``-SEP-``) is how a
+layout spells one endpoint of a Pick (with ClientIP affinity: remember the client,
+then DNAT), and ``no-endpoints`` is how nft spells the Terminal REJECT (iptables
+leaves the connection untranslated in nat and rejects it in filter).
+
 Everything is NamedTuples and tuples: at 10,000 Services this runs for tens of
 thousands of chains on the hot path of every compile.
 """
