@@ -1,6 +1,6 @@
-"""The iptables layout: which chains in the ``nat`` and ``filter`` tables hold the plan.
+"""The iptables layout: which chains in the ``nat`` and ``filter`` tables hold the program.
 
-The shape is kube-proxy's iptables mode, rendered from the same node plan as the
+The shape is kube-proxy's iptables mode, spelling the same rule program as the
 nftables backend (see docs/backends.md):
 
 - nat: ``<P>-SERVICES`` (jumped to from PREROUTING and OUTPUT) sends each frontend
@@ -17,7 +17,9 @@ nftables backend (see docs/backends.md):
 
 ``<P>`` is the owned table name in capitals: every chain svcrules owns starts with
 ``<P>-``, and nothing else is ever touched but the jumps in the built-in chains.
-Only this module and templates/iptables/ know iptables syntax.
+It names and spells the rule program (svcrules/plan/program.py), deciding nothing a
+packet experiences; every rule is prepared here as text after ``-A <chain>``, and
+templates/iptables/ only lays them out. Only these two know iptables syntax.
 """
 
 from __future__ import annotations
@@ -25,12 +27,28 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from typing import NamedTuple
 
 from svcrules.errors import SvcrulesError
-from svcrules.inputs.addr import ip_in_cidr, ip_sort_key
+from svcrules.inputs.addr import ip_in_cidr
 from svcrules.inputs.owned import RESERVED, reserved_message
-from svcrules.plan.node import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
+from svcrules.plan.node import Backend, NodePlan
+from svcrules.plan.program import Chain as ProgramChain
+from svcrules.plan.program import (
+    ChainId,
+    FamilyProgram,
+    MarkMasquerade,
+    NodePortScope,
+    Role,
+    Selection,
+    Shortcut,
+    Sources,
+    Target,
+    Terminal,
+    program,
+)
+from svcrules.plan.program import Pick as ProgramPick
 from svcrules.render.names import comment, digest32
 from svcrules.render.templates import render
 
@@ -39,31 +57,25 @@ DIGEST = 10  # base32 characters (50 bits) in per-Service and per-endpoint chain
 PREFIX_MAX = CHAIN_MAX - len("-SEP-") - DIGEST
 
 
+# A rule after "-A <chain> ": (matches, each followed by a space, or ""; "-j " or
+# "-g "; target). Kept in parts, not joined: at 10,000 Services there are hundreds of
+# thousands, and the parts are shared strings (chain names, probabilities).
+Rule = tuple[str, str, str]
+
+
 class Endpoint(NamedTuple):
-    """One ``-SEP-`` chain: a Service port's endpoint (DNAT, hairpin, affinity)."""
+    """One ``-SEP-`` chain: a Service port's endpoint (hairpin mark, affinity, DNAT)."""
 
     chain: str
-    comment: str
+    rules: tuple[Rule, ...]  # before the DNAT: hairpin mark, remember the client
     protocol: str
-    backend: Backend
-    hairpin: bool  # this node's (or an unknown node's) endpoint: may be its own client
-    affinity: int | None  # ClientIP timeout: remember the client in the chain's recent list
-
-
-class Pick(NamedTuple):
-    """How a chain chooses among endpoints: affinity checks, then a random cascade."""
-
-    endpoints: tuple[tuple[str, str], ...]  # (-SEP- chain, probability; "" for the last)
-    affinity: int | None
+    comment: str
+    destination: str  # address:port as --to-destination spells it
 
 
 class Chain(NamedTuple):
     name: str
-    comment: str
-    masquerade: str  # "all", "non-pod" or "none"
-    pod_shortcut: str  # chain to go to for pod sources (eTP Local), or ""
-    node_shortcut: str  # chain to go to for the node's own sources (eTP Local), or ""
-    pick: Pick | None  # None: leave untranslated (the filter table drops it)
+    rules: tuple[Rule, ...]
 
 
 class Frontend(NamedTuple):
@@ -71,7 +83,7 @@ class Frontend(NamedTuple):
     protocol: str
     port: int
     comment: str
-    nat: str  # the chain to go to, or ACCEPT: leave untranslated, and no other nat rule
+    nat: str  # "-g <chain>", or "-j ACCEPT": leave untranslated, and no other nat rule
     filter: str  # "", or REJECT / DROP for what nat left untranslated
 
 
@@ -86,17 +98,28 @@ class Firewall(NamedTuple):
 
 @dataclass
 class FamilyRules:
-    """One family's chains (one ``iptables-restore`` input)."""
+    """One family's chains (one ``iptables-restore`` input), every value prepared:
+    the template only lays them out."""
 
     family: int
     name: str  # "ipv4" / "ipv6"
+    restore: str  # the command that loads it
     prefix: str
-    plan: FamilyPlan
-    mark: int
+    mark: str  # the masquerade mark, spelled
     host: str  # "/32" or "/128"
-    loopback: str
+    foreign_ips: tuple[str, ...]
+    service_cidrs: tuple[str, ...]
+    # What follows "-A <P>-SERVICES" in each jump to <P>-NODEPORTS (nat and filter),
+    # and the destinations <P>-NODEPORTS returns early (loopback).
+    nodeport_jumps: list[str] = field(default_factory=list)
+    nodeport_skips: list[str] = field(default_factory=list)
+    masq_non_pod: list[str] = field(default_factory=list)  # rules of <P>-MASQ-NON-POD
+    unallocated: list[str] = field(default_factory=list)  # the end of <P>-CLUSTER-IPS
     frontends: list[Frontend] = field(default_factory=list)
     nodeports: list[Frontend] = field(default_factory=list)
+    # What nat leaves untranslated, refused again in filter by its destination
+    refused: list[Frontend] = field(default_factory=list)
+    refused_nodeports: list[Frontend] = field(default_factory=list)
     firewalls: list[Firewall] = field(default_factory=list)
     chains: list[Chain] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
@@ -107,19 +130,9 @@ class FamilyRules:
         return f"{self.prefix}-{kind}"
 
     @property
-    def nodeport_dests(self) -> list[str]:
-        """Destinations (CIDRs) that serve NodePorts; [""] means every local address."""
-        p = self.plan
-        if p.nodeport_mode == "primary":
-            return [f"{p.node_ip}{self.host}"] if p.node_ip else []
-        if p.nodeport_mode == "cidrs":
-            return list(p.nodeport_cidrs)
-        return [""]
-
-    @property
     def nat_chains(self) -> list[str]:
         fixed = ["STATE", "SERVICES", "NODEPORTS", "POSTROUTING", "MARK-MASQ"]
-        if self.plan.pod_cidrs:
+        if self.masq_non_pod:
             fixed.append("MASQ-NON-POD")
         own = [c.name for c in self.chains] + [e.chain for e in self.endpoints]
         return sorted([self.chain(k) for k in fixed] + own)
@@ -127,7 +140,7 @@ class FamilyRules:
     @property
     def filter_chains(self) -> list[str]:
         kinds = ["STATE", "SERVICES", "NODEPORTS"]
-        if self.plan.service_cidrs:
+        if self.unallocated:
             kinds.append("CLUSTER-IPS")
         return sorted([self.chain(k) for k in kinds] + [f.chain for f in self.firewalls])
 
@@ -168,119 +181,158 @@ def chain_prefix(table_name: str) -> str:
     return prefix
 
 
-def _probability(i: int, n: int) -> str:
-    """Chance that the i-th of n cascade rules takes the packet: each endpoint ends up
-    with 1/n (kube-proxy's formatting: ten decimals)."""
-    return "" if i == n - 1 else f"{1.0 / (n - i):0.10f}"
+@cache
+def _cascade(i: int, n: int) -> str:
+    """The match of the i-th of n cascade rules: each endpoint ends up with 1/n
+    (kube-proxy's formatting: ten decimals); the last takes what is left."""
+    return "" if i == n - 1 else f"-m statistic --mode random --probability {1.0 / (n - i):0.10f} "
 
 
-def layout_family(plan: FamilyPlan, node_name: str) -> FamilyRules:
-    """Decide every chain and rule of one family."""
-    prefix = chain_prefix(plan.table)
+KIND = {Role.SERVICE: "SVC", Role.EXTERNAL: "EXT", Role.CLUSTER_SHORTCUT: "CLU"}
+LOCAL_SOURCE = "-m addrtype --src-type LOCAL "
+
+
+class _Speller:
+    """Names and rules of one family's chains, and the -SEP- chains of the endpoints
+    picked."""
+
+    def __init__(self, fp: FamilyProgram, prefix: str, host: str) -> None:
+        self.fp = fp
+        self.prefix = prefix
+        self.host = host
+        self.mark_masq = ("", "-j ", f"{prefix}-MARK-MASQ")
+        self.seps: dict[str, Endpoint] = {}
+        self.picks: dict[str, tuple[Rule, ...]] = {}
+
+    def chain(self, cid: ChainId) -> str:
+        return f"{self.prefix}-{KIND[cid.role]}-{digest32(cid.key)}"
+
+    def pick(self, sel: Selection) -> tuple[Rule, ...]:
+        rules = self.picks.get(sel.key)
+        if rules is None:
+            rules = self.picks[sel.key] = self._pick(sel)
+        return rules
+
+    def _pick(self, sel: Selection) -> tuple[Rule, ...]:
+        """Affinity checks, then a random cascade of -SEP- chains."""
+        seps = []
+        for b, hairpin in zip(sel.endpoints, sel.hairpin, strict=True):
+            name = f"{self.prefix}-SEP-{digest32(sel.port_key, b.ip, str(b.port))}"
+            seps.append(name)
+            if name not in self.seps:
+                self.seps[name] = self._endpoint(name, sel, b, hairpin)
+        rules: list[Rule] = []
+        if sel.affinity is not None:
+            check = f" --rcheck --seconds {sel.affinity} --reap "
+            rules.extend((f"-m recent --name {sep}{check}", "-g ", sep) for sep in seps)
+        n = len(seps)
+        rules.extend((_cascade(i, n), "-g ", sep) for i, sep in enumerate(seps))
+        return tuple(rules)
+
+    def _endpoint(self, name: str, sel: Selection, b: Backend, hairpin: bool) -> Endpoint:
+        rules: tuple[Rule, ...] = ()
+        if hairpin:
+            rules = ((f"-s {b.ip}{self.host} ", *self.mark_masq[1:]),)
+        if sel.affinity is not None:
+            rules = (*rules, (f"-m recent --name {name} ", "--set", ""))
+        dest = f"{b.ip}:{b.port}" if self.fp.family == 4 else f"[{b.ip}]:{b.port}"
+        label = comment(f"{sel.port_key} {b.ip} {b.port}")
+        return Endpoint(name, rules, sel.protocol, label, dest)
+
+    def spell(self, c: ProgramChain) -> Chain:
+        rules: list[Rule] = []
+        for step in c.steps:
+            if isinstance(step, MarkMasquerade):
+                if step.sources is Sources.NON_POD:
+                    rules.append(("", "-j ", f"{self.prefix}-MASQ-NON-POD"))
+                else:
+                    rules.append(self.mark_masq)
+            elif isinstance(step, Shortcut):
+                target = self.chain(step.target)
+                if step.sources is Sources.PODS:
+                    rules.extend((f"-s {cidr} ", "-g ", target) for cidr in self.fp.pod_cidrs)
+                else:
+                    if step.masquerade:
+                        rules.append((LOCAL_SOURCE, *self.mark_masq[1:]))
+                    rules.append((LOCAL_SOURCE, "-g ", target))
+            elif isinstance(step, ProgramPick):
+                rules.extend(self.pick(step.selection))
+            else:  # Drop: leave untranslated, the filter table drops it
+                rules.append(("", "-j ", "ACCEPT"))
+        return Chain(self.chain(c.id), tuple(rules))
+
+
+def _nodeport_jumps(scope: NodePortScope, host: str) -> list[str]:
+    """What follows "-A <P>-SERVICES" in each jump to <P>-NODEPORTS."""
+    local = " -m addrtype --dst-type LOCAL" if scope.local else ""
+    if scope.within is None:
+        return [local]
+    dests = (d if "/" in d else f"{d}{host}" for d in scope.within)
+    return [f" -d {d}{local}" for d in dests]
+
+
+def layout_family(fp: FamilyProgram, node_name: str) -> FamilyRules:
+    """Name and spell one family's program as iptables chains."""
+    prefix = chain_prefix(fp.table)
+    host = "/32" if fp.family == 4 else "/128"
+    mark = f"0x{fp.masquerade_mark:08x}"
     fam = FamilyRules(
-        family=plan.family,
-        name=f"ipv{plan.family}",
+        family=fp.family,
+        name=f"ipv{fp.family}",
+        restore="iptables-restore" if fp.family == 4 else "ip6tables-restore",
         prefix=prefix,
-        plan=plan,
-        mark=plan.masquerade_mark,
-        host="/32" if plan.family == 4 else "/128",
-        loopback="127.0.0.0/8" if plan.family == 4 else "::1/128",
+        mark=mark,
+        host=host,
+        foreign_ips=fp.foreign_ips,
+        service_cidrs=fp.service_cidrs,
+        nodeport_jumps=_nodeport_jumps(fp.nodeport_scope, host),
+        nodeport_skips=(
+            ["127.0.0.0/8" if fp.family == 4 else "::1/128"]
+            if fp.nodeport_scope.except_loopback
+            else []
+        ),
     )
-    seps: dict[str, Endpoint] = {}
+    if fp.pod_cidrs:
+        fam.masq_non_pod = [f"-s {cidr} -j RETURN" for cidr in fp.pod_cidrs]
+        fam.masq_non_pod.append(f"-j {prefix}-MARK-MASQ")
+    if fp.service_cidrs:
+        fam.unallocated = ["-j DROP"]
+    speller = _Speller(fp, prefix, host)
+    chains = {c.id: c for c in fp.chains}
 
-    def pick(p: PortPlan, backends: tuple[Backend, ...]) -> Pick:
-        names = []
-        for i, b in enumerate(backends):
-            name = f"{prefix}-SEP-{digest32(p.key, b.ip, str(b.port))}"
-            if name not in seps:
-                seps[name] = Endpoint(
-                    name,
-                    comment(f"{p.key} {b.ip} {b.port}"),
-                    p.protocol.lower(),
-                    b,
-                    b.node in ("", node_name),
-                    p.affinity_timeout,
-                )
-            names.append((name, _probability(i, len(backends))))
-        return Pick(tuple(names), p.affinity_timeout)
+    def targets(target: Target) -> tuple[str, str]:
+        """(nat, filter): nat cannot refuse, so what is refused is left untranslated
+        (ACCEPT) and refused in filter by its unchanged destination; so is what a chain
+        that only drops would leave untranslated."""
+        if isinstance(target, Terminal):
+            return "-j ACCEPT", "REJECT" if target is Terminal.REJECT else "DROP"
+        return f"-g {speller.chain(target)}", "DROP" if chains[target].drops else ""
 
-    claimed: set[tuple[str, str, int]] = set()
-
-    def claim(f: Frontend) -> None:
-        """A Service may list its own ClusterIP among its externalIPs (the API allows it):
-        the first claim of an address, protocol and port wins, in nat and filter alike."""
-        if f[:3] not in claimed:
-            claimed.add(f[:3])
-            fam.frontends.append(f)
-
-    for p in plan.ports:
-        proto = p.protocol.lower()
-        label = comment(p.key)
-        key = digest32(p.key)
-        svc, ext, clu = f"{prefix}-SVC-{key}", f"{prefix}-EXT-{key}", f"{prefix}-CLU-{key}"
-        fam.cluster_ips.append(p.cluster_ip)
-
-        # ClusterIP frontend
-        if p.internal_route in (Route.REJECT, Route.DROP):
-            target = "REJECT" if p.internal_route is Route.REJECT else "DROP"
-            claim(Frontend(p.cluster_ip, proto, p.port, label, "ACCEPT", target))
-        else:
-            masq = {Masquerade.ALWAYS: "all", Masquerade.NON_POD: "non-pod"}.get(
-                p.internal_masquerade, "none"
-            )
-            local = p.internal_route is Route.LOCAL
-            backends = p.local_backends if local else p.cluster_backends
-            fam.chains.append(Chain(svc, label, masq, "", "", pick(p, backends)))
-            claim(Frontend(p.cluster_ip, proto, p.port, label, svc, ""))
-
-        # external frontends: LB ingress IPs, externalIPs, NodePort
-        if not p.has_external:
-            continue
-        if p.external_route is Route.CLUSTER:
-            fam.chains.append(Chain(ext, label, "all", "", "", pick(p, p.cluster_backends)))
-        elif p.external_route in (Route.LOCAL, Route.DROP):
-            fam.chains.append(
-                Chain(
-                    ext,
-                    label,
-                    "none",
-                    clu if p.pod_shortcut else "",
-                    clu,
-                    pick(p, p.local_backends) if p.external_route is Route.LOCAL else None,
-                )
-            )
-            fam.chains.append(Chain(clu, label, "none", "", "", pick(p, p.cluster_backends)))
-        # What nat leaves untranslated: rejected (no endpoint) or dropped (eTP Local
-        # without a local endpoint: only outside sources get that far in the -EXT- chain).
-        refused = {Route.REJECT: "REJECT", Route.DROP: "DROP"}.get(p.external_route, "")
-        target = "ACCEPT" if p.external_route is Route.REJECT else ext
-        for ip in (*p.lb_ips, *p.external_ips):
-            claim(Frontend(ip, proto, p.port, label, target, refused))
-        if p.node_port:
-            fam.nodeports.append(Frontend("", proto, p.node_port, label, target, refused))
-        if p.firewall:
-            for ip in p.lb_ips:
-                fw = f"{prefix}-FW-{digest32(p.key, ip)}"
-                fam.firewalls.append(
-                    Firewall(ip, proto, p.port, fw, comment(f"{p.key} {ip}"), p.allowed_sources)
-                )
-
-    fam.frontends.sort(key=lambda f: (ip_sort_key(f.ip), f.protocol, f.port))
-    fam.nodeports.sort(key=lambda f: (f.protocol, f.port))
-    fam.firewalls.sort(key=lambda f: (ip_sort_key(f.ip), f.protocol, f.port))
-    fam.chains.sort(key=lambda c: c.name)
-    fam.endpoints = sorted(seps.values(), key=lambda e: e.chain)
+    for f in fp.dispatch:
+        nat, filt = targets(f.target)
+        fam.frontends.append(Frontend(f.address, f.protocol, f.port, comment(f.key), nat, filt))
+    for f in fp.nodeports:
+        nat, filt = targets(f.target)
+        fam.nodeports.append(Frontend("", f.protocol, f.port, comment(f.key), nat, filt))
+    fam.refused = [f for f in fam.frontends if f.filter]
+    fam.refused_nodeports = [f for f in fam.nodeports if f.filter]
+    for w in fp.firewalls:
+        fw = f"{prefix}-FW-{digest32(w.key, w.address)}"
+        label = comment(f"{w.key} {w.address}")
+        fam.firewalls.append(Firewall(w.address, w.protocol, w.port, fw, label, w.allowed))
+    fam.chains = sorted((speller.spell(c) for c in fp.chains), key=lambda c: c.name)
+    fam.endpoints = sorted(speller.seps.values(), key=lambda e: e.chain)
     # Addresses inside serviceCIDRs are refused behind one jump per CIDR, so that the
     # node's other traffic does not walk a rule per ClusterIP.
-    ips = sorted(set(fam.cluster_ips), key=ip_sort_key)
-    inside = {ip for ip in ips if any(ip_in_cidr(ip, c) for c in plan.service_cidrs)}
+    ips = fp.cluster_ips
+    inside = {ip for ip in ips if any(ip_in_cidr(ip, c) for c in fp.service_cidrs)}
     fam.cidr_cluster_ips = [ip for ip in ips if ip in inside]
     fam.cluster_ips = [ip for ip in ips if ip not in inside]
     return fam
 
 
 def layout(plan: NodePlan) -> list[FamilyRules]:
-    return [layout_family(f, plan.node_name) for f in plan.families]
+    return [layout_family(f, plan.node_name) for f in program(plan).families]
 
 
 _STATE = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')

@@ -1,4 +1,9 @@
-"""The nftables layout: which tables, sets, maps and chains hold the node plan.
+"""The nftables layout: which tables, sets, maps and chains hold the rule program.
+
+It names and spells the program (svcrules/plan/program.py), deciding nothing a
+packet experiences: chains by role become ``svc-``/``ext-``/``clu-`` chains, a pick
+becomes a slot block in a bucket map, the NodePort scope becomes ``fib`` and set
+matches. Every value the templates and the JSON form print is prepared here.
 
 Layout (see docs/design.md for the measurements behind it): a handful of
 named maps hold the data that grows with the cluster (frontends, backends),
@@ -6,18 +11,44 @@ and each Service port adds only one or two short chains without anonymous
 sets, because the number of sets drives nft's load time, not the number of
 elements. Backend choice is ``numgen random mod N offset BASE`` into one
 shared ``backends-<protocol>-<bucket>`` map; each endpoint selection owns a block of slots.
-Only this module and templates/nftables/ know nft.
+Only this package (rules.py spells each rule as text and JSON side by side) and
+templates/nftables/ know nft.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from svcrules.inputs.addr import collapse_cidrs, ip_sort_key, packed
-from svcrules.plan.node import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
+from svcrules.inputs.addr import collapse_cidrs, ip_sort_key
+from svcrules.plan import program as prog
+from svcrules.plan.node import NodePlan
+from svcrules.plan.program import FamilyProgram, Program, Role, Selection, Terminal
 from svcrules.render.names import chain_name, comment, digest
+from svcrules.render.nftables.rules import (
+    MARK_FOR_MASQUERADE,
+    DaddrIn,
+    DispatchFrontends,
+    DispatchNodePorts,
+    Dnat,
+    Fam,
+    FirewallDrop,
+    Hook,
+    MarkMasquerade,
+    MasqueradeHairpin,
+    MasqueradeMarked,
+    NftChain,
+    NodeSource,
+    PickChain,
+    PickDnat,
+    Pinned,
+    PodsGoto,
+    Remember,
+    Rule,
+    SetMark,
+    Verdict,
+)
+from svcrules.render.nftables.sets import SetDecl, affinity_map, backends_map, fixed_sets
 from svcrules.render.templates import render_fingerprinted
 
 PROTOCOLS = ("tcp", "udp", "sctp")
@@ -30,59 +61,42 @@ PROTOCOLS = ("tcp", "udp", "sctp")
 BUCKETS = 512
 SLOT_BITS = 12  # endpoints per slot block; larger selections take several blocks
 BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bit
-
-
-class Selection(NamedTuple):
-    """How a chain picks a backend: one dnat through the backends map, or, with
-    session affinity, a check of each backend's affinity set first."""
-
-    size: int  # endpoints to choose from (numgen mod)
-    base: int
-    backends: tuple[Backend, ...]
-    affinity: tuple[tuple[str, int], ...]  # per backend: "aep" chain suffix, affinity id
-    map: str  # the backends (or affinity-endpoints) map holding this selection's slots
-
-
-class Chain(NamedTuple):
-    name: str
-    comment: str
-    protocol: str  # tcp / udp / sctp: dnat needs the match
-    masquerade: str  # "all", "non-pod", "node" or "none"
-    pod_shortcut: str  # chain to goto for pod sources (eTP Local), or ""
-    node_shortcut: str  # chain to goto for node sources (eTP Local), or ""
-    selection: Selection | None  # None: drop
-
-
-class AffinityEndpoint(NamedTuple):
-    name: str  # suffix of the aep- chain
-    key: int  # this (Service port, endpoint)'s id in the shared affinity set
-    comment: str
-    protocol: str
-    backend: Backend
-    timeout: int
+CHAIN_PREFIX = {Role.SERVICE: "svc", Role.EXTERNAL: "ext", Role.CLUSTER_SHORTCUT: "clu"}
+TERMINAL_VERDICT = {Terminal.REJECT: "goto no-endpoints", Terminal.DROP: "drop"}
 
 
 @dataclass
 class Table:
+    """One family's table, every value prepared: the template and the JSON form
+    only spell it."""
+
     family: str  # "ip" or "ip6"
     name: str
-    plan: FamilyPlan
-    mark: int
+    fam: Fam
     node_label: str  # the node's name, cleaned and short enough for a comment
-    chains: list[Chain] = field(default_factory=list)
-    affinity: list[AffinityEndpoint] = field(default_factory=list)
+    decls: dict[str, SetDecl] = field(default_factory=dict)  # every set and map, by name
+    # The sets of plain addresses or CIDRs, as (declaration, elements): those of
+    # pod-cidrs, service-cidrs and nodeport-ips that exist, foreign-cluster-ips and
+    # cluster-ips
+    plain_sets: list[tuple[SetDecl, tuple[str, ...]]] = field(default_factory=list)
     service_ips: list[tuple[str, str, int, str]] = field(default_factory=list)
     nodeports: list[tuple[str, int, str]] = field(default_factory=list)
-    cluster_ips: list[str] = field(default_factory=list)
     fw_frontends: list[tuple[str, str, int]] = field(default_factory=list)
     fw_allow: list[tuple[str, str, int, str]] = field(default_factory=list)
     # map name -> (protocol, [(slot, endpoint)]). Maps are per protocol: nft 1.0.6
     # refuses an incremental "meta l4proto udp dnat ... map @m" when m's data is
     # typed "th dport"; and per bucket (see BUCKETS).
     backends: dict[str, tuple[str, list[tuple[int, str, int]]]] = field(default_factory=dict)
-    # map name -> [(slot, aep name)]
+    # map name -> [(slot, endpoint chain)]
     affinity_slots: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-    hairpin: list[str] = field(default_factory=list)
+    hairpin: tuple[str, ...] = ()
+    chains: list[NftChain] = field(default_factory=list)  # in listing order
+
+    @property
+    def chain_text(self) -> list[tuple[str, str]]:
+        """(name, body) of every chain, the body's lines already spelled."""
+        f = self.fam
+        return [(c.name, c.body(f)) for c in self.chains]
 
 
 def _allocate(requests: list[tuple[str, int]], block_bits: int, nblocks: int) -> dict[str, int]:
@@ -106,170 +120,174 @@ def _allocate(requests: list[tuple[str, int]], block_bits: int, nblocks: int) ->
     return out
 
 
-def _proto(p: PortPlan) -> str:
-    return p.protocol.lower()
+class _Names:
+    """Each chain's name, computed once: dispatch entries and shortcuts name them too."""
+
+    def __init__(self, fp: FamilyProgram) -> None:
+        self.names = {c.id: chain_name(CHAIN_PREFIX[c.id.role], c.id.key) for c in fp.chains}
+
+    def __getitem__(self, cid: prog.ChainId) -> str:
+        return self.names[cid]
+
+    def verdict(self, target: prog.Target) -> str:
+        if isinstance(target, Terminal):
+            return TERMINAL_VERDICT[target]
+        return f"goto {self.names[target]}"
 
 
-def layout_family(plan: FamilyPlan, node_name: str) -> Table:
-    """Decide every nft object of one family's table."""
-    table = Table(
-        family="ip" if plan.family == 4 else "ip6",
-        name=plan.table,
-        plan=plan,
-        mark=plan.masquerade_mark,
-        node_label=comment(node_name, 90),
-    )
-    requests: list[tuple[str, int]] = []
-    for p in plan.ports:
-        if p.uses_cluster_backends():
-            requests.append((f"{p.key}#cluster", len(p.cluster_backends)))
-        if Route.LOCAL in (p.internal_route, p.external_route):
-            requests.append((f"{p.key}#local", len(p.local_backends)))
-    bases = _allocate(requests, SLOT_BITS, 1 << BLOCK_BITS)
-    affinity_ids = _allocate(
-        [
-            (f"{p.key}|{b.ip}|{b.port}", 1)
-            for p in plan.ports
-            if p.affinity_timeout is not None
-            for b in {*p.cluster_backends, *p.local_backends}
-        ],
-        0,
-        1 << 31,
-    )
-    hairpin: set[str] = set()
-    aff_done: set[str] = set()
+def _plain_sets(
+    fp: FamilyProgram, decls: dict[str, SetDecl]
+) -> list[tuple[SetDecl, tuple[str, ...]]]:
+    elements: list[tuple[str, tuple[str, ...] | None]] = [
+        ("pod-cidrs", fp.pod_cidrs or None),  # no clusterCIDRs: no set, nothing refers to it
+        ("service-cidrs", fp.service_cidrs or None),
+        ("nodeport-ips", fp.nodeport_scope.within),
+        ("foreign-cluster-ips", fp.foreign_ips),
+        ("cluster-ips", fp.cluster_ips),
+    ]
+    return [(decls[name], elems) for name, elems in elements if elems is not None]
 
-    made: dict[str, Selection] = {}
 
-    def selection(p: PortPlan, which: str) -> Selection:
-        key = f"{p.key}#{which}"
-        if key in made:
-            return made[key]
-        made[key] = sel = _select(p, which)
-        return sel
+def _fixed_chains(fp: FamilyProgram) -> list[NftChain]:
+    """The base chains, the dispatcher and the shared helpers."""
+    scope = fp.nodeport_scope
+    services: list[Rule] = [
+        FirewallDrop(),
+        DispatchFrontends(),
+        DispatchNodePorts(scope.local, scope.except_loopback, scope.within is not None),
+        DaddrIn("foreign-cluster-ips", "return"),
+        DaddrIn("cluster-ips", "reject"),
+    ]
+    if fp.service_cidrs:
+        services.append(DaddrIn("service-cidrs", "drop"))
+    jump = (Verdict("jump services"),)
+    mark = fp.masquerade_mark
+    return [
+        NftChain("nat-prerouting", "", Hook("prerouting", "dstnat", -100), jump),
+        NftChain("nat-output", "", Hook("output", "-100", -100), jump),
+        NftChain(
+            "nat-postrouting",
+            "",
+            Hook("postrouting", "srcnat", 100),
+            (MasqueradeMarked(mark), MasqueradeHairpin()),
+        ),
+        NftChain("services", "", None, tuple(services)),
+        NftChain(MARK_FOR_MASQUERADE, "", None, (SetMark(mark),)),
+        NftChain("no-endpoints", "", None, (Verdict("reject"),)),
+    ]
 
-    def _select(p: PortPlan, which: str) -> Selection:
-        backends = p.cluster_backends if which == "cluster" else p.local_backends
-        base = bases[f"{p.key}#{which}"]
+
+class _Picks:
+    """Slots for every selection, and the maps and endpoint chains of those picked."""
+
+    def __init__(self, table: Table, fp: FamilyProgram) -> None:
+        self.table = table
+        self.bases = _allocate(
+            [(s.key, len(s.endpoints)) for s in fp.selections], SLOT_BITS, 1 << BLOCK_BITS
+        )
+        self.affinity_ids = _allocate(
+            [(f"{key}|{ip}|{port}", 1) for key, ip, port in fp.affinity_pairs], 0, 1 << 31
+        )
+        self.made: dict[str, tuple[Rule, ...]] = {}
+        self.endpoint_chains: dict[str, NftChain] = {}
+
+    def rules(self, sel: Selection) -> tuple[Rule, ...]:
+        rules = self.made.get(sel.key)
+        if rules is None:
+            rules = self.made[sel.key] = self._spell(sel)
+        return rules
+
+    def _spell(self, sel: Selection) -> tuple[Rule, ...]:
+        base = self.bases[sel.key]
         bucket = (base >> SLOT_BITS) % BUCKETS
-        if p.affinity_timeout is None:
-            map_name = f"backends-{_proto(p)}-{bucket:04d}"
-            entries = table.backends.setdefault(map_name, (_proto(p), []))[1]
-        else:
-            map_name = f"affinity-endpoints-{bucket:04d}"
-            slots = table.affinity_slots.setdefault(map_name, [])
-        names: list[tuple[str, int]] = []
-        for i, b in enumerate(backends):
-            # A pod's traffic to its own Service passes its own node's rules only, so
-            # only this node's endpoints (or those of unknown node) can hairpin here.
-            if b.node in ("", node_name):
-                hairpin.add(b.ip)
-            if p.affinity_timeout is None:
-                entries.append((base + i, b.ip, b.port))
-                continue
-            name = digest(p.key, b.ip, str(b.port))
-            key = affinity_ids[f"{p.key}|{b.ip}|{b.port}"]
-            names.append((name, key))
-            slots.append((base + i, name))
-            if name not in aff_done:
-                aff_done.add(name)
-                table.affinity.append(
-                    AffinityEndpoint(
-                        name,
-                        key,
-                        comment(f"{p.key} {b.ip} {b.port}"),
-                        _proto(p),
-                        b,
-                        p.affinity_timeout,
-                    )
+        size = len(sel.endpoints)
+        if sel.affinity is None:
+            name = f"backends-{sel.protocol}-{bucket:04d}"
+            entries = self.table.backends.setdefault(name, (sel.protocol, []))[1]
+            entries.extend((base + i, b.ip, b.port) for i, b in enumerate(sel.endpoints))
+            return (PickDnat(sel.protocol, size, base, name),)
+        name = f"affinity-endpoints-{bucket:04d}"
+        slots = self.table.affinity_slots.setdefault(name, [])
+        rules: list[Rule] = []
+        for i, b in enumerate(sel.endpoints):
+            aep = "aep-" + digest(sel.port_key, b.ip, str(b.port))
+            key = self.affinity_ids[f"{sel.port_key}|{b.ip}|{b.port}"]
+            rules.append(Pinned(key, aep))
+            slots.append((base + i, aep))
+            if aep not in self.endpoint_chains:
+                self.endpoint_chains[aep] = NftChain(
+                    aep,
+                    comment(f"{sel.port_key} {b.ip} {b.port}"),
+                    None,
+                    (Remember(key, sel.affinity), Dnat(sel.protocol, b.ip, b.port)),
                 )
-        return Selection(len(backends), base, backends, tuple(names), map_name)
+        rules.append(PickChain(size, base, name))
+        return tuple(rules)
 
-    for p in plan.ports:
-        proto = _proto(p)
-        label = comment(p.key)
-        svc = chain_name("svc", p.key)
-        ext = chain_name("ext", p.key)
-        clu = chain_name("clu", p.key)
-        table.cluster_ips.append(p.cluster_ip)
 
-        # ClusterIP frontend
-        if p.internal_route is Route.REJECT:
-            table.service_ips.append((p.cluster_ip, proto, p.port, "goto no-endpoints"))
-        elif p.internal_route is Route.DROP:
-            table.service_ips.append((p.cluster_ip, proto, p.port, "drop"))
-        else:
-            masq = {Masquerade.ALWAYS: "all", Masquerade.NON_POD: "non-pod"}.get(
-                p.internal_masquerade, "none"
-            )
-            which = "local" if p.internal_route is Route.LOCAL else "cluster"
-            table.chains.append(Chain(svc, label, proto, masq, "", "", selection(p, which)))
-            table.service_ips.append((p.cluster_ip, proto, p.port, f"goto {svc}"))
-
-        # external frontends: NodePort, LB ingress IPs, externalIPs
-        if not p.has_external:
-            continue
-        if p.external_route is Route.REJECT:
-            verdict = "goto no-endpoints"
-        else:
-            verdict = f"goto {ext}"
-            if p.external_route is Route.CLUSTER:
-                table.chains.append(
-                    Chain(ext, label, proto, "all", "", "", selection(p, "cluster"))
-                )
+def _chain(c: prog.Chain, picks: _Picks, names: _Names) -> NftChain:
+    rules: list[Rule] = []
+    for step in c.steps:
+        if isinstance(step, prog.Pick):
+            rules.extend(picks.rules(step.selection))
+        elif isinstance(step, prog.MarkMasquerade):
+            rules.append(MarkMasquerade(step.sources is prog.Sources.NON_POD))
+        elif isinstance(step, prog.Shortcut):
+            goto = f"goto {names[step.target]}"
+            if step.sources is prog.Sources.PODS:
+                rules.append(PodsGoto(goto))
             else:
-                table.chains.append(
-                    Chain(
-                        ext,
-                        label,
-                        proto,
-                        "node",
-                        clu if p.pod_shortcut else "",
-                        clu,
-                        selection(p, "local") if p.external_route is Route.LOCAL else None,
-                    )
-                )
-                table.chains.append(
-                    Chain(clu, label, proto, "none", "", "", selection(p, "cluster"))
-                )
-        for ip in (*p.lb_ips, *p.external_ips):
-            table.service_ips.append((ip, proto, p.port, verdict))
-        if p.node_port:
-            table.nodeports.append((proto, p.node_port, verdict))
-        if p.firewall:
-            # Interval sets refuse overlapping elements: merge them.
-            allowed = collapse_cidrs(p.allowed_sources)
-            for ip in p.lb_ips:
-                table.fw_frontends.append((ip, proto, p.port))
-                for cidr in allowed:
-                    table.fw_allow.append((ip, proto, p.port, cidr))
+                if step.masquerade:
+                    rules.append(NodeSource(f"jump {MARK_FOR_MASQUERADE}"))
+                rules.append(NodeSource(goto))
+        else:
+            rules.append(Verdict("drop"))
+    return NftChain(names[c.id], comment(c.id.key), None, tuple(rules))
 
-    table.chains.sort(key=lambda c: c.name)
-    table.affinity.sort(key=lambda a: a.name)
-    # A Service may list its own ClusterIP among its externalIPs (the API allows it):
-    # the ClusterIP entry, added first, wins; nft refuses a key twice.
-    seen: set[tuple[str, str, int]] = set()
-    unique = []
-    for entry in table.service_ips:
-        if entry[:3] not in seen:
-            seen.add(entry[:3])
-            unique.append(entry)
-    table.service_ips = unique
-    table.service_ips.sort(key=lambda e: (ip_sort_key(e[0]), e[1], e[2]))
-    table.nodeports.sort()
-    table.cluster_ips = sorted(set(table.cluster_ips), key=ip_sort_key)
-    table.fw_frontends.sort(key=lambda e: (ip_sort_key(e[0]), e[1], e[2]))
-    table.fw_allow = sorted(
-        set(table.fw_allow), key=lambda e: (ip_sort_key(e[0]), e[1], e[2], ip_sort_key(e[3]))
+
+def layout_family(fp: FamilyProgram, node_name: str) -> Table:
+    """Name and spell one family's program as nft objects."""
+    fam = Fam.of(fp.family)
+    table = Table(
+        family=fam.name,
+        name=fp.table,
+        fam=fam,
+        node_label=comment(node_name, 90),
+        decls=fixed_sets(fam),
+        hairpin=fp.hairpin,
     )
+    picks = _Picks(table, fp)
+    names = _Names(fp)
+    chains = sorted((_chain(c, picks, names) for c in fp.chains), key=lambda c: c.name)
+    aeps = sorted(picks.endpoint_chains.values(), key=lambda c: c.name)
+    table.chains = [*_fixed_chains(fp), *aeps, *chains]
+    table.service_ips = [
+        (f.address, f.protocol, f.port, names.verdict(f.target)) for f in fp.dispatch
+    ]
+    table.nodeports = [(f.protocol, f.port, names.verdict(f.target)) for f in fp.nodeports]
+    table.fw_frontends = [(w.address, w.protocol, w.port) for w in fp.firewalls]
+    allow = set()
+    for w in fp.firewalls:
+        # Interval sets refuse overlapping elements: merge them.
+        for cidr in collapse_cidrs(w.allowed):
+            allow.add((w.address, w.protocol, w.port, cidr))
+    table.fw_allow = sorted(allow, key=lambda e: (ip_sort_key(e[0]), e[1], e[2], ip_sort_key(e[3])))
+    table.plain_sets = _plain_sets(fp, table.decls)
     table.backends = {k: (v[0], sorted(v[1])) for k, v in sorted(table.backends.items())}
     table.affinity_slots = {k: sorted(v) for k, v in sorted(table.affinity_slots.items())}
-    table.hairpin = sorted(hairpin, key=packed)  # one family per table
+    for name, (protocol, _) in table.backends.items():
+        table.decls[name] = backends_map(fam, name, protocol)
+    for name in table.affinity_slots:
+        table.decls[name] = affinity_map(name)
     return table
 
 
+def layout_program(program: Program) -> list[Table]:
+    return [layout_family(f, program.node_name) for f in program.families]
+
+
 def layout(plan: NodePlan) -> list[Table]:
-    return [layout_family(f, plan.node_name) for f in plan.families]
+    return layout_program(prog.program(plan))
 
 
 _FINGERPRINT = re.compile(r'comment "svcrules ([0-9a-f]{32})"')
@@ -281,7 +299,11 @@ def render_nft(plan: NodePlan) -> str:
     Each table's ``state`` set carries a digest of the whole script (as an element
     comment), so that a later run learns what the kernel holds by listing one tiny set:
     in nft 1.0.6 listing a set is fast, while listing a chain fetches the whole table."""
-    return render_fingerprinted("nftables/ruleset.nft.j2", tables=layout(plan), plan=plan)
+    return render_tables(layout(plan))
+
+
+def render_tables(tables: list[Table]) -> str:
+    return render_fingerprinted("nftables/ruleset.nft.j2", tables=tables)
 
 
 def fingerprint_of(text: str) -> str | None:
