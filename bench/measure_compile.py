@@ -12,7 +12,8 @@ import sys
 import time
 
 from svcrules.inputs.config import node_config
-from svcrules.inputs.load import load_sources, read_sources
+from svcrules.inputs.load import load_sources
+from svcrules.inputs.read import read_sources
 from svcrules.kernel.iptables.restore import parse_restore
 from svcrules.kernel.nft.diff import parse_script
 from svcrules.plan.resolve import resolve

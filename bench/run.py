@@ -210,7 +210,8 @@ def latency(n: int, endpoints: int, connections: int, backend: str) -> Row:
 
 
 def _inputs(objs: list[dict[str, Any]]) -> Any:
-    from svcrules.inputs.load import Source, load_sources
+    from svcrules.inputs.load import load_sources
+    from svcrules.inputs.read import Source
 
     return load_sources(
         [Source("<bench>", json.dumps({"kind": "List", "apiVersion": "v1", "items": objs}))]

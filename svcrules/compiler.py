@@ -13,8 +13,9 @@ from typing import TextIO
 
 from svcrules.errors import InputError, OnInvalid, Problem
 from svcrules.inputs.config import Overrides, node_config
-from svcrules.inputs.load import Inputs, Source, load_sources, read_sources
+from svcrules.inputs.load import Inputs, load_sources
 from svcrules.inputs.model import NodeConfig
+from svcrules.inputs.read import Source, read_sources
 from svcrules.plan.node import NodePlan
 from svcrules.plan.resolve import resolve
 from svcrules.render.backends import RENDERERS

@@ -30,10 +30,6 @@ def digest32(*parts: str, length: int = 10) -> str:
     return base64.b32encode(raw[: -(-length * 5 // 8)]).decode()[:length]
 
 
-def digest_int(*parts: str) -> int:
-    return int(hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16], 16)
-
-
 def readable(text: str, limit: int = 80) -> str:
     """Lower-case, only [a-z0-9.-], no leading punctuation, at most ``limit`` chars."""
     out = _UNSAFE.sub("-", text.lower()).strip(".-")

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from svcrules.errors import InputError
-from svcrules.inputs.load import Limits, load_paths, read_sources
+from svcrules.inputs.load import load_paths
 from svcrules.inputs.parse import ALIAS_NODES, MAX_DEPTH, documents
+from svcrules.inputs.read import Limits, read_sources
 from tests.k8s import dump, endpoint, endpoint_slice, node_config, service
 
 ROOT = Path(__file__).resolve().parents[2]

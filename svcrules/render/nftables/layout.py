@@ -51,7 +51,6 @@ from svcrules.render.nftables.rules import (
 from svcrules.render.nftables.sets import SetDecl, affinity_map, backends_map, fixed_sets
 from svcrules.render.templates import render_fingerprinted
 
-PROTOCOLS = ("tcp", "udp", "sctp")
 # Backend maps are split into buckets by slot block. The kernel walks every element of
 # a map each time a new chain binds to it (nf_tables_bind_set), so one map of 100,000
 # endpoints referenced from 13,000 chains cost 105 s to load; but every named map costs
