@@ -69,4 +69,7 @@ def main(path: str, out: str, backend: str = "nftables") -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4) or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stderr)
+        sys.exit(2)
     main(*sys.argv[1:4])
