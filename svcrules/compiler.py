@@ -42,7 +42,7 @@ class Ruleset:
                 render = RENDERERS[backend]
             except KeyError:
                 raise ValueError(f"unknown backend {backend!r}: one of {list(RENDERERS)}") from None
-            self._texts[backend] = render(self.plan)
+            self._texts[backend] = render.text(self.plan)
         return self._texts[backend]
 
     @property
@@ -56,9 +56,10 @@ class Ruleset:
 
     @cached_property
     def json(self) -> str:
-        from svcrules.render.nftables.json_form import render_json
-
-        return render_json(self.plan)
+        """The nftables ruleset in libnftables JSON (as ``nft -j list`` prints it)."""
+        render = RENDERERS["nftables"].json
+        assert render is not None
+        return render(self.plan)
 
 
 def compile(inputs: Inputs, node: NodeConfig, on_invalid: OnInvalid = "fail") -> Ruleset:

@@ -25,6 +25,7 @@ from svcrules.cli.options import (
 from svcrules.compiler import Ruleset, compile_paths
 from svcrules.errors import SvcrulesError
 from svcrules.inputs.config import Overrides
+from svcrules.render.backends import RENDERERS
 
 
 class Format(StrEnum):
@@ -65,17 +66,20 @@ def _compile(
 
 def _text(ruleset: Ruleset, backend: BackendChoice, fmt: Format, family: FamilyChoice) -> str:
     """What compile and check print: the backend's text, in the asked format."""
-    if backend is BackendChoice.iptables:
-        if fmt is Format.json:
-            _usage("--format json is the libnftables form: only for --backend nftables")
-        if family is FamilyChoice.both:
-            return ruleset.iptables
-        from svcrules.render.iptables.layout import family_section
-
-        return family_section(ruleset.iptables, family.value)
-    if family is not FamilyChoice.both:
-        _usage("--family selects one iptables-restore input: only for --backend iptables")
-    return ruleset.json if fmt is Format.json else ruleset.nft
+    row = RENDERERS[backend.value]
+    if fmt is Format.json:
+        if row.json is None:
+            with_json = " or ".join(n for n, r in RENDERERS.items() if r.json)
+            _usage(f"--format json is only for --backend {with_json}")
+        return row.json(ruleset.plan)
+    if family is FamilyChoice.both:
+        return ruleset.text(backend.value)
+    if row.family_section is None:
+        with_sections = [n for n, r in RENDERERS.items() if r.family_section]
+        _usage(
+            f"--family selects one family's input: only for --backend {' or '.join(with_sections)}"
+        )
+    return row.family_section(ruleset.text(backend.value), family.value)
 
 
 def _usage(message: str) -> NoReturn:
