@@ -20,7 +20,10 @@ app = typer.Typer(
         "Examples:\n\n"
         "  svcrules compile fixtures/demo/ | nft -f -\n\n"
         "  svcrules compile --backend iptables fixtures/demo/\n\n"
-        "  kubectl get services,endpointslices -A -o json | svcrules sync -c node.yaml -"
+        "  set -o pipefail; kubectl get services,endpointslices -A -o json |\n"
+        "  svcrules sync -c node.yaml -\n\n"
+        "On a node, an empty input or a large removal is refused, and rules svcrules did "
+        "not create are never touched: see docs/operations.md."
     ),
     no_args_is_help=True,
     add_completion=False,
