@@ -212,8 +212,15 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         new_script,
         new_meta,
         old_meta,
+        problems=_problems_of(full),
         kernel_seconds=kernel_seconds + seconds,
     )
+
+
+def _problems_of(tx: Tx) -> list[str]:
+    """What a driver noted while building a transaction (nft: affinity it could not
+    carry over); nothing for drivers that note nothing."""
+    return list(getattr(tx, "problems", []))
 
 
 T = TypeVar("T")
@@ -319,6 +326,7 @@ def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
         f"the kernel refused the incremental change ({first}); all of svcrules' rules "
         "were replaced instead"
     )
+    change.problems += _problems_of(change.tx)
     try:
         change.script, _ = driver.send(change.script, change.tx)
     except KernelError as again:

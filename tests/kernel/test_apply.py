@@ -219,6 +219,31 @@ def test_affinity_survives_an_apply_that_changes_another_service(lab: Lab, any_n
         assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
 
 
+def test_affinity_survives_a_drift_repair(lab: Lab, node: Node) -> None:
+    # A full replacement carries the live affinity entries into the new tables, in the
+    # same transaction: pinned clients stay where they were.
+    a = svc_a("pod1", "pod2", "pod3", sessionAffinity="ClientIP")
+    node.apply(*a)
+    pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=8)))
+    assert len(pinned) == 1
+    before = lab.nft("list", "set", "ip", "svcrules", "affinity")
+    assert CLIENT in before
+    for _ in range(3):
+        lab.nft("delete", "table", "ip6", "svcrules")  # drift: the next apply replaces all
+        summary = node.apply(*a)
+        assert "full replacement (the kernel's nftables rules differ" in summary
+        assert CLIENT in lab.nft("list", "set", "ip", "svcrules", "affinity")
+        assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
+    # --verify repairs an element someone added by hand: also a full replacement.
+    lab.nft("add", "element", "ip", "svcrules", "cluster-ips", "{", "192.0.2.77", "}")
+    node.write(*a)
+    proc = node.run("apply", "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "full replacement" in proc.stdout
+    assert "192.0.2.77" not in lab.nft("list", "set", "ip", "svcrules", "cluster-ips")
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
+
+
 def test_udp_client_moves_off_a_removed_backend(lab: Lab, any_node: Node) -> None:
     node = any_node
     udp = [service("dns", CIP, ports=[{"name": "dns", "port": 53, "protocol": "UDP"}])]

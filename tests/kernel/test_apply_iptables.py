@@ -30,7 +30,7 @@ from .nodes import (
     svc_a,
     svc_b,
 )
-from .test_semantics import CIP, FOREIGN_IPTABLES, LB, NODE, dropped, eps, ok, refused, web
+from .test_semantics import CIP, CLIENT, FOREIGN_IPTABLES, LB, NODE, dropped, eps, ok, refused, web
 
 
 @pytest.fixture(params=VARIANTS)
@@ -150,6 +150,25 @@ def test_dry_run_and_verify(lab: Lab, node: IptablesNode) -> None:
     proc = node.run("apply", "--verify")
     assert "full replacement (verification found drift" in proc.stdout, proc.stdout
     assert not [ln for ln in node.own() if "192.0.2.252" in ln]
+
+
+def test_affinity_survives_a_full_replacement(lab: Lab, node: IptablesNode) -> None:
+    # The recent lists live in the kernel by name, and iptables-restore checks the new
+    # rules (taking a reference to each list) before it frees the old ones: a full
+    # replacement keeps every pinned client.
+    a = svc_a("pod1", "pod2", "pod3", sessionAffinity="ClientIP")
+    node.apply(*a)
+    pinned = lab.backends(ok(lab.probe("client", CIP, 80, count=8)))
+    assert len(pinned) == 1
+    for i in range(4):
+        extra = f"192.0.2.{240 + i}/32"
+        node.ipt("-t", "nat", "-A", "SVCRULES-SERVICES", "-d", extra, "-j", "RETURN")
+        node.write(*a)
+        proc = node.run("apply", "--verify")
+        assert "full replacement (verification found drift" in proc.stdout, proc.stdout
+        lists = lab.exec("node", "sh", "-c", "cat /proc/net/xt_recent/*").stdout
+        assert f"src={CLIENT} " in lists
+        assert lab.backends(ok(lab.probe("client", CIP, 80, count=8))) == pinned
 
 
 def test_switching_backends_with_cleanup_leaves_no_trace(lab: Lab, node: IptablesNode) -> None:

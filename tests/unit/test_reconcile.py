@@ -4,6 +4,7 @@ tests send it for real)."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,69 @@ def test_deletions_come_in_dependency_order(tmp_path: Path) -> None:
     assert order[0].startswith("map ") and set(order[-2:]) == {"chain aep"}, order
     assert order.index("chain svc") < order.index("chain aep")
     assert len(tx.deletions) == len(tx.deleted)  # type: ignore[attr-defined]
+
+
+def _affinity_id(fake: FakeNft, endpoint: str) -> int:
+    """The affinity id the ip table remembers for the endpoint at ``endpoint``."""
+    for obj in fake.tables[("ip", "svcrules")].objects.values():
+        if any(f"to {endpoint}:" in rule for rule in obj.items):
+            for rule in obj.items:
+                if m := re.search(r"update @affinity .* offset (\d+)", rule):
+                    return int(m.group(1))
+    raise AssertionError(endpoint)
+
+
+def test_a_full_replacement_carries_affinity_over(tmp_path: Path) -> None:
+    """The live affinity entries of endpoints still there go into the new tables, in the
+    replacement's own transaction, with their timeout and remaining time; entries of
+    endpoints gone do not."""
+    fake, driver = open_fake("nftables")
+    assert isinstance(fake, FakeNft)
+    store = StateStore(tmp_path)
+    run(affinity_job("a", "b"), driver, store)
+    kept, gone = _affinity_id(fake, "198.51.100.11"), _affinity_id(fake, "198.51.100.12")
+    fake.run(
+        f"add element ip svcrules affinity {{ 192.0.2.100 . {kept} timeout 600s expires 300s, "
+        f"192.0.2.101 . {gone} timeout 600s expires 200s }}"
+    )
+    fake.run("delete table ip6 svcrules")  # drift: b goes in a full replacement
+    change = run(affinity_job("a"), driver, store)
+    assert change.mode == "full" and change.problems == []
+    carried = [ln for ln in change.script.splitlines() if "add element ip svcrules affinity" in ln]
+    assert carried == [
+        f"add element ip svcrules affinity {{ 192.0.2.100 . {kept} timeout 600s expires 300s }}"
+    ]
+    assert "delete table ip svcrules" in change.script
+    listed = fake.run("list set ip svcrules affinity")
+    assert "192.0.2.100" in listed and "192.0.2.101" not in listed
+
+
+def test_unreadable_affinity_is_not_carried_and_the_replacement_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, driver = open_fake("nftables")
+    assert isinstance(fake, FakeNft)
+    store = StateStore(tmp_path)
+    run(affinity_job("a"), driver, store)
+    kept = _affinity_id(fake, "198.51.100.11")
+    fake.run(f"add element ip svcrules affinity {{ 192.0.2.100 . {kept} timeout 600s }}")
+    fake.run("delete table ip6 svcrules")
+    real = fake.run
+
+    def failing(script: str, **kw: Any) -> str:
+        if script.startswith("list set ip svcrules affinity"):
+            raise refused_error("Error: out of memory")
+        return real(script, **kw)
+
+    monkeypatch.setattr(fake, "run", failing)
+    change = run(affinity_job("a"), driver, store)
+    assert change.mode == "full"
+    assert not any("add element ip svcrules affinity" in ln for ln in change.script.splitlines())
+    assert change.problems == [
+        "ClientIP affinity of ip svcrules not carried over (reading it failed: Error: out of "
+        "memory); pinned clients of that table may move"
+    ]
+    assert "192.0.2.100" not in real("list set ip svcrules affinity")
 
 
 def test_a_refused_incremental_change_falls_back_to_full_replacement(tmp_path: Path) -> None:

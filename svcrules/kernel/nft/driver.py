@@ -9,6 +9,7 @@ neither replaced nor deleted (svcrules.inputs.owned).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from svcrules.kernel.nft.transport import Backend, list_json
 from svcrules.render.nftables.layout import fingerprint_of
 
 FAMILIES = ("ip", "ip6")
+AFFINITY = "affinity"  # the dynamic set of pinned clients, one per table
+AFFINITY_CHUNK = 1000  # carried-over affinity entries per add command
 BUSY_SEARCHES = 8  # objects still in use looked for one by one; beyond, all deletions wait
 
 
@@ -31,13 +34,16 @@ class Replacement:
     text: str
     operations: int
     deleted: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    carried: int = 0  # ClientIP affinity entries carried over from the replaced tables
     empty = False
 
     def script(self) -> str:
         return self.text
 
     def describe(self) -> str:
-        return f"  {self.operations} objects, rules and elements written anew"
+        carried = f"; {self.carried} ClientIP affinity entries kept" if self.carried else ""
+        return f"  {self.operations} objects, rules and elements written anew{carried}"
 
 
 class NftDriver:
@@ -160,7 +166,60 @@ class NftDriver:
             at = script.find("\ntable ") + 1
             deletes = "".join(f"delete table {t}\n" for t in gone)
             script = script[:at] + deletes + script[at:]
-        return Replacement(script, ops + len(gone))
+        carry, carried, problems = self._carried_affinity(ruleset, table, previous, present)
+        return Replacement(
+            script + "".join(carry), ops + len(gone), problems=problems, carried=carried
+        )
+
+    def _carried_affinity(
+        self, ruleset: Ruleset, table: str, previous: str | None, present: set[tuple[str, str]]
+    ) -> tuple[list[str], int, list[str]]:
+        """``add element`` commands that put the live ClientIP affinity entries of the
+        tables being replaced back into the new ones (same transaction: no client is
+        ever unpinned), how many entries they hold, and what went wrong reading them.
+
+        An entry is ``client . id``; it is kept when the new ruleset still remembers that
+        id in the same endpoint chain as the previous script did (without a previous
+        script: when the id still exists; ids derive from the (Service port, endpoint)
+        pair, so only a digest collision moves one). Each keeps its timeout and its
+        remaining time. Only the affinity set of svcrules' own tables is read, at most as
+        many entries as clients; when reading fails, the replacement goes on without."""
+        new_ids = _affinity_ids(self.tables(ruleset))
+        old_ids = _affinity_ids(parse_script(previous)) if previous else None
+        lines: list[str] = []
+        carried = 0
+        problems: list[str] = []
+        for fam in FAMILIES:
+            wanted = new_ids.get((fam, table), {})
+            if (fam, table) not in present or not wanted:
+                continue
+            before = None if old_ids is None else old_ids.get((fam, table), {})
+            try:
+                listing = list_json(self.kernel, f"set {fam} {table} {AFFINITY}")
+                entries = [
+                    e
+                    for o in listing
+                    if "set" in o
+                    for item in o["set"].get("elem", [])
+                    if (e := _affinity_entry(item)) is not None
+                ]
+            except (KernelError, ValueError, KeyError, TypeError) as exc:
+                problems.append(
+                    f"ClientIP affinity of {fam} {table} not carried over (reading it "
+                    f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__});"
+                    " pinned clients of that table may move"
+                )
+                continue
+            kept = [
+                text
+                for ident, text in entries
+                if ident in wanted and (before is None or before.get(ident) == wanted[ident])
+            ]
+            carried += len(kept)
+            for i in range(0, len(kept), AFFINITY_CHUNK):
+                chunk = ", ".join(kept[i : i + AFFINITY_CHUNK])
+                lines.append(f"add element {fam} {table} {AFFINITY} {{ {chunk} }}\n")
+        return lines, carried, problems
 
     def send(self, script: str, tx: Transaction | Replacement) -> tuple[str, list[str]]:
         """Run the transaction; return what was sent and the objects left for later.
@@ -260,6 +319,51 @@ class NftDriver:
         if gone:
             self.kernel.run("".join(f"delete table {t}\n" for t in gone))
         return gone
+
+
+_REMEMBER = re.compile(r"update @" + AFFINITY + r" \{ .* offset (\d+)")
+
+
+def _affinity_ids(tables: Tables) -> dict[tuple[str, str], dict[int, str]]:
+    """(family, table) -> affinity id -> the endpoint chain that remembers it."""
+    out: dict[tuple[str, str], dict[int, str]] = {}
+    for key, tbl in tables.items():
+        if AFFINITY not in tbl.objects:
+            continue
+        ids = out.setdefault(key, {})
+        for name, obj in tbl.objects.items():
+            if obj.kind != "chain":
+                continue
+            for rule in obj.items:
+                if m := _REMEMBER.search(rule):
+                    ids[int(m.group(1))] = name
+    return out
+
+
+def _affinity_entry(item: Any) -> tuple[int, str] | None:
+    """(id, element text with timeout and remaining time) of one listed
+    affinity element; None for one that cannot be carried (expired, unexpected form)."""
+    body = item.get("elem", item) if isinstance(item, dict) else None
+    if not isinstance(body, dict):
+        return None
+    val = body.get("val", body)
+    key = val.get("concat") if isinstance(val, dict) else None
+    if not isinstance(key, list) or len(key) != 2:
+        return None
+    client, ident = key
+    if not isinstance(client, str) or not isinstance(ident, int) or isinstance(ident, bool):
+        return None
+    if not re.fullmatch(r"[0-9A-Fa-f.:]+", client):
+        return None
+    text = f"{client} . {ident}"
+    timeout, expires = body.get("timeout"), body.get("expires")
+    if isinstance(timeout, int) and timeout > 0:
+        text += f" timeout {timeout}s"
+        if isinstance(expires, int):
+            if expires <= 0:
+                return None
+            text += f" expires {min(expires, timeout)}s"
+    return ident, text
 
 
 def _compare(want: dict[str, Any], have: dict[str, Any], lingering: set[str]) -> list[str]:

@@ -142,6 +142,15 @@ def _json_element(item: str) -> Any:
     key, _, comment = item.partition(' comment "')
     if comment:
         return {"elem": {"val": key, "comment": comment.rstrip('"')}}
+    key, _, timed = item.partition(" timeout ")
+    if timed:  # as nft lists an element of a set with timeouts (seconds, no units)
+        timeout, _, expires = timed.partition(" expires ")
+        parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(" . ")]
+        elem: dict[str, Any] = {"val": {"concat": parts} if len(parts) > 1 else parts[0]}
+        elem["timeout"] = int(timeout.rstrip("s"))
+        if expires:
+            elem["expires"] = int(expires.rstrip("s"))
+        return {"elem": elem}
     return item
 
 
