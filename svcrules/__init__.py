@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from svcrules.compiler import Ruleset, compile, compile_paths
     from svcrules.errors import InputError, SvcrulesError
-    from svcrules.inputs.config import Overrides
     from svcrules.inputs.load import Inputs, load_paths
     from svcrules.inputs.model import EndpointSlice, NodeConfig, Service
+    from svcrules.inputs.overrides import Overrides
     from svcrules.plan.node import NodePlan
 
 # public name -> the module that defines it
@@ -28,7 +28,7 @@ _LAZY = {
     "Inputs": "svcrules.inputs.load",
     "NodeConfig": "svcrules.inputs.model",
     "NodePlan": "svcrules.plan.node",
-    "Overrides": "svcrules.inputs.config",
+    "Overrides": "svcrules.inputs.overrides",
     "Ruleset": "svcrules.compiler",
     "Service": "svcrules.inputs.model",
     "SvcrulesError": "svcrules.errors",
