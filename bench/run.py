@@ -7,6 +7,9 @@
 Backends: nftables, iptables (whichever variant 'iptables' is here), iptables-nft,
 iptables-legacy. The iptables ones stop at --iptables-max Services (default 10k).
 
+Also the process start: `svcrules --help` against `python -c pass` and Typer's own
+floor (bench/startup.py, median of --startup-runs fresh processes).
+
 Prints a table and writes bench/results.json. Kernel measurements need root and
 nft; they run in network namespaces this script creates and deletes, never in the
 host's. Nothing here asserts a time: the numbers go to docs/performance.md.
@@ -33,6 +36,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 import generate  # noqa: E402
 import kube_proxy_layout  # noqa: E402
+import startup  # noqa: E402
 
 PY = sys.executable
 Row = dict[str, Any]
@@ -234,7 +238,7 @@ def machine() -> Row:
 
 
 def table(results: Row) -> str:
-    lines = []
+    lines = [startup.table(results["startup"])] if "startup" in results else []
     for size in results["sizes"]:
         lines.append(f"== {size['services']:,} Services x {size['endpoints']} endpoints")
         for backend, b in size["backends"].items():
@@ -312,11 +316,16 @@ def main() -> None:
         help="largest size for iptables backends (iptables-nft loads 10k in about 2 minutes)",
     )
     ap.add_argument("--no-kernel", action="store_true", help="compile measurements only")
+    ap.add_argument(
+        "--startup-runs", type=int, default=20, help="fresh processes per start-up measurement"
+    )
     ap.add_argument("--output", default=str(HERE / "results.json"))
     args = ap.parse_args()
     sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
     why_not = "disabled" if args.no_kernel else kernel_available()
     results: Row = {"machine": machine(), "sizes": [], "kernel_skipped": why_not}
+    print("-- start-up", file=sys.stderr, flush=True)
+    results["startup"] = startup.startup(args.startup_runs)
     with tempfile.TemporaryDirectory(prefix="svcrules-bench-") as tmp:
         work = Path(tmp)
         chosen = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -22,10 +22,13 @@ from svcrules.cli.options import (
     Paths,
     node_options,
 )
-from svcrules.compiler import Ruleset, compile_paths
 from svcrules.errors import SvcrulesError
-from svcrules.inputs.config import Overrides
-from svcrules.render.backends import RENDERERS
+from svcrules.inputs.overrides import Overrides
+
+if TYPE_CHECKING:
+    # Imported where used: the compiler pulls in pydantic, PyYAML, orjson and Jinja2,
+    # which 'svcrules --help' does not need (tests/unit/test_startup.py).
+    from svcrules.compiler import Ruleset
 
 
 class Format(StrEnum):
@@ -55,6 +58,8 @@ def _compile(
     if not paths:
         print("svcrules: error: no input given (a file, a directory or '-')", file=sys.stderr)
         raise typer.Exit(2)
+    from svcrules.compiler import compile_paths
+
     try:
         # Rendering happens inside: its problems are reported like input problems.
         return compile_paths(
@@ -66,6 +71,8 @@ def _compile(
 
 def _text(ruleset: Ruleset, backend: BackendChoice, fmt: Format, family: FamilyChoice) -> str:
     """What compile and check print: the backend's text, in the asked format."""
+    from svcrules.render.backends import RENDERERS
+
     row = RENDERERS[backend.value]
     if fmt is Format.json:
         if row.json is None:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,16 +26,19 @@ from svcrules.cli.options import (
     TableName,
     node_options,
 )
-from svcrules.cli.report import summary
 from svcrules.cli.run import EXIT_SKIPPED, Run, log_fields, reporting, require_net_admin
-from svcrules.compiler import Job, prepare
 from svcrules.errors import LockBusy, UsageError
-from svcrules.inputs.config import Overrides
-from svcrules.kernel import registry
+from svcrules.inputs.overrides import Overrides
 from svcrules.kernel.lock import DEFAULT_TIMEOUT, exclusive
-from svcrules.kernel.reconcile import Change, Driver, cleanup, execute, plan_change
 from svcrules.kernel.safety import DEFAULT_MAX_REMOVALS, Limits, check_removals
 from svcrules.kernel.state import DEFAULT_STATE_DIR, StateStore
+
+if TYPE_CHECKING:
+    # Imported where used: the compiler (pydantic, PyYAML, orjson, Jinja2), reconcile
+    # and the drivers (libnftables) are not needed for 'svcrules --help'
+    # (tests/unit/test_startup.py).
+    from svcrules.compiler import Job
+    from svcrules.kernel.reconcile import Change, Driver
 
 
 class NftChoice(StrEnum):
@@ -152,6 +155,8 @@ def open_driver(
     backend: BackendChoice, nft: NftChoice, iptables: IptablesChoice, saved_tool: str = ""
 ) -> Driver:
     """The chosen backend with its kernel interface."""
+    from svcrules.kernel import registry
+
     return registry.open_driver(
         backend.value, {"nft": nft.value, "iptables": iptables.value}, saved_tool
     )
@@ -168,6 +173,8 @@ def _prepare(
     the kernel interface."""
     if not paths:
         raise UsageError("no input given (a file, a directory or '-')")
+    from svcrules.compiler import prepare
+
     job = prepare(paths, config, ov, allow_empty=limits.allow_empty, on_invalid=limits.on_invalid)
     return job, open_driver(*driver)
 
@@ -202,6 +209,9 @@ def diff_cmd(
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
+    from svcrules.cli.report import summary
+    from svcrules.kernel.reconcile import plan_change
+
     setup("text")
     limits = Limits(allow_empty=allow_empty, on_invalid=on_invalid.value)
     with reporting(None):
@@ -228,6 +238,8 @@ class Request:
 
 def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
     """The work shared by apply and sync, under the lock. None: skipped (lock busy)."""
+    from svcrules.kernel.reconcile import execute, plan_change
+
     require_net_admin()
     store = StateStore(run.state_dir)
     if dry_run:
@@ -292,6 +304,8 @@ def apply_cmd(
     transaction, or one iptables-restore --noflush per table naming only the chains
     that change. The first run, or rules changed behind svcrules' back, get a full
     replacement. A refused change leaves the previous rules in place."""
+    from svcrules.cli.report import summary
+
     setup(log_format.value)
     limits = Limits(max_removals, force, allow_empty, on_invalid.value)
     req = Request(
@@ -384,6 +398,8 @@ def cleanup_cmd(
     """Delete svcrules' own rules (nftables: the ip and ip6 tables; iptables: its chains
     in nat and filter and its jumps from the built-in chains) and its saved state;
     nothing else."""
+    from svcrules.kernel.reconcile import cleanup
+
     setup("text")
     with reporting(None):
         require_net_admin()

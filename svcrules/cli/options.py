@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from svcrules.inputs.config import Overrides
+from svcrules.inputs.overrides import Overrides
 
 Paths = Annotated[
     list[str] | None,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from svcrules.kernel.reconcile import Change
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from svcrules.kernel.reconcile import Change
 
 
 def summary(change: Change) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
@@ -24,8 +24,10 @@ from svcrules.cli.logs import LOG
 from svcrules.errors import NotPermitted, SvcrulesError
 from svcrules.kernel.caps import net_admin_problem
 from svcrules.kernel.metrics import SyncMetrics, previous_failures, write_metrics
-from svcrules.kernel.reconcile import Change
 from svcrules.kernel.state import Meta, StateStore
+
+if TYPE_CHECKING:
+    from svcrules.kernel.reconcile import Change  # the compiler and nft transport
 
 EXIT_OK = 0
 EXIT_CHANGES = 1  # diff: something would change

@@ -6,7 +6,6 @@ line alone (``--node-name`` and ``--node-ip`` are then enough).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -14,44 +13,15 @@ from pydantic import ValidationError
 from svcrules.errors import InputError, Origin, Problem
 from svcrules.inputs.load import Inputs, validation_problems
 from svcrules.inputs.model import NodeConfig
+from svcrules.inputs.overrides import Overrides
+
+__all__ = ["NEEDED", "Overrides", "node_config"]
 
 NEEDED = (
     "a NodeConfig is needed (svcrules.io/v1alpha1, kind NodeConfig) with at least "
     "metadata.name and spec.nodeIPs; give it with --config FILE, as a document among "
     "the inputs, or with --node-name and --node-ip"
 )
-
-
-@dataclass
-class Overrides:
-    """Command-line values that replace NodeConfig fields when given."""
-
-    node_name: str | None = None
-    node_ips: list[str] = field(default_factory=list)
-    cluster_cidrs: list[str] = field(default_factory=list)
-    service_cidrs: list[str] = field(default_factory=list)
-    node_port_addresses: list[str] = field(default_factory=list)
-    masquerade_all: bool | None = None
-    zone: str | None = None
-    table_name: str | None = None
-
-    def spec_fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.node_ips:
-            out["nodeIPs"] = self.node_ips
-        if self.cluster_cidrs:
-            out["clusterCIDRs"] = self.cluster_cidrs
-        if self.service_cidrs:
-            out["serviceCIDRs"] = self.service_cidrs
-        if self.node_port_addresses:
-            out["nodePortAddresses"] = self.node_port_addresses
-        if self.masquerade_all is not None:
-            out["masqueradeAll"] = self.masquerade_all
-        if self.zone is not None:
-            out["zone"] = self.zone
-        if self.table_name is not None:
-            out["tableName"] = self.table_name
-        return out
 
 
 def node_config(inputs: Inputs, config: Inputs | None, overrides: Overrides) -> NodeConfig:

@@ -28,10 +28,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from svcrules.errors import StateError
-from svcrules.plan.node import NodePlan, PortPlan
+
+if TYPE_CHECKING:
+    # Annotations only: the CLI imports this module at start (DEFAULT_STATE_DIR).
+    from svcrules.plan.node import NodePlan, PortPlan
 
 FORMAT_VERSION = 2
 MAGIC = "svcrules-state"

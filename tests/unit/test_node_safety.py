@@ -290,7 +290,7 @@ def test_unexpected_errors_are_one_line(
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("svcrules.cli.kernel_commands.prepare", boom)
+    monkeypatch.setattr("svcrules.compiler.prepare", boom)  # imported where used
     res = runner.invoke(app, ["sync", str(_inputs(tmp_path)), "--state-dir", str(tmp_path)])
     assert res.exit_code == 2 and "internal error: RuntimeError: boom" in res.stderr
     assert "Traceback" not in res.stderr

@@ -1,0 +1,55 @@
+"""Process start: ``import svcrules.cli`` (all that ``svcrules --help`` needs) loads
+neither the compiler's libraries nor the kernel drivers; the commands import them
+where they are used. Checked in a fresh interpreter, where sys.modules is clean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Each of these costs tens of milliseconds at every start, --help included.
+DEFERRED = (
+    "pydantic",
+    "jinja2",
+    "yaml",
+    "orjson",
+    "nftables",
+    "svcrules.compiler",
+    "svcrules.kernel.registry",
+    "svcrules.kernel.reconcile",
+    "svcrules.kernel.nft.transport",
+    "hypothesis",
+)
+
+
+def _loaded_after(statement: str) -> list[str]:
+    probe = (
+        "import json, sys\n"
+        f"{statement}\n"
+        f"print(json.dumps([m for m in {list(DEFERRED)!r} if m in sys.modules]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    loaded: list[str] = json.loads(out)
+    return loaded
+
+
+def test_cli_import_defers_heavy_modules() -> None:
+    assert _loaded_after("import svcrules.cli") == []
+
+
+def test_package_root_is_lazy() -> None:
+    assert _loaded_after("import svcrules") == []
+    # ... and still offers its public names, loading them on first use.
+    loaded = _loaded_after("import svcrules; svcrules.compile")
+    assert {"pydantic", "svcrules.compiler"} <= set(loaded)
+
+
+def test_public_names_resolve() -> None:
+    import svcrules
+
+    for name in svcrules.__all__:
+        assert getattr(svcrules, name) is not None
+    assert set(svcrules.__all__) <= set(dir(svcrules))
