@@ -98,26 +98,25 @@ class ServiceMeta(ObjectMeta):
         return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
 
 
+def _port_name(value: Any) -> Any:
+    """A port name: None reads as unnamed; a name must be a DNS label (it ends up in keys
+    like namespace/name:port, which must stay unambiguous)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value and not _PORT_NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid port name (lower-case letters, digits, '-')")
+    return value
+
+
+PortName = Annotated[str, BeforeValidator(_port_name)]
+
+
 class ServicePort(K8sModel):
-    name: str = ""
+    name: PortName = ""
     protocol: ProtocolField = "TCP"
     port: Port
     target_port: StrictInt | str | None = None
     node_port: Annotated[StrictInt, Field(ge=0, le=65535)] | None = None
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _none_name(cls, value: Any) -> Any:
-        return "" if value is None else value
-
-    @field_validator("name", mode="after")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if value and not _PORT_NAME.match(value):
-            raise ValueError(
-                f"{value!r} is not a valid port name (lower-case letters, digits, '-')"
-            )
-        return value
 
 
 class ClientIPConfig(K8sModel):
@@ -281,23 +280,9 @@ class Endpoint(TypedDict, total=False):
 
 
 class EndpointPort(K8sModel):
-    name: str = ""
+    name: PortName = ""
     protocol: ProtocolField = "TCP"
     port: Port | None = None
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _none_name(cls, value: Any) -> Any:
-        return "" if value is None else value
-
-    @field_validator("name", mode="after")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if value and not _PORT_NAME.match(value):
-            raise ValueError(
-                f"{value!r} is not a valid port name (lower-case letters, digits, '-')"
-            )
-        return value
 
 
 class EndpointSlice(K8sModel):
