@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,15 @@ class Runner:
         # Every rule and chain of any prefix: chains left under an earlier table name
         # must show (the lab's node holds no other rules).
         return sorted(ln for ln in backends.rules_only(out) if not ln.startswith(("*", "COMMIT")))
+
+
+def runner_for(lab: Lab, tmp: Path, backend: str) -> Iterator[Runner]:
+    """A runner for ``backend``, for a fixture to yield; skips (or fails, in CI) when the
+    backend is not installed, and leaves iptables-legacy's tables empty afterwards."""
+    backends.require(backend)
+    yield Runner(lab, tmp, backend)
+    if backend == "iptables-legacy":
+        backends.reset_legacy(lab)
 
 
 def differences(have: Any, want: Any) -> str:

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
 from tests.k8s import Obj, endpoint, endpoint_slice, service
 
 from . import backends
-from .converge import Runner, differences
+from .converge import Runner, differences, runner_for
 from .lab import Lab
 
 STEPS = int(os.environ.get("CHURN_STEPS", "12"))
@@ -43,20 +43,12 @@ PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
 
 @pytest.fixture(params=backends.BACKENDS)
 def runner(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
-    backend = request.param
-    backends.require(backend)
-    yield Runner(lab, tmp_path, backend)
-    if backend == "iptables-legacy":
-        backends.reset_legacy(lab)
+    yield from runner_for(lab, tmp_path, request.param)
 
 
 @pytest.fixture(params=["iptables-nft", "iptables-legacy"])
 def ipt_runner(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
-    backend = request.param
-    backends.require(backend)
-    yield Runner(lab, tmp_path, backend)
-    if backend == "iptables-legacy":
-        backends.reset_legacy(lab)
+    yield from runner_for(lab, tmp_path, request.param)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from tests.k8s import Obj, dump, endpoint_slice, service
 
 from . import backends
-from .converge import Runner
+from .converge import Runner, runner_for
 from .lab import Lab
 from .nodes import CIP_B, Node, svc_a, svc_b
 from .test_semantics import CIP, cfg, ok
@@ -97,11 +97,7 @@ def test_large_removal_is_refused_unless_forced(lab: Lab, node: Node) -> None:
 
 @pytest.fixture(params=backends.BACKENDS)
 def runner(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Runner]:
-    backend = request.param
-    backends.require(backend)
-    yield Runner(lab, tmp_path, backend)
-    if backend == "iptables-legacy":
-        backends.reset_legacy(lab)
+    yield from runner_for(lab, tmp_path, request.param)
 
 
 def _killed(r: Runner, objs: list[Obj], delay: float | None) -> None:
