@@ -30,7 +30,7 @@ from svcrules.cli.run import EXIT_SKIPPED, Run, log_fields, reporting, require_n
 from svcrules.errors import LockBusy, UsageError
 from svcrules.inputs.overrides import Overrides
 from svcrules.kernel.lock import DEFAULT_TIMEOUT, exclusive
-from svcrules.kernel.safety import DEFAULT_MAX_REMOVALS, Limits, check_removals
+from svcrules.kernel.safety import DEFAULT_MAX_REMOVALS, Policy, check_removals
 from svcrules.kernel.state import DEFAULT_STATE_DIR, StateStore
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def _prepare(
     config: str | None,
     ov: Overrides,
     driver: tuple[BackendChoice, NftChoice, IptablesChoice],
-    limits: Limits,
+    policy: Policy,
 ) -> tuple[Job, Driver]:
     """Read the inputs (compiling waits: an unchanged input may need none) and open
     the kernel interface."""
@@ -175,7 +175,7 @@ def _prepare(
         raise UsageError("no input given (a file, a directory or '-')")
     from svcrules.compiler import prepare
 
-    job = prepare(paths, config, ov, allow_empty=limits.allow_empty, on_invalid=limits.on_invalid)
+    job = prepare(paths, config, ov, allow_empty=policy.allow_empty, on_invalid=policy.on_invalid)
     return job, open_driver(*driver)
 
 
@@ -213,10 +213,10 @@ def diff_cmd(
     from svcrules.kernel.reconcile import plan_change
 
     setup("text")
-    limits = Limits(allow_empty=allow_empty, on_invalid=on_invalid.value)
+    policy = Policy(allow_empty=allow_empty, on_invalid=on_invalid.value)
     with reporting(None):
         require_net_admin()
-        job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), limits)
+        job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), policy)
         change = plan_change(job, driver, StateStore(state_dir), verify)
     _report_invalid(change)
     sys.stdout.write(change.script if output is not DiffOutput.summary else summary(change))
@@ -232,7 +232,7 @@ class Request:
     overrides: Overrides
     driver: tuple[BackendChoice, NftChoice, IptablesChoice]
     verify: bool
-    limits: Limits
+    policy: Policy
     lock: tuple[bool, float]  # wait for another run's lock, and for how long
 
 
@@ -243,20 +243,20 @@ def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
     require_net_admin()
     store = StateStore(run.state_dir)
     if dry_run:
-        job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.limits)
+        job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.policy)
         change = plan_change(job, driver, store, req.verify)
-        check_removals(change.old_meta, change.new_meta, req.limits)
+        check_removals(change.old_meta, change.new_meta, req.policy)
         if change.changed:
             driver.check(change.script)
         return change
     store.check_dir()
     try:
         with exclusive(run.state_dir / "lock", *req.lock):
-            job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.limits)
+            job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.policy)
             change = plan_change(job, driver, store, req.verify)
             run.table = change.new_meta.table
             if change.changed:
-                check_removals(change.old_meta, change.new_meta, req.limits)
+                check_removals(change.old_meta, change.new_meta, req.policy)
             execute(change, driver, store)
     except LockBusy as exc:
         LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
@@ -307,9 +307,9 @@ def apply_cmd(
     from svcrules.cli.report import summary
 
     setup(log_format.value)
-    limits = Limits(max_removals, force, allow_empty, on_invalid.value)
+    policy = Policy(max_removals, force, allow_empty, on_invalid.value)
     req = Request(
-        paths, config, overrides, (backend, nft, iptables), verify, limits, (True, lock_timeout)
+        paths, config, overrides, (backend, nft, iptables), verify, policy, (True, lock_timeout)
     )
     change = _apply_reported(req, Run(state_dir, metrics_file, overrides.table_name or ""), dry_run)
     assert change is not None  # apply always waits for the lock
@@ -352,9 +352,9 @@ def sync_cmd(
     one log line when something did, optional metrics. Every failure is logged,
     counted in the metrics and exits 2."""
     setup(log_format.value)
-    limits = Limits(max_removals, force, allow_empty, on_invalid.value)
+    policy = Policy(max_removals, force, allow_empty, on_invalid.value)
     req = Request(
-        paths, config, overrides, (backend, nft, iptables), verify, limits, (wait, lock_timeout)
+        paths, config, overrides, (backend, nft, iptables), verify, policy, (wait, lock_timeout)
     )
     run = Run(state_dir, metrics_file, overrides.table_name or "")
     change = _apply_reported(req, run)

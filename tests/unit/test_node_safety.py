@@ -23,7 +23,7 @@ from svcrules.errors import InputError, LockTimeout, RemovalRefused, StateError
 from svcrules.inputs.config import Overrides
 from svcrules.kernel.lock import exclusive
 from svcrules.kernel.metrics import previous_failures
-from svcrules.kernel.safety import Limits, check_removals
+from svcrules.kernel.safety import Policy, check_removals
 from svcrules.kernel.state import LEGACY_FILES, Meta, StateStore
 from svcrules.kernel.tools import find_tool
 from tests.k8s import dump, node_config, service
@@ -71,16 +71,16 @@ def test_empty_directory_is_an_error(tmp_path: Path) -> None:
 
 def test_removal_limits() -> None:
     old = meta("a", "b", "c", "d")
-    check_removals(old, meta("a", "b", "c"), Limits())  # 25 %
-    check_removals(old, meta("a", "b"), Limits())  # 50 % is not more than 50 %
+    check_removals(old, meta("a", "b", "c"), Policy())  # 25 %
+    check_removals(old, meta("a", "b"), Policy())  # 50 % is not more than 50 %
     with pytest.raises(RemovalRefused, match=r"3 of 4 .*75 %"):
-        check_removals(old, meta("a"), Limits())
-    check_removals(old, meta("a"), Limits(max_removals=80))
+        check_removals(old, meta("a"), Policy())
+    check_removals(old, meta("a"), Policy(max_removals=80))
     with pytest.raises(RemovalRefused, match="all 4"):
-        check_removals(old, meta(), Limits(max_removals=100))
-    check_removals(old, meta(), Limits(allow_empty=True))
-    check_removals(old, meta(), Limits(force=True))
-    check_removals(Meta(), meta(), Limits())  # nothing known to remove (first run)
+        check_removals(old, meta(), Policy(max_removals=100))
+    check_removals(old, meta(), Policy(allow_empty=True))
+    check_removals(old, meta(), Policy(force=True))
+    check_removals(Meta(), meta(), Policy())  # nothing known to remove (first run)
 
 
 # The state file
