@@ -236,27 +236,33 @@ class Request:
     lock: tuple[bool, float]  # wait for another run's lock, and for how long
 
 
+def _plan(req: Request, store: StateStore) -> tuple[Change, Driver]:
+    """Read, decide what to send, and hold it to the removal limits."""
+    from svcrules.kernel.reconcile import plan_change
+
+    job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.policy)
+    change = plan_change(job, driver, store, req.verify)
+    if change.changed:
+        check_removals(change.old_meta, change.new_meta, req.policy)
+    return change, driver
+
+
 def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
     """The work shared by apply and sync, under the lock. None: skipped (lock busy)."""
-    from svcrules.kernel.reconcile import execute, plan_change
+    from svcrules.kernel.reconcile import execute
 
     require_net_admin()
     store = StateStore(run.state_dir)
     if dry_run:
-        job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.policy)
-        change = plan_change(job, driver, store, req.verify)
-        check_removals(change.old_meta, change.new_meta, req.policy)
+        change, driver = _plan(req, store)
         if change.changed:
             driver.check(change.script)
         return change
     store.check_dir()
     try:
         with exclusive(run.state_dir / "lock", *req.lock):
-            job, driver = _prepare(req.paths, req.config, req.overrides, req.driver, req.policy)
-            change = plan_change(job, driver, store, req.verify)
+            change, driver = _plan(req, store)
             run.table = change.new_meta.table
-            if change.changed:
-                check_removals(change.old_meta, change.new_meta, req.policy)
             execute(change, driver, store)
     except LockBusy as exc:
         LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
