@@ -8,9 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 from svcrules.errors import InputError, Problem
-from svcrules.inputs.load import Inputs
-from svcrules.inputs.model import Service
-from svcrules.plan.node import PortPlan
+from svcrules.plan.node import PlannedService, PortPlan
 
 Claim = tuple[tuple[str, ...], str, str]  # key, what is claimed, field
 
@@ -33,13 +31,13 @@ def _claims(idx: int, p: PortPlan) -> Iterator[Claim]:
         )
 
 
-def _conflict(inputs: Inputs, svc: Service, other: Service, what: str, field: str) -> Problem:
-    where = inputs.origin(other)
+def _conflict(svc: PlannedService, other: PlannedService, what: str, field: str) -> Problem:
+    where = other.origin
     return Problem(
-        inputs.origin(svc),
+        svc.origin,
         field,
         f"{what} is already claimed by Service "
-        f"{other.metadata.namespace}/{other.metadata.name}" + (f" ({where})" if where else ""),
+        f"{other.namespace}/{other.name}" + (f" ({where})" if where else ""),
     )
 
 
@@ -49,11 +47,16 @@ def _same_owner(key: tuple[str, ...], old: str, new: str) -> bool:
     return key[0] != "nodePort" or old == new
 
 
-def check_claims(
-    inputs: Inputs,
-    ports: list[tuple[Service, int, PortPlan]],
-    skipped: list[Problem] | None = None,
-) -> set[int]:
+def _ports(planned: list[PlannedService]) -> Iterator[tuple[PlannedService, int, PortPlan]]:
+    """Every port of every Service: all IPv4 ports first, then IPv6 (the order conflicts
+    are reported in)."""
+    for family in (4, 6):
+        for svc in planned:
+            for idx, p in svc.ports[0 if family == 4 else 1]:
+                yield svc, idx, p
+
+
+def check_claims(planned: list[PlannedService], skipped: list[Problem] | None = None) -> set[int]:
     """Two Services cannot own the same IP:port/protocol or NodePort (say which two).
 
     Without ``skipped``, every conflict is an InputError. With it, the Service created
@@ -61,35 +64,33 @@ def check_claims(
     keeps its claims; a Service that conflicts with one kept, or with itself, is left
     out whole, reported in ``skipped``, and its ``id()`` returned."""
     if skipped is not None:
-        return _skip_conflicts(inputs, ports, skipped)
+        return _skip_conflicts(planned, skipped)
     problems: list[Problem] = []
-    owners: dict[tuple[str, ...], tuple[Service, str]] = {}
-    for svc, idx, p in ports:
+    owners: dict[tuple[str, ...], tuple[PlannedService, str]] = {}
+    for svc, idx, p in _ports(planned):
         for key, what, field in _claims(idx, p):
             old = owners.get(key)
             if old is None:
                 owners[key] = (svc, what + field)
             elif not (old[0] is svc and _same_owner(key, old[1], what + field)):
-                problems.append(_conflict(inputs, svc, old[0], what, field))
+                problems.append(_conflict(svc, old[0], what, field))
     if problems:
         raise InputError(problems)
     return set()
 
 
-def _age(svc: Service) -> tuple[bool, float, str, str]:
-    ts = svc.metadata.creation_timestamp
-    return (ts is None, ts.timestamp() if ts else 0.0, svc.metadata.namespace, svc.metadata.name)
+def _age(svc: PlannedService) -> tuple[bool, float, str, str]:
+    ts = svc.created
+    return (ts is None, ts or 0.0, svc.namespace, svc.name)
 
 
-def _skip_conflicts(
-    inputs: Inputs, ports: list[tuple[Service, int, PortPlan]], skipped: list[Problem]
-) -> set[int]:
+def _skip_conflicts(planned: list[PlannedService], skipped: list[Problem]) -> set[int]:
     by_service: dict[int, list[tuple[int, PortPlan]]] = defaultdict(list)
-    services: dict[int, Service] = {}
-    for svc, idx, p in ports:
+    services: dict[int, PlannedService] = {}
+    for svc, idx, p in _ports(planned):
         by_service[id(svc)].append((idx, p))
         services[id(svc)] = svc
-    owners: dict[tuple[str, ...], Service] = {}
+    owners: dict[tuple[str, ...], PlannedService] = {}
     losers: set[int] = set()
     # Input order breaks the last tie (two copies of one Service): sorted() is stable.
     for svc in sorted(services.values(), key=_age):
@@ -99,9 +100,9 @@ def _skip_conflicts(
             for key, what, field in _claims(idx, p):
                 other = owners.get(key)
                 if other is not None:
-                    problem = _conflict(inputs, svc, other, what, field)
+                    problem = _conflict(svc, other, what, field)
                 elif key in mine and not _same_owner(key, mine[key], what + field):
-                    problem = _conflict(inputs, svc, svc, what, field)
+                    problem = _conflict(svc, svc, what, field)
                 else:
                     mine.setdefault(key, what + field)
                     continue

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
+from svcrules.errors import Origin
 from svcrules.inputs.addr import Family
 
 
@@ -91,6 +92,23 @@ class PortPlan(NamedTuple):
             or self.external_route is Route.CLUSTER
             or (self.has_external and self.external_route in (Route.LOCAL, Route.DROP))
         )
+
+
+class PlannedService(NamedTuple):
+    """What one Service contributes to the node plan before claims are settled: its
+    ports in each family, with everything needed to settle claims and report them.
+    It depends only on the Service, its EndpointSlices and the NodeConfig, so a
+    compile cache can keep it while those stay the same (svcrules.compiler.cache)."""
+
+    namespace: str
+    name: str
+    created: float | None  # metadata.creationTimestamp (seconds), for claims
+    origin: Origin | None  # where the Service was read, for error messages
+    ports: tuple[tuple[tuple[int, PortPlan], ...], tuple[tuple[int, PortPlan], ...]]
+
+    def family_ports(self, family: Family) -> tuple[tuple[int, PortPlan], ...]:
+        """(index in spec.ports, plan) of each port in ``family``."""
+        return self.ports[0 if family == 4 else 1]
 
 
 @dataclass(frozen=True)

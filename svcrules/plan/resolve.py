@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
 
-from svcrules.errors import Problem
+from svcrules.errors import Origin, Problem
 from svcrules.inputs.addr import (
     Family,
     canonical_ip,
@@ -37,6 +37,7 @@ from svcrules.plan.node import (
     IgnoredSlice,
     Masquerade,
     NodePlan,
+    PlannedService,
     PortPlan,
     Route,
 )
@@ -71,7 +72,7 @@ def programmed_services(services: Iterable[Service]) -> list[Service]:
 SliceKey = tuple[str, str, int]  # namespace, Service name, family
 
 
-def _slices_by_service(
+def slices_by_service(
     slices: Iterable[EndpointSlice],
 ) -> tuple[dict[SliceKey, list[EndpointSlice]], dict[SliceKey, list[IgnoredSlice]]]:
     """The slices of each Service per family, and those hidden by a label (section 2:
@@ -277,59 +278,86 @@ def _plan_port(
     )
 
 
+def pod_cidrs(node: NodeConfig, family: Family) -> tuple[str, ...]:
+    return _cidrs_in_family(node.spec.cluster_cidrs, family)
+
+
+def plan_service(
+    svc: Service,
+    slices: dict[SliceKey, list[EndpointSlice]],
+    ignored: dict[SliceKey, list[IgnoredSlice]],
+    node: NodeConfig,
+    origin: Origin | None = None,
+) -> PlannedService:
+    """Plan every port of one programmed Service (see ``programmed_services``), in
+    both families, from its EndpointSlices (as ``slices_by_service`` groups them)."""
+    planned: list[tuple[tuple[int, PortPlan], ...]] = []
+    for fam in (4, 6):
+        family: Family = 4 if fam == 4 else 6
+        cluster_ip = next(
+            (ip for ip in svc.spec.all_cluster_ips() if family_of(ip) == family), None
+        )
+        if cluster_ip is None:
+            planned.append(())
+            continue
+        key = (svc.metadata.namespace, svc.metadata.name, family)
+        svc_slices = slices.get(key, [])
+        hidden = sorted({i.text for i in ignored.get(key, [])})
+        cidrs = pod_cidrs(node, family)
+        planned.append(
+            tuple(
+                (idx, _plan_port(svc, port, family, cluster_ip, pairs, node, cidrs, hidden[:]))
+                for idx, port in enumerate(svc.spec.ports)
+                for pairs in (_merge_endpoints(svc_slices, port),)
+            )
+        )
+    ts = svc.metadata.creation_timestamp
+    return PlannedService(
+        svc.metadata.namespace,
+        svc.metadata.name,
+        ts.timestamp() if ts else None,
+        origin,
+        (planned[0], planned[1]),
+    )
+
+
 def resolve(inputs: Inputs, node: NodeConfig, skipped: list[Problem] | None = None) -> NodePlan:
     """Build the node plan; raise InputError for conflicts between objects, or, given
     ``skipped``, leave out the Services that lose a conflict and report them there
     (see ``claims.check_claims``)."""
-    slices, ignored = _slices_by_service(inputs.slices)
+    slices, ignored = slices_by_service(inputs.slices)
+    planned = [
+        plan_service(svc, slices, ignored, node, inputs.origin(svc))
+        for svc in programmed_services(inputs.services)
+    ]
+    foreign = {fam: _foreign_cluster_ips(inputs.services, fam) for fam in (4, 6)}
+    hidden = {i for group in ignored.values() for i in group}
+    return assemble(planned, foreign, hidden, node, skipped)
+
+
+def assemble(
+    planned: list[PlannedService],
+    foreign: dict[int, tuple[str, ...]],
+    ignored: Iterable[IgnoredSlice],
+    node: NodeConfig,
+    skipped: list[Problem] | None = None,
+) -> NodePlan:
+    """The node plan from every programmed Service's own plan (in ``programmed_services``
+    order): settle claims, then add what belongs to the node (section 2's scopes)."""
     families: list[FamilyPlan] = []
-    all_ports: list[tuple[Service, int, PortPlan]] = []
     for family in (4, 6):
         fam: Family = 4 if family == 4 else 6
-        pod_cidrs = _cidrs_in_family(node.spec.cluster_cidrs, fam)
-        ports: list[PortPlan] = []
-        for svc in programmed_services(inputs.services):
-            cluster_ip = next(
-                (ip for ip in svc.spec.all_cluster_ips() if family_of(ip) == fam), None
-            )
-            if cluster_ip is None:
-                continue
-            key = (svc.metadata.namespace, svc.metadata.name, fam)
-            svc_slices = slices.get(key, [])
-            hidden = sorted({i.text for i in ignored.get(key, [])})
-            for idx, port in enumerate(svc.spec.ports):
-                pairs = _merge_endpoints(svc_slices, port)
-                plan = _plan_port(svc, port, fam, cluster_ip, pairs, node, pod_cidrs, hidden[:])
-                ports.append(plan)
-                all_ports.append((svc, idx, plan))
+        ports = [p for s in planned for _, p in s.family_ports(fam)]
         ports.sort(key=lambda p: (p.namespace, p.name, p.port_name, p.protocol, p.port))
-        npa = node.spec.node_port_addresses
-        cidrs: tuple[str, ...] = ()
-        fam_notes: list[str] = []
-        if npa == ["primary"]:
-            mode = "primary"
-        else:
-            fam_cidrs = _cidrs_in_family(npa, fam)
-            if not fam_cidrs:
-                # kube-proxy falls back to the zero CIDR of a family the list leaves out.
-                mode = "all"
-                name = "IPv4" if fam == 4 else "IPv6"
-                fam_notes.append(
-                    f"nodePortAddresses has no {name} CIDR: "
-                    f"NodePorts on every local {name} address except loopback"
-                )
-            elif any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
-                mode, cidrs = "all", ()
-            else:
-                mode, cidrs = "cidrs", fam_cidrs
+        mode, cidrs, fam_notes = _nodeport_scope(node, fam)
         families.append(
             FamilyPlan(
                 family=fam,
                 table=node.spec.table_name,
                 node_ip=node.node_ip(fam),
-                pod_cidrs=pod_cidrs,
+                pod_cidrs=pod_cidrs(node, fam),
                 service_cidrs=_cidrs_in_family(node.spec.service_cidrs, fam),
-                foreign_ips=_foreign_cluster_ips(inputs.services, fam),
+                foreign_ips=foreign[fam],
                 nodeport_mode=mode,
                 nodeport_cidrs=cidrs,
                 masquerade_bit=node.spec.masquerade_bit,
@@ -337,9 +365,9 @@ def resolve(inputs: Inputs, node: NodeConfig, skipped: list[Problem] | None = No
                 notes=tuple(fam_notes),
             )
         )
-    losers = check_claims(inputs, all_ports, skipped)
+    losers = check_claims(planned, skipped)
     if losers:
-        dropped = {id(p) for svc, _, p in all_ports if id(svc) in losers}
+        dropped = {id(p) for s in planned if id(s) in losers for fp in s.ports for _, p in fp}
         families = [
             replace(f, ports=tuple(p for p in f.ports if id(p) not in dropped)) for f in families
         ]
@@ -348,10 +376,25 @@ def resolve(inputs: Inputs, node: NodeConfig, skipped: list[Problem] | None = No
         zone=node.spec.zone,
         table=node.spec.table_name,
         families=tuple(families),
-        ignored_slices=tuple(
-            sorted(
-                {i for group in ignored.values() for i in group},
-                key=lambda i: (i.namespace, i.name, i.label),
-            )
-        ),
+        ignored_slices=tuple(sorted(set(ignored), key=lambda i: (i.namespace, i.name, i.label))),
     )
+
+
+def _nodeport_scope(node: NodeConfig, fam: Family) -> tuple[str, tuple[str, ...], list[str]]:
+    """Which addresses serve NodePorts in ``fam`` (nodePortAddresses), and a note when
+    kube-proxy's fallback applies."""
+    npa = node.spec.node_port_addresses
+    if npa == ["primary"]:
+        return "primary", (), []
+    fam_cidrs = _cidrs_in_family(npa, fam)
+    if not fam_cidrs:
+        # kube-proxy falls back to the zero CIDR of a family the list leaves out.
+        name = "IPv4" if fam == 4 else "IPv6"
+        note = (
+            f"nodePortAddresses has no {name} CIDR: "
+            f"NodePorts on every local {name} address except loopback"
+        )
+        return "all", (), [note]
+    if any(parse_cidr(c).prefixlen == 0 for c in fam_cidrs):
+        return "all", (), []
+    return "cidrs", fam_cidrs, []
