@@ -25,8 +25,9 @@ from pydantic import BaseModel, ValidationError
 
 from svcrules.errors import InputError, OnInvalid, Origin, Problem
 from svcrules.inputs.model import EndpointSlice, NodeConfig, Service
-from svcrules.inputs.parse import Refused, documents
+from svcrules.inputs.parse import Refused
 from svcrules.inputs.read import Limits, Source, read_sources
+from svcrules.inputs.split import Split, split
 
 KINDS: dict[tuple[str, str], type[BaseModel]] = {
     ("v1", "Service"): Service,
@@ -236,22 +237,44 @@ def load_text(
     EndpointSlices that fail validation go to ``out.skipped`` instead of
     ``problems``; a document that cannot be parsed is always a problem (which
     objects it held, and so which to keep, cannot be known)."""
-    limits = limits or Limits()
+    pieces = split_text(text, path, problems)
+    if pieces is not None:
+        load_pieces(pieces, range(len(pieces.pieces)), out, problems, on_invalid, limits)
+
+
+def split_text(
+    text: str, path: str, problems: list[Problem], previous: Split | None = None
+) -> Split | None:
+    """``split.split``, with a text that cannot be parsed reported in ``problems``."""
     try:
-        docs = documents(text)
+        return split(path, text, previous)
     except yaml.YAMLError as exc:
         problems.append(Problem(Origin(path, 0), "", f"cannot parse: {_yaml_error(exc)}"))
-        return
     except Refused as exc:
         problems.append(Problem(Origin(path, exc.document), "", f"refused: {exc}"))
-        return
-    for n, doc in enumerate(docs, start=1):
+    return None
+
+
+def load_pieces(
+    pieces: Split,
+    which: Iterable[int],
+    out: Inputs,
+    problems: list[Problem],
+    on_invalid: OnInvalid = "fail",
+    limits: Limits | None = None,
+) -> None:
+    """Validate the pieces ``which`` (indices, in input order) of one input into
+    ``out``; the List documents holding them count once as objects."""
+    limits = limits or Limits()
+    out.objects += pieces.objects - len(pieces.pieces)
+    for i in which:
+        origin = pieces.pieces[i].origin
         try:
-            _load_doc(doc, Origin(path, n), out, problems, limits, on_invalid == "skip")
+            _load_doc(pieces.value(i), origin, out, problems, limits, on_invalid == "skip")
         except _TooMany:
             problems.append(
                 Problem(
-                    Origin(path, n),
+                    Origin(origin.path, origin.document),
                     "",
                     f"refused: more than {limits.max_objects} objects in all inputs "
                     "(SVCRULES_MAX_OBJECTS)",

@@ -200,7 +200,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 def code_digest() -> str:
     """A digest of svcrules' own code and templates: a new version compiles anew."""
     h = hashlib.sha256()
-    roots = [Path(__file__).resolve().parent, template_dir()]
+    roots = [Path(__file__).resolve().parents[1], template_dir()]
     for root in roots:
         for f in sorted(root.rglob("*")):
             if f.is_file() and f.suffix in (".py", ".j2"):

@@ -1,0 +1,232 @@
+"""Cut each input into its objects, each with a digest, parsing as little as possible.
+
+A cron run on a large cluster reads a kubectl JSON List of about 100 MB in which one
+object changed since the last run. Parsing all of it takes seconds; comparing it with
+the last run's copy takes tens of milliseconds. So a JSON List is cut into its items by
+scanning its top level only, and an item whose text repeats the previous copy's item
+at the same place is known without being parsed (``previous``). Only new items are
+decoded, held to what orjson (``parse.documents``) accepts.
+
+Every other input (YAML, a single JSON object, JSON that does not decode with orjson)
+goes through ``parse.documents`` as before; its objects are digested from their
+canonical JSON. Either way the pieces, their origins and the object count are those
+``load.py`` sees, so loading from pieces and loading the whole text agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+
+from svcrules.errors import Origin
+from svcrules.inputs.parse import documents
+
+_WS = " \t\n\r"
+MAX_INT_CHARS = 20  # orjson's limit: 64-bit integers
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int(digits: str) -> int:
+    if len(digits) > MAX_INT_CHARS:
+        raise ValueError("integer beyond 64 bits")
+    return int(digits)
+
+
+# Python's decoder finds where each item ends; it is held to what orjson accepts
+# (no NaN or Infinity, 64-bit integers), so that any text it takes reads as orjson
+# reads it, and any other goes to parse.documents.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_int)
+UNPARSED: Any = object()  # a piece whose value was not needed yet
+
+
+class Piece(NamedTuple):
+    """One object of an input: a List item, or a whole document."""
+
+    origin: Origin
+    digest: str | None  # None: cannot be digested (never taken from a cache)
+    value: Any  # the decoded object, or UNPARSED
+    span: tuple[int, int] | None  # where its text is in the input (JSON Lists)
+
+
+@dataclass
+class Split:
+    """An input cut into pieces; ``objects`` counts documents and List items as
+    ``load.py`` limits them."""
+
+    path: str
+    text: str
+    pieces: list[Piece]
+    objects: int
+
+    def value(self, i: int) -> Any:
+        """The decoded object of piece ``i`` (decoded now if it was not yet)."""
+        piece = self.pieces[i]
+        if piece.value is UNPARSED:
+            assert piece.span is not None
+            piece = piece._replace(value=_DECODER.raw_decode(self.text, piece.span[0])[0])
+            self.pieces[i] = piece
+        return piece.value
+
+
+def digest_text(text: str) -> str:
+    return "t" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def digest_value(value: Any) -> str | None:
+    """A digest of a decoded object (YAML inputs): None for values JSON cannot hold."""
+    try:
+        data = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return None
+    return "v" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def split(path: str, text: str, previous: Split | None = None) -> Split:
+    """Cut ``text`` into pieces, reusing what ``previous`` (the last run's split of the
+    same input) already knows; raise what ``parse.documents`` raises."""
+    if previous is not None and previous.text == text:
+        return Split(path, text, list(previous.pieces), previous.objects)
+    if text.lstrip().startswith("{"):
+        found = _json_list(path, text, previous)
+        if found is not None:
+            return found
+    pieces: list[Piece] = []
+    objects = 0
+    for n, doc in enumerate(documents(text), start=1):
+        objects += 1
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        items = doc.get("items") if isinstance(doc, dict) else None
+        if isinstance(kind, str) and kind.endswith("List") and isinstance(items, list):
+            objects += len(items)
+            pieces += [
+                Piece(Origin(path, n, i), digest_value(item), item, None)
+                for i, item in enumerate(items)
+            ]
+        else:
+            pieces.append(Piece(Origin(path, n), digest_value(doc), doc, None))
+    return Split(path, text, pieces, objects)
+
+
+def _json_list(path: str, text: str, previous: Split | None) -> Split | None:
+    """A JSON List cut at its top level, or None for anything else (another shape, or
+    text orjson would refuse: ``documents`` then decides, as it always did)."""
+    old = _Previous(previous)
+    try:
+        found = _scan(text, old)
+    except (ValueError, RecursionError):
+        return None
+    if found is None:
+        return None
+    items, others = found
+    kind = others.get("kind")
+    if not (isinstance(kind, str) and kind.endswith("List")):
+        return None
+    pieces = [
+        Piece(Origin(path, 1, i), known or digest_text(text[start:end]), value, (start, end))
+        for i, (start, end, known, value) in enumerate(items)
+    ]
+    return Split(path, text, pieces, 1 + len(items))
+
+
+class _Previous:
+    """The last run's items of the same input, to recognise unchanged ones: first by
+    comparing the text at the same place in order (no parsing), then, for an item
+    that moved, by its whole text."""
+
+    LOOKAHEAD = 4  # items removed in one place that are still matched in order
+
+    def __init__(self, previous: Split | None) -> None:
+        self.text = previous.text if previous else ""
+        self.items = [
+            (p.span, p.digest)
+            for p in (previous.pieces if previous else [])
+            if p.span is not None and p.digest is not None
+        ]
+        self.next = 0  # the old item expected at the current place
+        self._by_text: dict[str, str] | None = None
+
+    def match(self, text: str, i: int) -> tuple[int, str] | None:
+        """The end and digest of an old item whose text starts at ``i``, trying the
+        expected one and the few after it (items removed)."""
+        for j in range(self.next, min(self.next + self.LOOKAHEAD, len(self.items))):
+            (start, end), digest = self.items[j]
+            if text.startswith(self.text[start:end], i):
+                self.next = j + 1
+                return i + end - start, digest
+        return None
+
+    def moved(self, item: str) -> str | None:
+        """The digest of an old item with exactly this text, wherever it was."""
+        if self._by_text is None:
+            self._by_text = {self.text[a:b]: d for (a, b), d in self.items}
+        return self._by_text.get(item)
+
+
+# start, end, the digest when the text is an old item's, the value (when decoded)
+Item = tuple[int, int, str | None, Any]
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
+
+
+def _scan(text: str, old: _Previous) -> tuple[list[Item], dict[str, Any]] | None:
+    """The items of the top-level object's ``items`` array and its other members
+    (decoded), or None when the text is not one JSON object with an ``items`` array."""
+    i = _skip(text, 0)
+    if text[i] != "{":
+        return None
+    i = _skip(text, i + 1)
+    items: list[Item] | None = None
+    others: dict[str, Any] = {}
+    while text[i] != "}":
+        key, i = _DECODER.raw_decode(text, i)
+        i = _skip(text, i)
+        if not isinstance(key, str) or text[i] != ":" or key in others:
+            return None
+        i = _skip(text, i + 1)
+        if key == "items":
+            if items is not None or text[i] != "[":
+                return None
+            items, i = _items(text, i + 1, old)
+        else:
+            others[key], i = _DECODER.raw_decode(text, i)
+        i = _skip(text, i)
+        if text[i] == ",":
+            i = _skip(text, i + 1)
+        elif text[i] != "}":
+            return None
+    if items is None or _skip(text, i + 1) != len(text):
+        return None
+    return items, others
+
+
+def _items(text: str, i: int, old: _Previous) -> tuple[list[Item], int]:
+    """The items of an array, from just after its ``[``; and the index after its ``]``."""
+    items: list[Item] = []
+    i = _skip(text, i)
+    if text[i] == "]":
+        return items, i + 1
+    while True:
+        found = old.match(text, i)
+        if found is not None:
+            end, digest = found
+            items.append((i, end, digest, UNPARSED))
+        else:
+            value, end = _DECODER.raw_decode(text, i)
+            items.append((i, end, old.moved(text[i:end]), value))
+        i = _skip(text, end)
+        if text[i] == "]":
+            return items, i + 1
+        if text[i] != ",":
+            raise ValueError("expected , or ]")
+        i = _skip(text, i + 1)
