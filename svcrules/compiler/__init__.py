@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
 from typing import TextIO
 
+from svcrules.compiler.compile_cache import Cache, NotCacheable, compile_plan
+from svcrules.compiler.memory import no_cyclic_gc
 from svcrules.errors import InputError, OnInvalid, Problem
 from svcrules.inputs.config import Overrides, node_config
 from svcrules.inputs.load import Inputs, load_sources
@@ -32,6 +32,8 @@ class Ruleset:
 
     plan: NodePlan
     skipped: tuple[Problem, ...] = ()
+    # What the next compile of changed inputs can reuse (Job.compile with a cache).
+    next_cache: Cache | None = field(default=None, compare=False, repr=False)
     _texts: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def text(self, backend: str) -> str:
@@ -105,14 +107,41 @@ class Job:
         h.update(f"\x00{self.allow_empty}\x00{self.on_invalid}".encode())
         return h.hexdigest()[:32]
 
-    def compile(self, backend: str = "nftables", on_invalid: OnInvalid | None = None) -> Ruleset:
+    def compile(
+        self,
+        backend: str = "nftables",
+        on_invalid: OnInvalid | None = None,
+        cache: Cache | None = None,
+        keep: bool = False,
+    ) -> Ruleset:
         """Parse, validate and compile. ``on_invalid="skip"``: invalid Services and
         EndpointSlices and Services losing a conflict are left out and listed in
         ``Ruleset.skipped``; a document that cannot be parsed, any problem with the
-        NodeConfig, and inputs beyond the limits still fail (InputError)."""
+        NodeConfig, and inputs beyond the limits still fail (InputError).
+
+        With ``keep`` (or a ``cache`` from an earlier compile), the result carries a
+        ``next_cache``, and with ``cache`` only what changed is validated and planned
+        again (svcrules.compiler.compile_cache); the ruleset is the same either way."""
         on_invalid = on_invalid or self.on_invalid
         _check_mode(on_invalid)
-        with _no_cyclic_gc():
+        with no_cyclic_gc():
+            if keep or cache is not None:
+                try:
+                    plan, skipped, new = compile_plan(
+                        self.sources,
+                        self.config,
+                        self.overrides,
+                        on_invalid,
+                        self.allow_empty,
+                        code_digest(),
+                        cache,
+                    )
+                except NotCacheable:
+                    pass
+                else:
+                    ruleset = Ruleset(plan, skipped, new)
+                    _ = ruleset.text(backend)
+                    return ruleset
             inputs = load_sources(self.sources, on_invalid)
             config_inputs = load_sources(self.config) if self.config else None
             empty = [] if self.allow_empty else empty_problems(self.sources, inputs)
@@ -180,20 +209,6 @@ def compile_paths(
     """Load ``paths`` (and ``config``), find the NodeConfig and compile (see
     ``Job.compile`` for ``on_invalid``)."""
     return prepare(paths, config, overrides, stdin, allow_empty).compile(backend, on_invalid)
-
-
-@contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Compiling builds millions of objects and frees none until the end; the cyclic
-    collector would walk them all again and again (a third of the time at 10,000
-    Services). Reference counting still frees everything as usual."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 @cache

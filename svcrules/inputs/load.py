@@ -237,17 +237,21 @@ def load_text(
     EndpointSlices that fail validation go to ``out.skipped`` instead of
     ``problems``; a document that cannot be parsed is always a problem (which
     objects it held, and so which to keep, cannot be known)."""
-    pieces = split_text(text, path, problems)
+    pieces = split_text(text, path, problems, digests=False)
     if pieces is not None:
         load_pieces(pieces, range(len(pieces.pieces)), out, problems, on_invalid, limits)
 
 
 def split_text(
-    text: str, path: str, problems: list[Problem], previous: Split | None = None
+    text: str,
+    path: str,
+    problems: list[Problem],
+    previous: Split | None = None,
+    digests: bool = True,
 ) -> Split | None:
     """``split.split``, with a text that cannot be parsed reported in ``problems``."""
     try:
-        return split(path, text, previous)
+        return split(path, text, previous, digests)
     except yaml.YAMLError as exc:
         problems.append(Problem(Origin(path, 0), "", f"cannot parse: {_yaml_error(exc)}"))
     except Refused as exc:
@@ -268,19 +272,35 @@ def load_pieces(
     limits = limits or Limits()
     out.objects += pieces.objects - len(pieces.pieces)
     for i in which:
-        origin = pieces.pieces[i].origin
-        try:
-            _load_doc(pieces.value(i), origin, out, problems, limits, on_invalid == "skip")
-        except _TooMany:
-            problems.append(
-                Problem(
-                    Origin(origin.path, origin.document),
-                    "",
-                    f"refused: more than {limits.max_objects} objects in all inputs "
-                    "(SVCRULES_MAX_OBJECTS)",
-                )
-            )
+        if not load_piece(pieces, i, out, problems, on_invalid, limits):
             return
+
+
+def load_piece(
+    pieces: Split,
+    i: int,
+    out: Inputs,
+    problems: list[Problem],
+    on_invalid: OnInvalid = "fail",
+    limits: Limits | None = None,
+) -> bool:
+    """Validate piece ``i`` of one input into ``out``; False once the objects of all
+    inputs are beyond ``limits`` (said in ``problems``)."""
+    limits = limits or Limits()
+    origin = pieces.pieces[i].origin
+    try:
+        _load_doc(pieces.value(i), origin, out, problems, limits, on_invalid == "skip")
+    except _TooMany:
+        problems.append(
+            Problem(
+                Origin(origin.path, origin.document),
+                "",
+                f"refused: more than {limits.max_objects} objects in all inputs "
+                "(SVCRULES_MAX_OBJECTS)",
+            )
+        )
+        return False
+    return True
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:

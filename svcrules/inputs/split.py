@@ -88,12 +88,14 @@ def digest_value(value: Any) -> str | None:
     return "v" + hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def split(path: str, text: str, previous: Split | None = None) -> Split:
+def split(path: str, text: str, previous: Split | None = None, digests: bool = True) -> Split:
     """Cut ``text`` into pieces, reusing what ``previous`` (the last run's split of the
-    same input) already knows; raise what ``parse.documents`` raises."""
+    same input) already knows; raise what ``parse.documents`` raises. Without
+    ``digests`` (a compile that keeps no cache), JSON is decoded whole by orjson, which
+    is faster than finding where each item's text lies, and nothing is digested."""
     if previous is not None and previous.text == text:
         return Split(path, text, list(previous.pieces), previous.objects)
-    if text.lstrip().startswith("{"):
+    if digests and text.lstrip().startswith("{"):
         found = _json_list(path, text, previous)
         if found is not None:
             return found
@@ -106,11 +108,11 @@ def split(path: str, text: str, previous: Split | None = None) -> Split:
         if isinstance(kind, str) and kind.endswith("List") and isinstance(items, list):
             objects += len(items)
             pieces += [
-                Piece(Origin(path, n, i), digest_value(item), item, None)
+                Piece(Origin(path, n, i), digest_value(item) if digests else None, item, None)
                 for i, item in enumerate(items)
             ]
         else:
-            pieces.append(Piece(Origin(path, n), digest_value(doc), doc, None))
+            pieces.append(Piece(Origin(path, n), digest_value(doc) if digests else None, doc, None))
     return Split(path, text, pieces, objects)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from svcrules.compiler import Job, Ruleset
+from svcrules.compiler.compile_cache import Cache
 from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
 from svcrules.inputs.owned import check_name
 from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
@@ -101,6 +102,8 @@ class Change:
     kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
     # An incremental change: the full replacement to send instead if the kernel refuses it.
     fallback: Callable[[], Tx] | None = field(default=None, repr=False)
+    # The compile cache to keep once the change is applied (None: keep the one there).
+    cache: Cache | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -167,7 +170,8 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
             kernel_seconds=kernel_seconds,
         )
 
-    ruleset = job.compile(driver.backend)
+    warnings: list[str] = []
+    ruleset = job.compile(driver.backend, cache=store.load_cache(warnings), keep=True)
     new_script = driver.text(ruleset)
     new_meta = _new_meta(job, ruleset, driver, new_script, old_meta)
     if ruleset.plan.table != table:
@@ -198,8 +202,10 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 new_meta,
                 old_meta,
                 stale_after,
+                problems=warnings,
                 kernel_seconds=kernel_seconds,
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
+                cache=ruleset.next_cache,
             )
     full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
     new_meta.owned = [table]
@@ -212,8 +218,9 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         new_script,
         new_meta,
         old_meta,
-        problems=_problems_of(full),
+        problems=warnings + _problems_of(full),
         kernel_seconds=kernel_seconds + seconds,
+        cache=ruleset.next_cache,
     )
 
 
@@ -291,6 +298,11 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
     change.new_meta.stale = change.stale_after
     change.new_meta.last_success = time.time()
     store.save(change.new_script, change.new_meta)
+    if change.cache is not None:
+        try:
+            store.save_cache(change.cache)
+        except SvcrulesError as exc:  # only a speed-up: the rules and state are in place
+            change.problems.append(f"compile cache not kept: {exc}")
     change.problems += run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
 
 

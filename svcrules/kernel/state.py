@@ -14,6 +14,9 @@ Files in the state directory:
   replaces the rules whole, which is always safe.
 - ``counters.json``: failures and the time of the last success (for metrics); small,
   rewritten on every failed run without touching ``state``.
+- ``compile-cache``: what the last compile can lend the next one (the inputs' pieces
+  and each Service's plan; svcrules/compiler/compile_cache.py). Only a speed-up:
+  checksummed, and a missing or unusable one means a compile from scratch.
 - ``lock``: taken by every command that writes (see lock.py).
 """
 
@@ -34,6 +37,7 @@ from svcrules.errors import StateError
 
 if TYPE_CHECKING:
     # Annotations only: the CLI imports this module at start (DEFAULT_STATE_DIR).
+    from svcrules.compiler.compile_cache import Cache
     from svcrules.plan.node import NodePlan, PortPlan
 
 FORMAT_VERSION = 2
@@ -120,6 +124,7 @@ class StateStore:
         self.dir = Path(directory)
         self.path = self.dir / "state"
         self.counters_path = self.dir / "counters.json"
+        self.cache_path = self.dir / "compile-cache"
         self.damaged = ""  # why the saved state was ignored, for the run's reason
 
     # Reading
@@ -171,6 +176,13 @@ class StateStore:
         meta.last_success = counters.last_success or float(raw.get("last_success", 0) or 0)
         return meta
 
+    def load_cache(self, warnings: list[str]) -> Cache | None:
+        """The compile cache, or None; why an existing one is unusable goes to
+        ``warnings``."""
+        from svcrules.compiler.compile_cache import load
+
+        return load(self.cache_path, warnings.append)
+
     def has_state(self) -> bool:
         return self.path.is_file() or any((self.dir / n).is_file() for n in LEGACY_FILES)
 
@@ -212,13 +224,20 @@ class StateStore:
         for name in LEGACY_FILES:
             (self.dir / name).unlink(missing_ok=True)
 
+    def save_cache(self, cache: Cache) -> None:
+        """Replace the compile cache. Not synced to disk: a copy torn by a power cut fails
+        its checksum and is ignored, which costs one compile from scratch."""
+        from svcrules.compiler.compile_cache import dump
+
+        _atomic_write(self.cache_path, dump(cache), sync=False, mode=0o600)
+
     def save_counters(self, meta: Meta) -> None:
         data = {k: getattr(meta, k) for k in COUNTERS}
         _atomic_write(self.counters_path, (json.dumps(data, sort_keys=True) + "\n").encode())
 
     def clear(self) -> None:
         """Forget the rules (cleanup removed them); the counters stay."""
-        for p in (self.path, *(self.dir / n for n in LEGACY_FILES)):
+        for p in (self.path, self.cache_path, *(self.dir / n for n in LEGACY_FILES)):
             try:
                 p.unlink(missing_ok=True)
             except IsADirectoryError:
@@ -251,21 +270,25 @@ def _decode(data: bytes) -> tuple[str, Meta]:
     return script, Meta.from_json(raw)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, sync: bool = True, mode: int = 0o644) -> None:
     """Temporary file, fsync, rename, fsync of the directory: all or nothing, even
-    across a power cut. A failed write leaves no temporary file behind."""
+    across a power cut (without ``sync``: all or nothing while the machine runs). A
+    failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with open(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         tmp.replace(path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if sync:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -98,7 +98,7 @@ class PlannedService(NamedTuple):
     """What one Service contributes to the node plan before claims are settled: its
     ports in each family, with everything needed to settle claims and report them.
     It depends only on the Service, its EndpointSlices and the NodeConfig, so a
-    compile cache can keep it while those stay the same (svcrules.compiler.cache)."""
+    compile cache can keep it while those stay the same (svcrules.compiler.compile_cache)."""
 
     namespace: str
     name: str

@@ -58,15 +58,18 @@ def _foreign_cluster_ips(services: Iterable[Service], family: Family) -> tuple[s
 
 def programmed_services(services: Iterable[Service]) -> list[Service]:
     """Services that get rules at all (section 2), in canonical order."""
-    out = [
-        s
-        for s in services
-        if s.spec.type != "ExternalName"
-        and not s.spec.is_headless()
-        and not s.is_skipped_by_label()
-        and s.spec.all_cluster_ips()
-    ]
+    out = [s for s in services if is_programmed(s)]
     return sorted(out, key=lambda s: (s.metadata.namespace, s.metadata.name))
+
+
+def is_programmed(svc: Service) -> bool:
+    """Whether a Service gets rules at all (section 2)."""
+    return (
+        svc.spec.type != "ExternalName"
+        and not svc.spec.is_headless()
+        and not svc.is_skipped_by_label()
+        and bool(svc.spec.all_cluster_ips())
+    )
 
 
 SliceKey = tuple[str, str, int]  # namespace, Service name, family

@@ -1,0 +1,227 @@
+"""The compile cache gives what a compile without it gives, whatever came before.
+
+Random clusters go through random sequences of changes (objects edited, added,
+removed, duplicated, made invalid, reordered, the NodeConfig edited), each compiled
+with the cache the previous step left and without any cache: plan, text, JSON and
+what skip mode left out must be the same, and so must the error when there is one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from svcrules.compiler import Job, Ruleset, code_digest
+from svcrules.compiler.compile_cache import Cache, compile_plan, dump, load
+from svcrules.errors import InputError
+from svcrules.inputs.config import Overrides
+from svcrules.inputs.read import Source
+from tests.k8s import Obj
+from tests.k8s import dump as dump_yaml
+from tests.strategies import clusters
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _sources(objs: list[Obj], form: str) -> tuple[Source, ...]:
+    """The objects as kubectl prints them (an indented JSON List), compact JSON, YAML
+    documents, or split over a JSON List and a YAML file."""
+    items = {"apiVersion": "v1", "kind": "List", "items": objs}
+    if form == "kubectl":
+        return (Source("cluster.json", json.dumps(items, indent=4) + "\n"),)
+    if form == "compact":
+        return (Source("cluster.json", json.dumps(items)),)
+    if form == "yaml":
+        return (Source("cluster.yaml", dump_yaml(objs)),)
+    half = len(objs) // 2
+    rest = {"apiVersion": "v1", "kind": "List", "items": objs[half:]}
+    return (Source("a.yaml", dump_yaml(objs[:half])), Source("b.json", json.dumps(rest)))
+
+
+def _compile(job: Job, cache: Cache | None, keep: bool) -> tuple[str, Ruleset | None]:
+    """("", ruleset), or the error's text and None. Without ``keep`` (nor a cache) the
+    compile is the one that never saw a cache (load_sources, resolve)."""
+    try:
+        return "", job.compile(cache=cache, keep=keep)
+    except InputError as exc:
+        return str(exc), None
+
+
+def _same(cached: tuple[str, Ruleset | None], cold: tuple[str, Ruleset | None]) -> None:
+    assert cached[0] == cold[0]
+    if cold[1] is None:
+        return
+    assert cached[1] is not None
+    assert cached[1].plan == cold[1].plan
+    assert cached[1].nft == cold[1].nft
+    assert cached[1].json == cold[1].json
+    assert cached[1].iptables == cold[1].iptables
+    assert [str(p) for p in cached[1].skipped] == [str(p) for p in cold[1].skipped]
+
+
+def _change(objs: list[Obj], other: list[Obj], rnd: random.Random) -> list[Obj]:
+    """One step of churn: a few objects edited, added, removed, copied or broken."""
+    out = copy.deepcopy(objs)
+    for _ in range(rnd.randint(1, 3)):
+        what = rnd.choice(["endpoint", "add", "remove", "copy", "invalid", "move", "node"])
+        body = [o for o in out if o["kind"] != "NodeConfig"]
+        if what == "endpoint":
+            slices = [o for o in body if o["kind"] == "EndpointSlice" and o["endpoints"]]
+            if slices:
+                ep = rnd.choice(rnd.choice(slices)["endpoints"])
+                ep["addresses"] = [ep["addresses"][0].replace(".1", ".2", 1).replace("::", "::9")]
+        elif what == "add" and other:
+            out.append(copy.deepcopy(rnd.choice(other)))
+        elif what == "remove" and body:
+            out.remove(rnd.choice(body))
+        elif what == "copy" and body:
+            out.insert(rnd.randrange(len(out) + 1), copy.deepcopy(rnd.choice(body)))
+        elif what == "invalid" and body:
+            victim = rnd.choice(body)
+            if victim["kind"] == "Service":
+                victim["spec"]["ports"][0]["port"] = "not-a-port"
+            else:
+                victim["addressType"] = "IPv5"
+        elif what == "move" and out:
+            out.insert(rnd.randrange(len(out)), out.pop(rnd.randrange(len(out))))
+        elif what == "node":
+            node = next(o for o in out if o["kind"] == "NodeConfig")
+            node["spec"]["masqueradeAll"] = not node["spec"].get("masqueradeAll", False)
+    return out
+
+
+@SETTINGS
+@given(
+    clusters(),
+    clusters(),
+    st.sampled_from(["kubectl", "compact", "yaml", "mixed"]),
+    st.sampled_from(["fail", "skip"]),
+    st.randoms(use_true_random=False),
+)
+def test_cached_compile_is_the_cold_compile(
+    objs: list[Obj], other: list[Obj], form: str, on_invalid: str, rnd: random.Random
+) -> None:
+    cache: Cache | None = None
+    for _ in range(4):
+        job = Job(_sources(objs, form), (), Overrides(), on_invalid=on_invalid)  # type: ignore[arg-type]
+        cold = _compile(job, None, keep=False)
+        cached = _compile(job, cache, keep=True)
+        _same(cached, cold)
+        if cached[1] is not None and cached[1].next_cache is not None:
+            cache = cached[1].next_cache
+        objs = _change(objs, [o for o in other if o["kind"] != "NodeConfig"], rnd)
+
+
+def _poisoned(cache: Cache) -> Cache:
+    """The cache with every Service plan emptied: a compile that trusted it would
+    program no Service."""
+    bad = copy.copy(cache)
+    bad.plans = {
+        k: (digest, pickle.dumps(tuple(p._replace(ports=((), ())) for p in pickle.loads(blob))))
+        for k, (digest, blob) in cache.plans.items()
+    }
+    return bad
+
+
+def _objs() -> list[Obj]:
+    from tests.k8s import endpoint, endpoint_slice, node_config, service
+
+    return [
+        node_config(),
+        service("web", "10.96.0.10"),
+        endpoint_slice("web", [endpoint("10.1.0.1"), endpoint("10.1.0.2")]),
+    ]
+
+
+def test_plans_are_not_trusted_from_another_version() -> None:
+    job = Job(_sources(_objs(), "kubectl"), (), Overrides())
+    first = job.compile(keep=True)
+    assert first.next_cache is not None
+    trusted = _poisoned(first.next_cache)
+    # The same version trusts it (this is what makes the check below meaningful) ...
+    assert not job.compile(cache=trusted).plan.families[0].ports
+    # ... another does not.
+    trusted.code = "another version"
+    assert job.compile(cache=trusted).plan == first.plan
+
+
+def test_plans_are_not_trusted_for_another_node_config() -> None:
+    objs = _objs()
+    first = Job(_sources(objs, "kubectl"), (), Overrides()).compile(keep=True)
+    assert first.next_cache is not None
+    objs[0]["spec"]["masqueradeAll"] = True
+    job = Job(_sources(objs, "kubectl"), (), Overrides())
+    assert job.compile(cache=_poisoned(first.next_cache)).plan == job.compile().plan
+
+
+def test_flags_that_change_the_node_config_count_as_a_change() -> None:
+    job = Job(_sources(_objs(), "kubectl"), (), Overrides())
+    first = job.compile(keep=True)
+    assert first.next_cache is not None
+    flagged = Job(job.sources, (), Overrides(table_name="other"))
+    assert flagged.compile(cache=_poisoned(first.next_cache)).plan == flagged.compile().plan
+
+
+def test_an_unchanged_service_is_not_planned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from svcrules.compiler import compile_cache
+
+    objs = _objs()
+    job = Job(_sources(objs, "kubectl"), (), Overrides())
+    first = compile_plan(job.sources, (), Overrides(), "fail", True, code_digest(), None)[2]
+    planned: list[str] = []
+    from svcrules.plan.resolve import plan_service as real
+
+    def spy(svc: Any, *args: Any) -> Any:
+        planned.append(svc.metadata.name)
+        return real(svc, *args)
+
+    monkeypatch.setattr(compile_cache, "plan_service", spy)
+    from tests.k8s import endpoint, endpoint_slice, service
+
+    objs += [service("api", "10.96.0.11"), endpoint_slice("api", [endpoint("10.1.0.9")])]
+    job = Job(_sources(objs, "kubectl"), (), Overrides())
+    compile_plan(job.sources, (), Overrides(), "fail", True, code_digest(), first)
+    assert planned == ["api"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) // 2],  # torn write
+        lambda b: b[:-10] + bytes(10),  # flipped bytes
+        lambda b: b"",
+        lambda b: b"svcrules-compile-cache 99 00\n" + b[b.index(b"\n") + 1 :],  # other format
+    ],
+)
+def test_a_damaged_cache_is_ignored(tmp_path: Path, damage: Any) -> None:
+    job = Job(_sources(_objs(), "kubectl"), (), Overrides())
+    first = job.compile(keep=True)
+    assert first.next_cache is not None
+    path = tmp_path / "compile-cache"
+    path.write_bytes(damage(dump(first.next_cache)))
+    path.chmod(0o600)
+    warnings: list[str] = []
+    assert load(path, warnings.append) is None
+    assert len(warnings) == 1 and "compile cache" in warnings[0]
+
+
+def test_a_cache_others_may_write_is_ignored(tmp_path: Path) -> None:
+    job = Job(_sources(_objs(), "kubectl"), (), Overrides())
+    first = job.compile(keep=True)
+    assert first.next_cache is not None
+    path = tmp_path / "compile-cache"
+    path.write_bytes(dump(first.next_cache))
+    path.chmod(0o600)
+    assert load(path, print) is not None
+    path.chmod(0o666)
+    warnings: list[str] = []
+    assert load(path, warnings.append) is None
+    assert "unwritable by others" in warnings[0]
