@@ -439,3 +439,36 @@ def test_kernel_errors_are_trimmed_to_the_first_error() -> None:
 def test_the_registry_names_every_backend() -> None:
     assert sorted(BACKENDS) == ["iptables", "nftables"]
     assert isinstance(open_fake("nftables")[1], NftDriver)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_runs_keep_a_compile_cache_and_a_damaged_one_is_only_a_warning(
+    kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from svcrules.compiler import compile_cache
+
+    _fake, driver = open_fake(kernel)
+    store = StateStore(tmp_path)
+    run(job("11", "12"), driver, store)
+    assert store.cache_path.is_file() and store.cache_path.stat().st_mode & 0o777 == 0o600
+    planned: list[str] = []
+    real = compile_cache._plan_group
+
+    def spy(group: Any, *args: Any) -> Any:
+        planned.append(group[0].info.ref)
+        return real(group, *args)
+
+    monkeypatch.setattr(compile_cache, "_plan_group", spy)
+    change = run(job("11", "13"), driver, store)
+    assert change.mode == "incremental" and planned == ["default/a"]
+    assert not change.problems
+    store.cache_path.write_bytes(b"svcrules-compile-cache 1 0\ngarbage")
+    store.cache_path.chmod(0o600)
+    change = run(job("11", "14"), driver, store)
+    assert change.mode == "incremental"
+    assert [p for p in change.problems if "compile cache" in p] == [
+        f"compile cache {store.cache_path} ignored: checksum mismatch: truncated or modified"
+    ]
+    expected = job("11", "14").compile(driver.backend)
+    assert store.load()[0] == driver.text(expected)
+    assert store.load_cache([]) is not None  # rewritten whole
