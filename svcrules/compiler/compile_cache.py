@@ -189,6 +189,9 @@ def _validate(
     or is a NodeConfig; several for a nested List, which is never cached)."""
     counts = (len(out.services), len(out.slices), len(out.node_configs), len(out.skipped))
     load_piece(sp, i, out, problems, on_invalid, limits)
+    if sp.pieces[i].span is not None:
+        # The decoded object is several times the size of its text, which stays.
+        sp.pieces[i] = sp.pieces[i]._replace(value=UNPARSED)
     made: list[Service | EndpointSlice] = [*out.services[counts[0] :], *out.slices[counts[1] :]]
     other = len(out.node_configs) > counts[2] or len(out.skipped) > counts[3]
     digest = sp.pieces[i].digest if len(made) == 1 and not other else None
