@@ -111,6 +111,7 @@ def split(path: str, text: str, previous: Split | None = None, digests: bool = T
                 Piece(Origin(path, n, i), digest_value(item) if digests else None, item, None)
                 for i, item in enumerate(items)
             ]
+            items.clear()  # the pieces hold them now: each can be freed once loaded
         else:
             pieces.append(Piece(Origin(path, n), digest_value(doc) if digests else None, doc, None))
     return Split(path, text, pieces, objects)
