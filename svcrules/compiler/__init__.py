@@ -152,6 +152,9 @@ class Job:
             if empty:
                 raise InputError(empty)
             ruleset = compile(inputs, node, on_invalid)
+            # The validated objects are not needed to render: freed first, the largest
+            # compiles peak lower.
+            del inputs, config_inputs
             _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
 
