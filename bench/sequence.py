@@ -5,7 +5,8 @@ directory, each with the next input of a seeded schedule of realistic changes.
     python bench/sequence.py --sizes 1000 --runs 8 --output /tmp/seq.json
     python bench/run.py --sequence ...                                    # as part of the bench
 
-The schedule is made of blocks of eight runs, each block a seeded shuffle of:
+The schedule is made of blocks (eight runs at 10 endpoints per Service), each a seeded
+shuffle of:
 
 - endpoint (x2): one pod of a Service recreated: its address leaves the EndpointSlice and a
   new one is appended;
@@ -14,6 +15,9 @@ The schedule is made of blocks of eight runs, each block a seeded shuffle of:
   ones, keeping the order of those that stay, as the EndpointSlice controller does;
 - service_added: a new ClusterIP Service with its EndpointSlice;
 - service_removed: a Service and its EndpointSlices deleted.
+
+Endpoint changes and rollouts pick Services without internalTrafficPolicy: Local, so that
+every input changes the rules.
 
 Every run is a new `svcrules sync` process as cron starts it (bench/run.py's sync(), inside a
 network namespace this script creates and deletes). Reported per size and backend: p50, p95
@@ -81,8 +85,14 @@ def schedule(objs: list[Obj], runs: int, seed: int = 1) -> Iterator[Step]:
         ]
 
     def pick(current: list[Obj]) -> tuple[str, str, list[str]]:
-        """A Service that has endpoints, and their addresses."""
-        names = generate.service_names(current)
+        """A Service whose endpoints all count on this node, and their addresses. Not one
+        with internalTrafficPolicy: Local: on a node without its endpoints, replacing them
+        changes no rule, and the run would be a no-op rather than the change it stands for."""
+        names = [
+            (o["metadata"]["namespace"], o["metadata"]["name"])
+            for o in current
+            if o["kind"] == "Service" and o["spec"].get("internalTrafficPolicy") != "Local"
+        ]
         for _ in range(100):
             ns, name = rnd.choice(names)
             addresses = generate.endpoint_addresses(current, ns, name)

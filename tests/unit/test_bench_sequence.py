@@ -61,6 +61,19 @@ def test_schedule_is_deterministic_and_mixes_every_change() -> None:
         )
 
 
+def test_endpoint_changes_skip_services_whose_endpoints_may_not_count() -> None:
+    objs = generate.cluster(60, 4)
+    local = {
+        f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+        for o in objs
+        if o["kind"] == "Service" and o["spec"].get("internalTrafficPolicy") == "Local"
+    }
+    assert local
+    for step in sequence.schedule(objs, 200, seed=5):
+        if step.change in ("endpoint", "rollout"):
+            assert step.label.split()[1] not in local
+
+
 def test_rollout_replaces_every_endpoint_in_quarters() -> None:
     objs = _cluster()
     steps = list(sequence.schedule(objs, 8, seed=3))
