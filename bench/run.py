@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -123,7 +124,10 @@ def compile_row(cluster: Path, out: Path, backend: str) -> Row:
 
 
 def sync(ns: Netns, inputs: Path, state: Path, backend: str) -> Row:
-    """One `svcrules sync` as an operator runs it: wall time, and the kernel part."""
+    """One `svcrules sync` as an operator runs it: wall time, the kernel part, and the CPU
+    time of the process (user + system; unlike the wall time, barely moved by other load on
+    the machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, proc = ns.timed(
         PY,
         "-m",
@@ -137,9 +141,12 @@ def sync(ns: Netns, inputs: Path, state: Path, backend: str) -> Row:
         "-v",
         *backend_flags(backend),
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     event = json.loads(proc.stderr.strip().splitlines()[-1])
     return {
         "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
         "kernel_s": event["kernel_seconds"],
         "operations": event["operations"],
         "mode": event["mode"],
