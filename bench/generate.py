@@ -149,3 +149,116 @@ def with_percent_changed(objs: list[Obj], percent: float = 1.0) -> list[Obj]:
         ip = ipaddress.ip_address(sl["endpoints"][0]["addresses"][0])
         sl["endpoints"][0]["addresses"] = [str(ip + (1 << 22))]
     return out
+
+
+# Changes for sequences of runs (bench/sequence.py). Each is a pure function: it returns a
+# new list and never mutates its input; unchanged objects are shared with it, changed ones
+# are copies (so a step costs what it changes, even at 50k Services).
+
+
+def _copy(obj: Obj) -> Obj:
+    copied: Obj = json.loads(json.dumps(obj))
+    return copied
+
+
+def service_names(objs: list[Obj]) -> list[tuple[str, str]]:
+    """(namespace, name) of every Service, in list order."""
+    return [
+        (o["metadata"]["namespace"], o["metadata"]["name"]) for o in objs if o["kind"] == "Service"
+    ]
+
+
+def _owned_by(obj: Obj, namespace: str, name: str) -> bool:
+    meta = obj["metadata"]
+    return bool(
+        obj["kind"] == "EndpointSlice"
+        and meta["namespace"] == namespace
+        and meta.get("labels", {}).get("kubernetes.io/service-name") == name
+    )
+
+
+def endpoint_addresses(objs: list[Obj], namespace: str, name: str) -> list[str]:
+    """The first address of each endpoint of a Service, in EndpointSlice order."""
+    return [
+        ep["addresses"][0] for o in objs if _owned_by(o, namespace, name) for ep in o["endpoints"]
+    ]
+
+
+def endpoint(address: str, node: str) -> Obj:
+    """A ready endpoint, as the EndpointSlice controller writes one for a new pod."""
+    return {
+        "addresses": [address],
+        "conditions": {"ready": True, "serving": True, "terminating": False},
+        "nodeName": node,
+    }
+
+
+def with_endpoints_replaced(
+    objs: list[Obj], namespace: str, name: str, remove: list[str], add: list[Obj]
+) -> list[Obj]:
+    """Pods replaced, as the EndpointSlice controller does it: the endpoints whose first
+    address is in `remove` leave, the others keep their order, `add` is appended (to the
+    Service's first EndpointSlice). One pod recreated is one address out and one in; a
+    rollout step is several."""
+    gone = set(remove)
+    out: list[Obj] = []
+    first = True
+    for o in objs:
+        if _owned_by(o, namespace, name):
+            o = _copy(o)
+            o["endpoints"] = [ep for ep in o["endpoints"] if ep["addresses"][0] not in gone]
+            if first:
+                o["endpoints"].extend(_copy(ep) for ep in add)
+                first = False
+        out.append(o)
+    if first:
+        raise ValueError(f"no EndpointSlice for Service {namespace}/{name}")
+    return out
+
+
+def with_service(
+    objs: list[Obj], namespace: str, name: str, cluster_ip: str, endpoints: list[Obj]
+) -> list[Obj]:
+    """A new ClusterIP Service (one TCP port) and its EndpointSlice, appended."""
+    svc: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+            "selector": {"app": name},
+        },
+    }
+    sl: Obj = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{name}-abcde",
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "endpoints": [_copy(ep) for ep in endpoints],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }
+    return [*objs, svc, sl]
+
+
+def without_service(objs: list[Obj], namespace: str, name: str) -> list[Obj]:
+    """The Service and its EndpointSlices removed."""
+    out = [
+        o
+        for o in objs
+        if not _owned_by(o, namespace, name)
+        and not (
+            o["kind"] == "Service"
+            and o["metadata"]["namespace"] == namespace
+            and o["metadata"]["name"] == name
+        )
+    ]
+    if len(out) == len(objs):
+        raise ValueError(f"no Service {namespace}/{name}")
+    return out

@@ -3,12 +3,19 @@
     python bench/run.py            # 1k, 10k and 50k Services x 10 endpoints
     python bench/run.py --quick    # 1k only (CI runs this as a smoke test)
     python bench/run.py --backends nftables,iptables-legacy --sizes 1000,10000
+    python bench/run.py --sequence # also 30 cron runs in sequence per size (bench/sequence.py)
 
 Backends: nftables, iptables (whichever variant 'iptables' is here), iptables-nft,
 iptables-legacy. The iptables ones stop at --iptables-max Services (default 10k).
 
 Also the process start: `svcrules --help` against `python -c pass` and Typer's own
 floor (bench/startup.py, median of --startup-runs fresh processes).
+
+Ratios (per size and backend, from measurements of the same run): one changed endpoint,
+1 % of Services changed and a no-op sync, end to end, each divided by the full compile
+(bench/measure_compile.py in a fresh process); with --sequence also its p50. The
+one-endpoint and sequence ratios are also given in CPU time (of the sync process, of the
+compile), which other load on a shared machine moves less than wall time.
 
 Prints a table and writes bench/results.json. Kernel measurements need root and
 nft; they run in network namespaces this script creates and deletes, never in the
@@ -21,12 +28,14 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +126,10 @@ def compile_row(cluster: Path, out: Path, backend: str) -> Row:
 
 
 def sync(ns: Netns, inputs: Path, state: Path, backend: str) -> Row:
-    """One `svcrules sync` as an operator runs it: wall time, and the kernel part."""
+    """One `svcrules sync` as an operator runs it: wall time, the kernel part, and the CPU
+    time of the process (user + system; unlike the wall time, barely moved by other load on
+    the machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, proc = ns.timed(
         PY,
         "-m",
@@ -131,9 +143,12 @@ def sync(ns: Netns, inputs: Path, state: Path, backend: str) -> Row:
         "-v",
         *backend_flags(backend),
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     event = json.loads(proc.stderr.strip().splitlines()[-1])
     return {
         "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
         "kernel_s": event["kernel_seconds"],
         "operations": event["operations"],
         "mode": event["mode"],
@@ -165,6 +180,84 @@ def apply_rows(
             row[change] = sync(ns, files[change], state, backend)
             sync(ns, files["base"], state, backend)  # back to base for the next change
     return row
+
+
+def ratios(b: Row) -> Row:
+    """The end-to-end runs as multiples of the full compile of the same run."""
+    c, k = b["compile"], b["kernel"]
+    full = c["total_s"]
+
+    def per(key: str) -> float | None:
+        return round(k[key]["wall_s"] / full, 2) if full else None
+
+    return {
+        "full_compile_s": full,
+        "one_endpoint_vs_compile": per("one_endpoint"),
+        "one_percent_vs_compile": per("one_percent"),
+        "noop_vs_compile": per("noop_sync"),
+        "one_endpoint_kernel_s": k["one_endpoint"]["kernel_s"],
+        "one_endpoint_operations": k["one_endpoint"]["operations"],
+        "compile_peak_rss_mb": c["peak_rss_mb"],
+        # The same, in CPU time of the processes: on a shared machine, less noisy.
+        "one_endpoint_cpu_vs_compile_cpu": (
+            round(k["one_endpoint"]["cpu_s"] / c["cpu_s"], 2) if c["cpu_s"] else None
+        ),
+    }
+
+
+RATIO_ROWS: tuple[tuple[str, Callable[[Row], str]], ...] = (
+    ("full compile (s)", lambda r: f"{r['full_compile_s']}"),
+    (
+        "one changed endpoint, end to end / full compile",
+        lambda r: f"{r['one_endpoint_vs_compile']}",
+    ),
+    (
+        "1 % of Services changed, end to end / full compile",
+        lambda r: f"{r['one_percent_vs_compile']}",
+    ),
+    ("no-op sync, end to end / full compile", lambda r: f"{r['noop_vs_compile']}"),
+    (
+        "one changed endpoint, kernel (s, operations)",
+        lambda r: f"{r['one_endpoint_kernel_s']}s, {r['one_endpoint_operations']}",
+    ),
+    (
+        "one changed endpoint, CPU time / CPU time of full compile",
+        lambda r: f"{r['one_endpoint_cpu_vs_compile_cpu']}",
+    ),
+    ("compile peak RSS (MB)", lambda r: f"{r['compile_peak_rss_mb']:,}"),
+    (
+        "sequence p50, end to end / full compile",
+        lambda r: f"{r.get('sequence_p50_vs_compile', '')}",
+    ),
+    (
+        "sequence p50, CPU time / CPU time of full compile",
+        lambda r: f"{r.get('sequence_cpu_p50_vs_compile_cpu', '')}",
+    ),
+)
+
+
+def ratio_table(results: Row) -> list[str]:
+    lines = []
+    backends = dict.fromkeys(b for size in results["sizes"] for b in size["backends"])
+    for backend in backends:
+        cols = [
+            (size["services"], size["backends"][backend]["ratios"])
+            for size in results["sizes"]
+            if "ratios" in size["backends"].get(backend, {})
+        ]
+        if not cols:
+            continue
+        lines.append(f"== ratios to the full compile of this run, {backend}")
+        lines.append(f"  {'':58}" + "".join(f"{n:>16,}" for n, _ in cols))
+        for label, cell in RATIO_ROWS:
+            values = [cell(r) for _, r in cols]
+            if any(values):
+                lines.append(f"  {label:58}" + "".join(f"{v:>16}" for v in values))
+    if "startup" in results:
+        lines.append(
+            f"== process start (svcrules --help): {results['startup']['svcrules_help_s']}s"
+        )
+    return lines
 
 
 def kube_proxy_row(n: int, objs: list[dict[str, Any]], work: Path) -> Row:
@@ -289,6 +382,11 @@ def table(results: Row) -> str:
         lines.append(
             f"== data path with 10 Services, {backend}: p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms"
         )
+    if "sequence" in results:
+        import sequence
+
+        lines.append(sequence.table(results["sequence"]))
+    lines += ratio_table(results)
     return "\n".join(lines)
 
 
@@ -319,11 +417,23 @@ def main() -> None:
     ap.add_argument(
         "--startup-runs", type=int, default=20, help="fresh processes per start-up measurement"
     )
+    ap.add_argument(
+        "--sequence",
+        action="store_true",
+        help="also cron runs in sequence per size and backend (bench/sequence.py; needs root)",
+    )
+    ap.add_argument("--sequence-runs", type=int, default=30, help="sync runs in the sequence")
+    ap.add_argument("--sequence-seed", type=int, default=1, help="seed of the sequence's schedule")
     ap.add_argument("--output", default=str(HERE / "results.json"))
     args = ap.parse_args()
     sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
     why_not = "disabled" if args.no_kernel else kernel_available()
     results: Row = {"machine": machine(), "sizes": [], "kernel_skipped": why_not}
+    if args.sequence and why_not is None:
+        import sequence
+
+        seq: Row = {"runs": args.sequence_runs, "seed": args.sequence_seed, "sizes": []}
+        results["sequence"] = seq
     print("-- start-up", file=sys.stderr, flush=True)
     results["startup"] = startup.startup(args.startup_runs)
     with tempfile.TemporaryDirectory(prefix="svcrules-bench-") as tmp:
@@ -338,6 +448,7 @@ def main() -> None:
             cluster = work / f"cluster-{n}.json"
             generate.write(cluster, [generate.node_config(), *objs])
             size: Row = {"services": n, "endpoints": args.endpoints, "backends": {}}
+            seq_size: Row = {"services": n, "endpoints": args.endpoints, "backends": {}}
             for backend in chosen:
                 if backend != "nftables" and n > args.iptables_max:
                     continue
@@ -350,11 +461,30 @@ def main() -> None:
                 b: Row = {"compile": compile_row(cluster, compiled, backend)}
                 if why_not is None:
                     b["kernel"] = apply_rows(n, args.endpoints, objs, work, compiled, backend)
+                    b["ratios"] = ratios(b)
+                    if "sequence" in results:
+                        print(f"-- sequence, {n} Services, {backend}", file=sys.stderr, flush=True)
+                        s = sequence.measure(
+                            objs,
+                            backend,
+                            args.sequence_runs,
+                            work,
+                            args.sequence_seed,
+                            compile_s=b["compile"]["total_s"],
+                            compile_cpu_s=b["compile"]["cpu_s"],
+                        )
+                        seq_size["backends"][backend] = s
+                        b["ratios"]["sequence_p50_vs_compile"] = s["summary"]["p50_vs_compile"]
+                        b["ratios"]["sequence_cpu_p50_vs_compile_cpu"] = s["summary"][
+                            "cpu_p50_vs_compile_cpu"
+                        ]
                     b["latency"] = latency(n, args.endpoints, args.connections, backend)
                 size["backends"][backend] = b
             if why_not is None and n <= args.kube_proxy_max and "nftables" in chosen:
                 size["kube_proxy"] = kube_proxy_row(n, objs, work)
             results["sizes"].append(size)
+            if "sequence" in results:
+                results["sequence"]["sizes"].append(seq_size)
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # so far
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
