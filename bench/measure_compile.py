@@ -11,15 +11,12 @@ import resource
 import sys
 import time
 
-from svcrules.inputs.config import node_config
+from svcrules.compiler import compile
+from svcrules.inputs.config import Overrides, node_config
 from svcrules.inputs.load import load_sources
 from svcrules.inputs.read import read_sources
 from svcrules.kernel.iptables.restore import parse_restore
 from svcrules.kernel.nft.diff import parse_script
-from svcrules.plan.resolve import resolve
-from svcrules.render.iptables.layout import render_iptables
-from svcrules.render.nftables.layout import layout
-from svcrules.render.templates import render
 
 
 def _cpu() -> float:
@@ -28,20 +25,21 @@ def _cpu() -> float:
 
 
 def main(path: str, out: str, backend: str = "nftables") -> None:
+    """The phases of ``Job.compile`` (svcrules.compiler) as the commands run them: load,
+    then plan and render with the validated objects freed; the peak memory is read as
+    the ruleset is done, before anything here counts it."""
     gc.disable()  # as the svcrules command does
     c0 = _cpu()
     t0 = time.perf_counter()
     sources = read_sources([path])
     inputs = load_sources(sources)
     t1 = time.perf_counter()
-    plan = resolve(inputs, node_config(inputs, None, __import__("svcrules").Overrides()))
-    if backend == "iptables":
-        text = render_iptables(plan)
-    else:
-        tables = layout(plan)
-        text = render("nftables/ruleset.nft.j2", tables=tables, plan=plan, fingerprint="0" * 32)
+    ruleset = compile(inputs, node_config(inputs, None, Overrides()))
+    del inputs
+    text = ruleset.text("iptables" if backend == "iptables" else "nftables")
     t2 = time.perf_counter()
     c2 = _cpu()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     with open(out, "w") as fh:
         fh.write(text)
     chains = rules = sets = elements = 0
@@ -65,7 +63,7 @@ def main(path: str, out: str, backend: str = "nftables") -> None:
                 "compile_s": round(t2 - t1, 3),
                 "total_s": round(t2 - t0, 3),
                 "cpu_s": round(c2 - c0, 3),  # of total_s; less moved by other load
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                "peak_rss_mb": peak,
                 "bytes": len(text.encode()),
                 "chains": chains,
                 "rules": rules,
