@@ -34,6 +34,8 @@ class Ruleset:
     skipped: tuple[Problem, ...] = ()
     # What the next compile of changed inputs can reuse (Job.compile with a cache).
     next_cache: Cache | None = field(default=None, compare=False, repr=False)
+    # plan.node.port_digest of ports by id(), where the compile cache knew them.
+    port_digests: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
     _texts: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def text(self, backend: str) -> str:
@@ -127,7 +129,7 @@ class Job:
         with no_cyclic_gc():
             if keep or cache is not None:
                 try:
-                    plan, skipped, new = compile_plan(
+                    done = compile_plan(
                         self.sources,
                         self.config,
                         self.overrides,
@@ -139,7 +141,7 @@ class Job:
                 except NotCacheable:
                     pass
                 else:
-                    ruleset = Ruleset(plan, skipped, new)
+                    ruleset = Ruleset(done.plan, done.skipped, done.cache, done.port_digests)
                     _ = ruleset.text(backend)
                     return ruleset
             inputs = load_sources(self.sources, on_invalid)

@@ -38,7 +38,7 @@ from svcrules.inputs.load import Inputs, load_piece, load_sources, split_text
 from svcrules.inputs.model import EndpointSlice, NodeConfig, Service
 from svcrules.inputs.read import Limits, Source
 from svcrules.inputs.split import UNPARSED, Piece, Split
-from svcrules.plan.node import IgnoredSlice, NodePlan, PlannedService
+from svcrules.plan.node import IgnoredSlice, NodePlan, PlannedService, PortPlan, port_digest
 from svcrules.plan.resolve import assemble, is_programmed, plan_service, slices_by_service
 
 MAGIC = b"svcrules-compile-cache"
@@ -65,9 +65,10 @@ class Cache:
     node: str  # digest of the NodeConfig the Service plans were made for
     splits: dict[str, Split] = field(default_factory=dict)  # by input path
     infos: dict[str, Info] = field(default_factory=dict)  # by object digest
-    # By Service: the digest of its objects and its plans (one per copy of the Service),
-    # pickled on their own: a run pickles only the Services it planned again.
-    plans: dict[Key, tuple[str, bytes]] = field(default_factory=dict)
+    # By Service: the digest of its objects, its plans (one per copy of the Service)
+    # pickled on their own (a run pickles only the Services it planned again), and the
+    # port_digest of each of their ports in order.
+    plans: dict[Key, tuple[str, bytes, tuple[str, ...]]] = field(default_factory=dict)
 
     def __getstate__(self) -> dict[str, object]:
         """Inputs kept as their text, spans and digests (a few large objects, not one
@@ -96,6 +97,13 @@ class _Object(NamedTuple):
     origin: Origin
 
 
+class Compiled(NamedTuple):
+    plan: NodePlan
+    skipped: tuple[Problem, ...]  # what on_invalid="skip" left out
+    cache: Cache  # for the next run
+    port_digests: dict[int, str]  # plan.port_digest of each planned port, by id()
+
+
 class NotCacheable(Exception):
     """Compile without the cache (errors must read as they always did)."""
 
@@ -108,7 +116,7 @@ def compile_plan(
     allow_empty: bool,
     code: str,
     cache: Cache | None,
-) -> tuple[NodePlan, tuple[Problem, ...], Cache]:
+) -> Compiled:
     """The node plan and what ``on_invalid="skip"`` left out, reusing ``cache``; and
     the cache for the next run. Raise NotCacheable when this run is one to compile
     without it."""
@@ -149,7 +157,8 @@ def compile_plan(
         if obj.info.key is not None:
             groups[obj.info.key].append(obj)
     planned: list[PlannedService] = []
-    kept: dict[Key, tuple[str, bytes]] = {}
+    kept: dict[Key, tuple[str, bytes, tuple[str, ...]]] = {}
+    port_digests: dict[int, str] = {}
     for key in sorted(groups):
         group = groups[key]
         digest = _group_digest(group)
@@ -157,11 +166,14 @@ def compile_plan(
         mine: tuple[PlannedService, ...]
         if cached is not None and digest is not None and cached[0] == digest:
             kept[key] = cached
-            mine = pickle.loads(cached[1])
+            mine, digests = pickle.loads(cached[1]), cached[2]
         else:
             mine = _plan_group(group, node, fresh, on_invalid, limits)
+            digests = tuple(port_digest(p) for p in _ports(mine))
             if digest is not None:
-                kept[key] = (digest, pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL))
+                blob = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
+                kept[key] = (digest, blob, digests)
+        port_digests.update(zip(map(id, _ports(mine)), digests, strict=True))
         services = [o for o in group if o.info.kind == "Service" and o.info.programmed]
         planned += [p._replace(origin=o.origin) for p, o in zip(mine, services, strict=True)]
     skipped: list[Problem] | None = [] if on_invalid == "skip" else None
@@ -169,7 +181,11 @@ def compile_plan(
     new = Cache(code, on_invalid, node_digest, {sp.path: _stripped(sp) for sp in splits})
     new.infos = {o.digest: o.info for o in objects if o.digest is not None}
     new.plans = kept
-    return plan, (*fresh.skipped, *(skipped or ())), new
+    return Compiled(plan, (*fresh.skipped, *(skipped or ())), new, port_digests)
+
+
+def _ports(planned: tuple[PlannedService, ...]) -> list[PortPlan]:
+    return [p for svc in planned for family in svc.ports for _, p in family]
 
 
 def _origin(piece: Piece, info: Info) -> Origin:

@@ -242,7 +242,7 @@ def _timed(call: Callable[[], T]) -> tuple[T, float]:
 
 def _new_meta(job: Job, ruleset: Ruleset, driver: Driver, script: str, old: Meta) -> Meta:
     """What the state directory will say once ``script`` is applied."""
-    meta = Meta.of_plan(ruleset.plan, driver.fingerprint_of(script) or "")
+    meta = Meta.of_plan(ruleset.plan, driver.fingerprint_of(script) or "", ruleset.port_digests)
     meta.failures, meta.last_success = old.failures, old.last_success
     meta.input_digest = job.digest
     meta.table = ruleset.plan.table

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,12 +45,6 @@ FORMAT_VERSION = 2
 MAGIC = "svcrules-state"
 DEFAULT_STATE_DIR = "/var/lib/svcrules"
 LEGACY_FILES = ("last.json", "last.nft", "last.iptables")  # format 1: two files, not atomic
-
-
-def port_digest(p: PortPlan) -> str:
-    """Changes whenever any decision about the port changes (the repr of a frozen
-    dataclass of strings, numbers, enums and tuples is stable)."""
-    return hashlib.sha256(repr(p).encode()).hexdigest()[:16]
 
 
 def port_id(p: PortPlan) -> str:
@@ -92,11 +87,18 @@ class Meta:
     invalid: list[str] = field(default_factory=list)
 
     @classmethod
-    def of_plan(cls, plan: NodePlan, fingerprint: str) -> Meta:
+    def of_plan(
+        cls, plan: NodePlan, fingerprint: str, digests: Mapping[int, str] | None = None
+    ) -> Meta:
+        """The summary of ``plan``; ``digests``: the port_digest of ports by id(), as a
+        compile with its cache knows them without computing them again."""
+        from svcrules.plan.node import port_digest
+
+        known = digests or {}
         ports = [p for f in plan.families for p in f.ports]
         return cls(
             fingerprint=fingerprint,
-            ports={port_id(p): port_digest(p) for p in ports},
+            ports={port_id(p): known.get(id(p)) or port_digest(p) for p in ports},
             udp={port_id(p): UdpPort.of(p) for p in ports if p.protocol == "UDP"},
         )
 

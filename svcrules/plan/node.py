@@ -7,6 +7,7 @@ Everything is frozen and sorted; nothing here depends on input order.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -128,6 +129,12 @@ class FamilyPlan:
     @property
     def masquerade_mark(self) -> int:
         return 1 << self.masquerade_bit
+
+
+def port_digest(p: PortPlan) -> str:
+    """Changes whenever any decision about the port changes (the repr of a NamedTuple of
+    strings, numbers, enums and tuples is stable)."""
+    return hashlib.sha256(repr(p).encode()).hexdigest()[:16]
 
 
 class IgnoredSlice(NamedTuple):

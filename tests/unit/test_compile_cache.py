@@ -24,6 +24,7 @@ from svcrules.compiler.compile_cache import Cache, compile_plan, dump, load
 from svcrules.errors import InputError
 from svcrules.inputs.config import Overrides
 from svcrules.inputs.read import Source
+from svcrules.kernel.state import Meta
 from tests.k8s import Obj
 from tests.k8s import dump as dump_yaml
 from tests.strategies import clusters
@@ -65,6 +66,9 @@ def _same(cached: tuple[str, Ruleset | None], cold: tuple[str, Ruleset | None]) 
     assert cached[1].json == cold[1].json
     assert cached[1].iptables == cold[1].iptables
     assert [str(p) for p in cached[1].skipped] == [str(p) for p in cold[1].skipped]
+    # The digests of Service ports a cached compile passes on are those of the ports.
+    known = Meta.of_plan(cached[1].plan, "", cached[1].port_digests)
+    assert known.ports == Meta.of_plan(cold[1].plan, "").ports
 
 
 def _change(objs: list[Obj], other: list[Obj], rnd: random.Random) -> list[Obj]:
@@ -125,8 +129,8 @@ def _poisoned(cache: Cache) -> Cache:
     program no Service."""
     bad = copy.copy(cache)
     bad.plans = {
-        k: (digest, pickle.dumps(tuple(p._replace(ports=((), ())) for p in pickle.loads(blob))))
-        for k, (digest, blob) in cache.plans.items()
+        k: (digest, pickle.dumps(tuple(p._replace(ports=((), ())) for p in pickle.loads(blob))), ())
+        for k, (digest, blob, _) in cache.plans.items()
     }
     return bad
 
