@@ -19,7 +19,7 @@ from svcrules.inputs.read import Source, read_sources
 from svcrules.plan.node import NodePlan
 from svcrules.plan.resolve import resolve
 from svcrules.render.backends import RENDERERS
-from svcrules.render.templates import template_dir
+from svcrules.render.templates import hash_text, template_dir
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ class Job:
         for group in (self.sources, self.config):
             h.update(b"\x00group")
             for src in group:
-                h.update(b"\x00" + src.path.encode() + b"\x00" + src.text.encode())
+                h.update(b"\x00" + src.path.encode() + b"\x00")
+                hash_text(h, src.text)
         h.update(repr(self.overrides).encode())
         h.update(f"\x00{self.allow_empty}\x00{self.on_invalid}".encode())
         return h.hexdigest()[:32]

@@ -60,6 +60,11 @@ def text_digest(text: str, chunk: int = 1 << 20) -> str:
     """SHA-256 of ``text`` in UTF-8, encoded a megabyte at a time: a 50 MB ruleset is
     not copied whole once more at the compile's peak of memory."""
     h = hashlib.sha256()
+    hash_text(h, text, chunk)
+    return h.hexdigest()
+
+
+def hash_text(h: hashlib._Hash, text: str, chunk: int = 1 << 20) -> None:
+    """Feed ``text`` in UTF-8 to ``h`` without encoding it whole first."""
     for i in range(0, len(text), chunk):
         h.update(text[i : i + chunk].encode())
-    return h.hexdigest()
