@@ -6,7 +6,6 @@ inside the installed package (the wheel copies them to ``svcrules/templates``).
 
 from __future__ import annotations
 
-import hashlib
 from functools import cache
 from pathlib import Path
 
@@ -36,14 +35,3 @@ def environment() -> jinja2.Environment:
 
 def render(template: str, **context: object) -> str:
     return environment().get_template(template).render(**context)
-
-
-FINGERPRINT_PLACEHOLDER = "@@fingerprint@@"
-
-
-def render_fingerprinted(template: str, **context: object) -> str:
-    """Render with ``fingerprint`` set to a digest of the whole output: the rules carry
-    it into the kernel, so a later run learns what the kernel holds from one small read."""
-    text = render(template, fingerprint=FINGERPRINT_PLACEHOLDER, **context)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
-    return text.replace(FINGERPRINT_PLACEHOLDER, digest)

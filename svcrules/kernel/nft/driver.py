@@ -19,7 +19,11 @@ from svcrules.errors import KernelError
 from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
 from svcrules.kernel.nft.diff import Tables, Transaction, diff_scripts, parse_script
 from svcrules.kernel.nft.transport import Backend, list_json
-from svcrules.render.nftables.layout import fingerprint_of
+from svcrules.render.nftables.fingerprint import (
+    fingerprint_of,
+    state_fingerprint,
+    table_fingerprints,
+)
 
 FAMILIES = ("ip", "ip6")
 AFFINITY = "affinity"  # the dynamic set of pinned clients, one per table
@@ -84,15 +88,16 @@ class NftDriver:
         return fingerprint_of(text)
 
     def expected(self, text: str) -> dict[str, str | None]:
-        """Both tables carry the fingerprint of the whole script."""
-        return dict.fromkeys(FAMILIES, fingerprint_of(text))
+        """Each table carries the fingerprint of its own text, so that a change to one
+        table leaves the other alone."""
+        return table_fingerprints(text)
 
     def fingerprints(self, table: str) -> dict[str, str | None]:
         """The fingerprint in each owned table's state set (None: absent)."""
         out: dict[str, str | None] = {}
         for fam in FAMILIES:
             comments = self._state_comments(fam, table)
-            out[fam] = fingerprint_of(" ".join(f'comment "{c}"' for c in comments))
+            out[fam] = state_fingerprint(" ".join(f'comment "{c}"' for c in comments))
         return out
 
     def _state_comments(self, fam: str, table: str) -> list[str]:
