@@ -18,6 +18,7 @@ from svcrules.compiler import Ruleset
 from svcrules.errors import KernelError
 from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
 from svcrules.kernel.nft.diff import Tables, Transaction, diff_scripts, parse_script
+from svcrules.kernel.nft.slots import keep_slots
 from svcrules.kernel.nft.transport import Backend, list_json
 from svcrules.render.nftables.fingerprint import (
     fingerprint_of,
@@ -40,6 +41,7 @@ class Replacement:
     deleted: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     carried: int = 0  # ClientIP affinity entries carried over from the replaced tables
+    applied: str | None = None  # the compiled script is what the kernel holds afterwards
     empty = False
 
     def script(self) -> str:
@@ -153,7 +155,14 @@ class NftDriver:
                 raise not_ours(f"{fam} {table}", "no svcrules state set")
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Transaction:
-        return diff_scripts(old, self.tables(ruleset), stale)
+        """The difference from the last script applied, with the new pick maps permuted so
+        that every endpoint that stays keeps its slot (slots.py); ``applied`` is then the
+        script the kernel holds afterwards."""
+        before = parse_script(old)
+        placed = keep_slots(before, self.tables(ruleset), ruleset.nft)
+        tx = diff_scripts(before, placed.tables, stale)
+        tx.applied = placed.applied
+        return tx
 
     def full(
         self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 PLACEHOLDER = "@@fingerprint@@"
 _STATE = re.compile(r'comment "svcrules ([0-9a-f]{32}|' + PLACEHOLDER + r')"')
@@ -29,22 +29,34 @@ def _tables(text: str) -> Iterator[tuple[str, int, int]]:
         yield m.group(1), m.start(), pos
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 def stamp(text: str) -> str:
     """``text`` with each table's state element carrying the digest of that table's block,
     taken with the placeholder in the fingerprint's place (so a stamped text stamps to
     itself)."""
+    return restamp(text)[0]
+
+
+def restamp(text: str, families: Collection[str] | None = None) -> tuple[str, dict[str, str]]:
+    """``text`` stamped anew in the tables of ``families`` (all by default), and the
+    fingerprint each table then carries. The tables' text is read once, at most."""
     out: list[str] = []
+    prints: dict[str, str] = {}
     pos = 0
-    for _, start, end in _tables(text):
-        block = _STATE.sub(f'comment "svcrules {PLACEHOLDER}"', text[start:end], count=1)
-        out += [text[pos:start], block.replace(PLACEHOLDER, _digest(block), 1)]
-        pos = end
+    for family, start, end in _tables(text):
+        m = _STATE.search(text, start, end)
+        if m is None:
+            continue
+        if families is None or family in families:
+            digest = hashlib.sha256()
+            for part in (text[start : m.start(1)], PLACEHOLDER, text[m.end(1) : end]):
+                digest.update(part.encode())
+            prints[family] = digest.hexdigest()[:32]
+            out += [text[pos : m.start(1)], prints[family]]
+            pos = m.end(1)
+        else:
+            prints[family] = m.group(1)
     out.append(text[pos:])
-    return "".join(out)
+    return "".join(out), prints
 
 
 def table_fingerprints(text: str) -> dict[str, str | None]:
@@ -62,7 +74,8 @@ def fingerprint_of(text: str) -> str | None:
     parts = table_fingerprints(text)
     if not parts or None in parts.values():
         return None
-    return _digest(" ".join(f"{k}={v}" for k, v in sorted(parts.items())))
+    joined = " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
 def state_fingerprint(listing: str) -> str | None:
