@@ -87,3 +87,25 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
             ]
             objs.append(endpoint_slice(name, eps, ports=ep_ports, family=fam))
     return objs
+
+
+@st.composite
+def endpoint_changes(draw: st.DrawFn, objs: list[Obj]) -> list[Obj]:
+    """``objs`` with the endpoints of each EndpointSlice changed as a cluster changes them
+    between two runs: some stay, some go, some new ones come (on this node or another)."""
+    out: list[Obj] = []
+    for obj in objs:
+        if obj["kind"] != "EndpointSlice":
+            out.append(obj)
+            continue
+        v4 = obj["addressType"] == "IPv4"
+        old = obj["endpoints"]
+        kept = [e for e in old if draw(st.booleans())]
+        have = {e["addresses"][0] for e in old}
+        new = []
+        for h in draw(st.lists(st.integers(10, 60), max_size=3, unique=True)):
+            ip = f"198.51.100.{h}" if v4 else f"2001:db8:2::{h:x}"
+            if ip not in have:
+                new.append(endpoint(ip, node=draw(st.sampled_from(["node-a", "node-b"]))))
+        out.append({**obj, "endpoints": kept + new})
+    return out

@@ -42,6 +42,12 @@ class Tx(Protocol):
     @property
     def empty(self) -> bool: ...
 
+    @property
+    def applied(self) -> str | None:
+        """The text the kernel holds once this is sent, when it is not the compiled text
+        (nft: stable slots permute the pick maps); None: the compiled text."""
+        ...
+
     def describe(self) -> str: ...
 
 
@@ -100,8 +106,10 @@ class Change:
     stale_after: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     kernel_seconds: float = 0.0  # reading the fingerprints, sending, verifying
-    # An incremental change: the full replacement to send instead if the kernel refuses it.
+    # An incremental change: the full replacement to send instead if the kernel refuses it,
+    # and the compiled text that replacement writes (new_script may be a permutation of it).
     fallback: Callable[[], Tx] | None = field(default=None, repr=False)
+    compiled: str = field(default="", repr=False)
     # The compile cache to keep once the change is applied (None: keep the one there).
     cache: Cache | None = field(default=None, repr=False)
 
@@ -192,19 +200,22 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         else:
             mode = "noop" if tx.empty else "incremental"
             stale_after = [s for s in old_meta.stale if s not in tx.deleted]
+            if tx.applied is not None:
+                new_meta.fingerprint = driver.fingerprint_of(tx.applied) or ""
             return Change(
                 mode,
                 "",
                 tx.script(),
                 tx.operations,
                 tx,
-                new_script,
+                new_script if tx.applied is None else tx.applied,
                 new_meta,
                 old_meta,
                 stale_after,
                 problems=warnings,
                 kernel_seconds=kernel_seconds,
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
+                compiled=new_script,
                 cache=ruleset.next_cache,
             )
     full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
@@ -332,6 +343,8 @@ def _fall_back(change: Change, driver: Driver, exc: KernelError) -> None:
     change.tx = change.fallback()
     change.script, change.operations = change.tx.script(), change.tx.operations
     change.mode, change.stale_after = "full", []
+    change.new_script = change.compiled or change.new_script
+    change.new_meta.fingerprint = driver.fingerprint_of(change.new_script) or ""
     change.new_meta.owned = [change.new_meta.table]
     change.reason = f"incremental refused: {first}; fell back to full replacement"
     change.problems.append(

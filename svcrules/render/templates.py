@@ -46,25 +46,11 @@ def render(template: str, **context: object) -> str:
     return "".join(parts)
 
 
-FINGERPRINT_PLACEHOLDER = "@@fingerprint@@"
-
-
-def render_fingerprinted(template: str, **context: object) -> str:
-    """Render with ``fingerprint`` set to a digest of the whole output: the rules carry
-    it into the kernel, so a later run learns what the kernel holds from one small read."""
-    text = render(template, fingerprint=FINGERPRINT_PLACEHOLDER, **context)
-    return text.replace(FINGERPRINT_PLACEHOLDER, text_digest(text)[:32])
-
-
-def text_digest(text: str, chunk: int = 1 << 20) -> str:
-    """SHA-256 of ``text`` in UTF-8, encoded a megabyte at a time: a 50 MB ruleset is
-    not copied whole once more at the compile's peak of memory."""
-    h = hashlib.sha256()
-    hash_text(h, text, chunk)
-    return h.hexdigest()
-
-
-def hash_text(h: hashlib._Hash, text: str, chunk: int = 1 << 20) -> None:
-    """Feed ``text`` in UTF-8 to ``h`` without encoding it whole first."""
-    for i in range(0, len(text), chunk):
-        h.update(text[i : i + chunk].encode())
+def hash_text(
+    h: hashlib._Hash, text: str, start: int = 0, end: int | None = None, chunk: int = 1 << 20
+) -> None:
+    """Feed ``text[start:end]`` in UTF-8 to ``h`` a megabyte at a time: a 50 MB ruleset
+    or input is not copied whole once more (at a large compile's peak of memory)."""
+    stop = len(text) if end is None else end
+    for i in range(start, stop, chunk):
+        h.update(text[i : min(i + chunk, stop)].encode())

@@ -101,6 +101,7 @@ class RestoreTransaction:
     # puts back into those already sent (a table whose rules were not read stays new).
     before: Parsed = field(default_factory=dict)
     after: Parsed = field(default_factory=dict)
+    applied: str | None = None  # the kernel holds the compiled text afterwards
 
     @property
     def parts(self) -> dict[Part, list[str]]:

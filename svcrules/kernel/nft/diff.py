@@ -112,6 +112,9 @@ class Transaction:
 
     ops: list[Operation] = field(default_factory=list)
     deletes: list[Operation] = field(default_factory=list)
+    # The script the kernel holds once this is sent, when it is not the compiled one
+    # (stable slots permuted its pick maps: slots.py); None: the compiled one.
+    applied: str | None = None
 
     @property
     def commands(self) -> list[str]:
@@ -265,10 +268,12 @@ def _deletion_order(removed: list[NftObject]) -> list[NftObject]:
 Tables = dict[tuple[str, str], TableText]
 
 
-def diff_scripts(old: str, new: str | Tables, stale: set[str] | None = None) -> Transaction:
-    """The incremental transaction from script ``old`` to script ``new`` (or to its
-    already parsed tables)."""
-    old_tables = parse_script(old)
+def diff_scripts(
+    old: str | Tables, new: str | Tables, stale: set[str] | None = None
+) -> Transaction:
+    """The incremental transaction from script ``old`` to script ``new`` (either may be
+    given as its already parsed tables)."""
+    old_tables = parse_script(old) if isinstance(old, str) else old
     new_tables = parse_script(new) if isinstance(new, str) else new
     if set(old_tables) != set(new_tables):
         raise NeedsFullReplacement("the set of owned tables changed")

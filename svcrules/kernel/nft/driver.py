@@ -18,8 +18,13 @@ from svcrules.compiler import Ruleset
 from svcrules.errors import KernelError
 from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
 from svcrules.kernel.nft.diff import Tables, Transaction, diff_scripts, parse_script
+from svcrules.kernel.nft.slots import keep_slots
 from svcrules.kernel.nft.transport import Backend, list_json
-from svcrules.render.nftables.layout import fingerprint_of
+from svcrules.render.nftables.fingerprint import (
+    fingerprint_of,
+    state_fingerprint,
+    table_fingerprints,
+)
 
 FAMILIES = ("ip", "ip6")
 AFFINITY = "affinity"  # the dynamic set of pinned clients, one per table
@@ -36,6 +41,7 @@ class Replacement:
     deleted: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     carried: int = 0  # ClientIP affinity entries carried over from the replaced tables
+    applied: str | None = None  # the compiled script is what the kernel holds afterwards
     empty = False
 
     def script(self) -> str:
@@ -84,15 +90,16 @@ class NftDriver:
         return fingerprint_of(text)
 
     def expected(self, text: str) -> dict[str, str | None]:
-        """Both tables carry the fingerprint of the whole script."""
-        return dict.fromkeys(FAMILIES, fingerprint_of(text))
+        """Each table carries the fingerprint of its own text, so that a change to one
+        table leaves the other alone."""
+        return table_fingerprints(text)
 
     def fingerprints(self, table: str) -> dict[str, str | None]:
         """The fingerprint in each owned table's state set (None: absent)."""
         out: dict[str, str | None] = {}
         for fam in FAMILIES:
             comments = self._state_comments(fam, table)
-            out[fam] = fingerprint_of(" ".join(f'comment "{c}"' for c in comments))
+            out[fam] = state_fingerprint(" ".join(f'comment "{c}"' for c in comments))
         return out
 
     def _state_comments(self, fam: str, table: str) -> list[str]:
@@ -148,7 +155,14 @@ class NftDriver:
                 raise not_ours(f"{fam} {table}", "no svcrules state set")
 
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Transaction:
-        return diff_scripts(old, self.tables(ruleset), stale)
+        """The difference from the last script applied, with the new pick maps permuted so
+        that every endpoint that stays keeps its slot (slots.py); ``applied`` is then the
+        script the kernel holds afterwards."""
+        before = parse_script(old)
+        placed = keep_slots(before, self.tables(ruleset), ruleset.nft)
+        tx = diff_scripts(before, placed.tables, stale)
+        tx.applied = placed.applied
+        return tx
 
     def full(
         self, ruleset: Ruleset, table: str, previous: str | None, retire: Sequence[str] = ()

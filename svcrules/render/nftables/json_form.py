@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 
 from svcrules.plan.node import NodePlan
-from svcrules.render.nftables.layout import Table, fingerprint_of, layout, render_tables
+from svcrules.render.nftables.fingerprint import table_fingerprints
+from svcrules.render.nftables.layout import Table, layout, render_tables
 from svcrules.render.nftables.rules import Json, NftChain, Obj, concat, prefix, verdict
 
 
@@ -79,10 +80,10 @@ def table_objects(t: Table, fingerprint: str) -> list[Obj]:
 def ruleset_objects(plan: NodePlan) -> Obj:
     """The whole document as Python objects (what :func:`render_json` serialises)."""
     tables = layout(plan)
-    fingerprint = fingerprint_of(render_tables(tables)) or ""
+    fingerprints = table_fingerprints(render_tables(tables))
     objects: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
     for t in tables:
-        objects.extend(table_objects(t, fingerprint))
+        objects.extend(table_objects(t, fingerprints.get(t.family) or ""))
     return {"nftables": objects}
 
 

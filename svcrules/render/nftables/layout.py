@@ -17,7 +17,6 @@ templates/nftables/ know nft.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from svcrules.inputs.addr import collapse_cidrs, ip_sort_key
@@ -25,6 +24,7 @@ from svcrules.plan import program as prog
 from svcrules.plan.node import NodePlan
 from svcrules.plan.program import FamilyProgram, Program, Role, Selection, Terminal
 from svcrules.render.names import chain_name, comment, digest
+from svcrules.render.nftables.fingerprint import PLACEHOLDER, stamp
 from svcrules.render.nftables.rules import (
     MARK_FOR_MASQUERADE,
     DaddrIn,
@@ -49,7 +49,7 @@ from svcrules.render.nftables.rules import (
     Verdict,
 )
 from svcrules.render.nftables.sets import SetDecl, affinity_map, backends_map, fixed_sets
-from svcrules.render.templates import render_fingerprinted
+from svcrules.render.templates import render
 
 # Backend maps are split into buckets by slot block. The kernel walks every element of
 # a map each time a new chain binds to it (nf_tables_bind_set), so one map of 100,000
@@ -60,6 +60,11 @@ from svcrules.render.templates import render_fingerprinted
 BUCKETS = 512
 SLOT_BITS = 12  # endpoints per slot block; larger selections take several blocks
 BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bit
+# The maps picks draw from (slot -> endpoint). Any order of a selection's endpoints in
+# its slots picks the same way, which lets the reconciler keep an endpoint that stays
+# at its slot (svcrules/kernel/nft/slots.py); the compiled order stays canonical.
+BACKENDS_MAP, AFFINITY_MAP = "backends-", "affinity-endpoints-"
+PICK_MAPS = (BACKENDS_MAP, AFFINITY_MAP)
 CHAIN_PREFIX = {Role.SERVICE: "svc", Role.EXTERNAL: "ext", Role.CLUSTER_SHORTCUT: "clu"}
 TERMINAL_VERDICT = {Terminal.REJECT: "goto no-endpoints", Terminal.DROP: "drop"}
 
@@ -201,11 +206,11 @@ class _Picks:
         bucket = (base >> SLOT_BITS) % BUCKETS
         size = len(sel.endpoints)
         if sel.affinity is None:
-            name = f"backends-{sel.protocol}-{bucket:04d}"
+            name = f"{BACKENDS_MAP}{sel.protocol}-{bucket:04d}"
             entries = self.table.backends.setdefault(name, (sel.protocol, []))[1]
             entries.extend((base + i, b.ip, b.port) for i, b in enumerate(sel.endpoints))
             return (PickDnat(sel.protocol, size, base, name),)
-        name = f"affinity-endpoints-{bucket:04d}"
+        name = f"{AFFINITY_MAP}{bucket:04d}"
         slots = self.table.affinity_slots.setdefault(name, [])
         rules: list[Rule] = []
         for i, b in enumerate(sel.endpoints):
@@ -289,23 +294,11 @@ def layout(plan: NodePlan) -> list[Table]:
     return layout_program(prog.program(plan))
 
 
-_FINGERPRINT = re.compile(r'comment "svcrules ([0-9a-f]{32})"')
-
-
 def render_nft(plan: NodePlan) -> str:
-    """The nft script that atomically creates or replaces svcrules' own tables.
-
-    Each table's ``state`` set carries a digest of the whole script (as an element
-    comment), so that a later run learns what the kernel holds by listing one tiny set:
-    in nft 1.0.6 listing a set is fast, while listing a chain fetches the whole table."""
+    """The nft script that atomically creates or replaces svcrules' own tables; each
+    table's ``state`` set carries a digest of that table's text (fingerprint.py)."""
     return render_tables(layout(plan))
 
 
 def render_tables(tables: list[Table]) -> str:
-    return render_fingerprinted("nftables/ruleset.nft.j2", tables=tables)
-
-
-def fingerprint_of(text: str) -> str | None:
-    """The fingerprint inside a rendered script or a listing of the state set."""
-    m = _FINGERPRINT.search(text)
-    return m.group(1) if m else None
+    return stamp(render("nftables/ruleset.nft.j2", tables=tables, fingerprint=PLACEHOLDER))

@@ -77,7 +77,7 @@ def fixed_sets(f: Fam) -> dict[str, SetDecl]:
     frontend = (a, "inet_proto", "inet_service")
     interval = ("interval",)
     decls = [
-        SetDecl("state", ("mark",), "what svcrules last wrote: a fingerprint of the whole script"),
+        SetDecl("state", ("mark",), "what svcrules last wrote: a fingerprint of this table"),
         SetDecl("pod-cidrs", (a,), "clusterCIDRs: pod sources", flags=interval),
         SetDecl(
             "service-cidrs",
