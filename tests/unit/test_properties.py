@@ -87,3 +87,27 @@ def test_output_does_not_depend_on_hash_seed(tmp_path: Path) -> None:
         )
         outs.add(run.stdout)
     assert len(outs) == 1
+
+
+@SETTINGS
+@given(clusters())
+def test_scripts_cut_into_blocks_read_as_parsed_line_by_line(objs: list[Obj]) -> None:
+    """The diff cuts a script into blocks and parses each only when it differs; each
+    block must give the object a line-by-line reading gives, and its size."""
+    from svcrules.kernel.nft.diff import parse_script, parse_table
+
+    text = compile_objs(objs).nft
+    lines = iter(text.splitlines())
+    eager = {}
+    for line in lines:
+        if m := re.match(r"^table (ip6?) (\S+) \{$", line):
+            eager[(m.group(1), m.group(2))] = parse_table(m.group(1), m.group(2), lines)
+    lazy = parse_script(text)
+    assert list(lazy) == list(eager)
+    for key, table in lazy.items():
+        assert table.comment == eager[key].comment
+        assert list(table.objects) == list(eager[key].objects)
+        for name in table.objects:
+            obj = eager[key].objects[name]
+            assert table.objects.size(name) == (obj.kind, len(obj.items))
+            assert table.objects[name] == obj

@@ -78,12 +78,13 @@ class NftDriver:
         """Chains, rules and set or map elements of the ruleset."""
         chains = rules = elements = 0
         for table in self.tables(ruleset).values():
-            for obj in table.objects.values():
-                if obj.kind == "chain":
+            for name in table.objects:
+                kind, size = table.objects.size(name)
+                if kind == "chain":
                     chains += 1
-                    rules += len(obj.items)
+                    rules += size
                 else:
-                    elements += len(obj.items)
+                    elements += size
         return chains, rules, elements
 
     def fingerprint_of(self, text: str) -> str | None:
@@ -174,7 +175,7 @@ class NftDriver:
         self._check_ours(table, present)
         gone = [t for t in self.owned_tables(list(retire), present) if t.split()[1] != table]
         tables = self.tables(ruleset).values()
-        ops = sum(1 + len(obj.items) for t in tables for obj in t.objects.values())
+        ops = sum(1 + t.objects.size(name)[1] for t in tables for name in t.objects)
         script = ruleset.nft
         if gone:
             at = script.find("\ntable ") + 1

@@ -79,9 +79,13 @@ def keep_slots(old: Tables, new: Tables, text: str) -> Placement:
     moved: Moved = {}
     for key, table in new.items():
         before = old.get(key)
-        for name, obj in table.objects.items():
-            prev = before.objects.get(name) if before else None
-            if prev is None or not name.startswith(PICK_MAPS) or prev.items == obj.items:
+        for name in table.objects:
+            if not name.startswith(PICK_MAPS) or before is None or name not in before.objects:
+                continue
+            if table.objects.same(before.objects, name):
+                continue  # the same text: nothing to move (and nothing to parse)
+            obj, prev = table.objects[name], before.objects[name]
+            if prev.items == obj.items:
                 continue
             items = permute(prev.items, obj.items)
             if items != obj.items:
@@ -96,7 +100,9 @@ def keep_slots(old: Tables, new: Tables, text: str) -> Placement:
         was = state_fingerprint(" ".join(state.items)) or ""
         items = tuple(item.replace(was, prints[key[0]]) for item in state.items)
         maps["state"] = replace(state, items=items)
-        tables[key] = TableText(table.family, table.name, table.comment, {**table.objects, **maps})
+        tables[key] = TableText(
+            table.family, table.name, table.comment, table.objects.replaced(maps)
+        )
     return Placement(applied, tables)
 
 
