@@ -124,8 +124,8 @@ def compile_plan(
     limits = Limits.from_env()
     problems: list[Problem] = []
     splits: list[Split] = []
-    for src in sources:
-        previous = usable.splits.get(src.path) if usable else None
+    for n, src in enumerate(sources):
+        previous = _previous(usable, src.path, n) if usable else None
         sp = split_text(src.text, src.path, problems, previous)
         if sp is None:
             raise NotCacheable
@@ -182,6 +182,16 @@ def compile_plan(
     new.infos = {o.digest: o.info for o in objects if o.digest is not None}
     new.plans = kept
     return Compiled(plan, (*fresh.skipped, *(skipped or ())), new, port_digests)
+
+
+def _previous(cache: Cache, path: str, n: int) -> Split | None:
+    """The last run's split of the input read from ``path``; or, when no input had that
+    path, the one read in the same position (a file name with a date in it, say)."""
+    found = cache.splits.get(path)
+    if found is None and n < len(cache.splits):
+        other = list(cache.splits.values())[n]
+        found = Split(path, other.text, other.pieces, other.objects)
+    return found
 
 
 def _ports(planned: tuple[PlannedService, ...]) -> list[PortPlan]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import orjson
@@ -94,7 +94,10 @@ def split(path: str, text: str, previous: Split | None = None, digests: bool = T
     ``digests`` (a compile that keeps no cache), JSON is decoded whole by orjson, which
     is faster than finding where each item's text lies, and nothing is digested."""
     if previous is not None and previous.text == text:
-        return Split(path, text, list(previous.pieces), previous.objects)
+        same = list(previous.pieces)
+        if previous.path != path:
+            same = [p._replace(origin=replace(p.origin, path=path)) for p in same]
+        return Split(path, text, same, previous.objects)
     if digests and text.lstrip().startswith("{"):
         found = _json_list(path, text, previous)
         if found is not None:
@@ -139,9 +142,9 @@ def _json_list(path: str, text: str, previous: Split | None) -> Split | None:
 
 
 class _Previous:
-    """The last run's items of the same input, to recognise unchanged ones: first by
-    comparing the text at the same place in order (no parsing), then, for an item
-    that moved, by its whole text."""
+    """The last run's items of the same input, to recognise unchanged ones by comparing
+    the text at the same place in order (no parsing). An item that moved elsewhere is
+    decoded, and then recognised by its digest (compile_cache's ``infos``)."""
 
     LOOKAHEAD = 4  # items removed in one place that are still matched in order
 
@@ -153,7 +156,6 @@ class _Previous:
             if p.span is not None and p.digest is not None
         ]
         self.next = 0  # the old item expected at the current place
-        self._by_text: dict[str, str] | None = None
 
     def match(self, text: str, i: int) -> tuple[int, str] | None:
         """The end and digest of an old item whose text starts at ``i``, trying the
@@ -164,12 +166,6 @@ class _Previous:
                 self.next = j + 1
                 return i + end - start, digest
         return None
-
-    def moved(self, item: str) -> str | None:
-        """The digest of an old item with exactly this text, wherever it was."""
-        if self._by_text is None:
-            self._by_text = {self.text[a:b]: d for (a, b), d in self.items}
-        return self._by_text.get(item)
 
 
 # start, end, the digest when the text is an old item's, the value (when decoded)
@@ -226,7 +222,7 @@ def _items(text: str, i: int, old: _Previous) -> tuple[list[Item], int]:
             items.append((i, end, digest, UNPARSED))
         else:
             value, end = _DECODER.raw_decode(text, i)
-            items.append((i, end, old.moved(text[i:end]), value))
+            items.append((i, end, None, value))
         i = _skip(text, end)
         if text[i] == "]":
             return items, i + 1

@@ -229,3 +229,31 @@ def test_a_cache_others_may_write_is_ignored(tmp_path: Path) -> None:
     warnings: list[str] = []
     assert load(path, warnings.append) is None
     assert "unwritable by others" in warnings[0]
+
+
+def test_an_input_under_a_new_name_is_matched_with_the_last_one_in_its_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from svcrules.inputs import split
+
+    digested: list[str] = []
+    real = split.digest_text
+
+    def spy(text: str) -> str:
+        digested.append(text)
+        return real(text)
+
+    monkeypatch.setattr(split, "digest_text", spy)
+    objs = _objs()
+    first = Job((Source("monday.json", _sources(objs, "kubectl")[0].text),), (), Overrides())
+    cache = first.compile(keep=True).next_cache
+    assert cache is not None
+    objs[2]["endpoints"][0]["addresses"] = ["10.1.0.7"]
+    text = _sources(objs, "kubectl")[0].text
+    job = Job((Source("tuesday.json", text),), (), Overrides())
+    digested.clear()
+    done = compile_plan(job.sources, (), Overrides(), "fail", True, code_digest(), cache)
+    assert done.plan == job.compile().plan
+    # Only the changed object was decoded and digested; the others were recognised.
+    assert len(digested) == 1 and '"10.1.0.7"' in digested[0]
+    assert {p.origin.path for p in done.cache.splits["tuesday.json"].pieces} == {"tuesday.json"}
