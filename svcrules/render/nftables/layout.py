@@ -96,6 +96,46 @@ class Table:
     hairpin: tuple[str, ...] = ()
     chains: list[NftChain] = field(default_factory=list)  # in listing order
 
+    # Elements spelled as the template prints them, one string each: the template joins
+    # them (printing field by field made it yield several pieces per element, most of
+    # the time of rendering a large ruleset).
+
+    @property
+    def service_ip_elements(self) -> list[str]:
+        return [
+            f"{ip} . {proto} . {port} : {verdict}" for ip, proto, port, verdict in self.service_ips
+        ]
+
+    @property
+    def nodeport_elements(self) -> list[str]:
+        return [f"{proto} . {port} : {verdict}" for proto, port, verdict in self.nodeports]
+
+    @property
+    def firewall_elements(self) -> list[str]:
+        return [f"{ip} . {proto} . {port}" for ip, proto, port in self.fw_frontends]
+
+    @property
+    def allow_elements(self) -> list[str]:
+        return [f"{ip} . {proto} . {port} . {cidr}" for ip, proto, port, cidr in self.fw_allow]
+
+    @property
+    def backend_elements(self) -> list[tuple[str, list[str]]]:
+        return [
+            (name, [f"{slot} : {ip} . {port}" for slot, ip, port in entries])
+            for name, (_, entries) in self.backends.items()
+        ]
+
+    @property
+    def affinity_elements(self) -> list[tuple[str, list[str]]]:
+        return [
+            (name, [f"{slot} : goto {aep}" for slot, aep in entries])
+            for name, entries in self.affinity_slots.items()
+        ]
+
+    @property
+    def hairpin_elements(self) -> list[str]:
+        return [f"{ip} . {ip}" for ip in self.hairpin]
+
     @property
     def chain_text(self) -> list[tuple[str, str]]:
         """(name, body) of every chain, the body's lines already spelled."""
