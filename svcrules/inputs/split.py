@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from array import array
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import orjson
@@ -55,15 +56,46 @@ class Piece(NamedTuple):
     span: tuple[int, int] | None  # where its text is in the input (JSON Lists)
 
 
-@dataclass
 class Split:
     """An input cut into pieces; ``objects`` counts documents and List items as
-    ``load.py`` limits them."""
+    ``load.py`` limits them.
 
-    path: str
-    text: str
-    pieces: list[Piece]
-    objects: int
+    Pickled (the compile cache keeps the last run's) as its text, a few integers per
+    piece, the digests and the values of pieces without a span: a few large objects
+    instead of two small ones per piece, and pieces are made again only when asked
+    for (``known`` is all a next run needs of them when the input changed)."""
+
+    def __init__(self, path: str, text: str, pieces: list[Piece], objects: int) -> None:
+        self.path = path
+        self.text = text
+        self._pieces: list[Piece] | None = pieces
+        self._packed: tuple[array[int], list[str | None], dict[int, Any]] | None = None
+        self.objects = objects
+
+    @property
+    def pieces(self) -> list[Piece]:
+        if self._pieces is None:
+            self._pieces = self._unpack()
+        return self._pieces
+
+    def known(self) -> list[tuple[int, int, str]]:
+        """(start, end, digest) of each piece with a span and a digest, in order."""
+        if self._pieces is None and self._packed is not None:
+            numbers, digests, _ = self._packed
+            return [
+                (numbers[4 * i + 2], numbers[4 * i + 3], d)
+                for i, d in enumerate(digests)
+                if d is not None and numbers[4 * i + 2] >= 0
+            ]
+        return [(p.span[0], p.span[1], p.digest) for p in self.pieces if p.span and p.digest]
+
+    def renamed(self, path: str) -> Split:
+        """The same pieces as read from ``path``."""
+        out = Split(path, self.text, [], self.objects)
+        out._pieces, out._packed = self._pieces, self._packed
+        if out._pieces is not None:
+            out._pieces = [p._replace(origin=replace(p.origin, path=path)) for p in out._pieces]
+        return out
 
     def value(self, i: int) -> Any:
         """The decoded object of piece ``i`` (decoded now if it was not yet)."""
@@ -73,6 +105,36 @@ class Split:
             piece = piece._replace(value=_DECODER.raw_decode(self.text, piece.span[0])[0])
             self.pieces[i] = piece
         return piece.value
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._pieces is None:
+            packed = self._packed
+        else:
+            numbers = array("q")
+            values: dict[int, Any] = {}
+            for i, p in enumerate(self._pieces):
+                start, end = p.span if p.span is not None else (-1, -1)
+                item = -1 if p.origin.item is None else p.origin.item
+                numbers.extend((p.origin.document, item, start, end))
+                if p.span is None:
+                    values[i] = p.value
+            packed = (numbers, [p.digest for p in self._pieces], values)
+        return {"path": self.path, "text": self.text, "objects": self.objects, "packed": packed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.text, self.objects = state["path"], state["text"], state["objects"]
+        self._pieces, self._packed = None, state["packed"]
+
+    def _unpack(self) -> list[Piece]:
+        assert self._packed is not None
+        numbers, digests, values = self._packed
+        pieces = []
+        for i, digest in enumerate(digests):
+            doc, item, start, end = numbers[4 * i : 4 * i + 4]
+            origin = Origin(self.path, doc, None if item < 0 else item)
+            span = None if start < 0 else (start, end)
+            pieces.append(Piece(origin, digest, values.get(i, UNPARSED), span))
+        return pieces
 
 
 def digest_text(text: str) -> str:
@@ -94,10 +156,8 @@ def split(path: str, text: str, previous: Split | None = None, digests: bool = T
     ``digests`` (a compile that keeps no cache), JSON is decoded whole by orjson, which
     is faster than finding where each item's text lies, and nothing is digested."""
     if previous is not None and previous.text == text:
-        same = list(previous.pieces)
-        if previous.path != path:
-            same = [p._replace(origin=replace(p.origin, path=path)) for p in same]
-        return Split(path, text, same, previous.objects)
+        same = previous if previous.path == path else previous.renamed(path)
+        return Split(path, text, list(same.pieces), same.objects)
     if digests and text.lstrip().startswith("{"):
         found = _json_list(path, text, previous)
         if found is not None:
@@ -150,18 +210,14 @@ class _Previous:
 
     def __init__(self, previous: Split | None) -> None:
         self.text = previous.text if previous else ""
-        self.items = [
-            (p.span, p.digest)
-            for p in (previous.pieces if previous else [])
-            if p.span is not None and p.digest is not None
-        ]
+        self.items = previous.known() if previous else []
         self.next = 0  # the old item expected at the current place
 
     def match(self, text: str, i: int) -> tuple[int, str] | None:
         """The end and digest of an old item whose text starts at ``i``, trying the
         expected one and the few after it (items removed)."""
         for j in range(self.next, min(self.next + self.LOOKAHEAD, len(self.items))):
-            (start, end), digest = self.items[j]
+            start, end, digest = self.items[j]
             if text.startswith(self.text[start:end], i):
                 self.next = j + 1
                 return i + end - start, digest
