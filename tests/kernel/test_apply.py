@@ -52,6 +52,25 @@ def test_apply_noop_and_one_endpoint_change(lab: Lab, node: Node) -> None:
     assert proc.returncode == 0 and "no change" in proc.stdout
 
 
+def test_element_changes_sent_without_nft_list_as_nft_writes_them(lab: Lab, node: Node) -> None:
+    """An endpoint change touches only set and map elements, and goes straight over
+    netlink (svcrules.kernel.nft.netlink): what the kernel then lists (the backend map,
+    the hairpin set, the fingerprint comments) is what nft lists for the same script
+    loaded by nft itself (--verify compares every element), and packets follow it."""
+    affinity = svc_a("pod2", "pod3", sessionAffinity="ClientIP")
+    node.apply(*affinity, *svc_b("pod3"))
+    tx = node.transaction(*affinity, *svc_b("pod2"))
+    assert tx and all(
+        line.startswith(("add element", "delete element")) for line in tx.splitlines()
+    )
+    summary = node.apply(*affinity, *svc_b("pod2"))
+    assert "incremental update" in summary, summary
+    verified = node.run("apply", "--verify")
+    assert verified.returncode == 0 and "no change" in verified.stdout, verified.stdout
+    assert lab.backends(ok(lab.probe("client", CIP_B, 80, count=3))) == {"pod2"}
+    assert lab.backends(ok(lab.probe("client", CIP, 80, count=4))) <= {"pod2", "pod3"}
+
+
 def test_add_remove_service_and_change_port(lab: Lab, node: Node) -> None:
     node.apply(*svc_a("pod2"))
     summary = node.apply(*svc_a("pod2"), *svc_b("pod3"))

@@ -17,9 +17,11 @@ from typing import Any
 from svcrules.compiler import Ruleset
 from svcrules.errors import KernelError
 from svcrules.inputs.owned import MARK, TABLE_COMMENT, check_name, not_ours
-from svcrules.kernel.nft.diff import Tables, Transaction, diff_scripts, parse_script
+from svcrules.kernel.nft.diff import Tables, Transaction, command, diff_scripts, parse_script
+from svcrules.kernel.nft.netlink import ElementChange, split_elements
 from svcrules.kernel.nft.slots import keep_slots
 from svcrules.kernel.nft.transport import Backend, list_json
+from svcrules.kernel.transaction import Kind
 from svcrules.render.nftables.fingerprint import (
     fingerprint_of,
     state_fingerprint,
@@ -242,7 +244,15 @@ class NftDriver:
         Deletions come in dependency order, so a kernel refuses one (EBUSY) only while
         something svcrules does not know of still uses the object. Which one is found
         with dry runs (nft's message may name another command of the batch); it is left
-        out, emptied, for a later run to delete, and the rest is sent again."""
+        out, emptied, for a later run to delete, and the rest is sent again.
+
+        A transaction of set and map elements only (a changed endpoint: its slots and
+        the fingerprints) goes as element changes when the transport can send them
+        (libnftables: straight over netlink), since nft 1.0.6 first reads every chain
+        of every table for such commands; see svcrules.kernel.nft.netlink."""
+        changes = self.element_changes(tx)
+        if changes is not None and self.kernel.run_elements(changes):
+            return script, []
         left: set[str] = set()
         while True:
             try:
@@ -264,6 +274,28 @@ class NftDriver:
                 script = tx.without(left)
                 continue
             return script, sorted(left)
+
+    def element_changes(self, tx: Transaction | Replacement) -> list[ElementChange] | None:
+        """The transaction as element changes with their sets' declarations; None
+        unless it only adds and deletes elements of sets and maps of the ruleset last
+        diffed (whose declarations the kernel holds: a changed one is a full
+        replacement)."""
+        if not isinstance(tx, Transaction) or tx.deletes or self._parsed is None:
+            return None
+        tables = self._parsed[1]
+        out: list[ElementChange] = []
+        for op in tx.ops:
+            table = tables.get((op.family, op.table))
+            obj = table.objects.get(op.name) if table is not None else None
+            if op.kind is not Kind.ELEMENT or obj is None or obj.kind == "chain":
+                return None
+            elements = split_elements(op.detail)
+            out.append(
+                ElementChange(
+                    str(op.verb), op.family, op.table, op.name, obj.header, elements, command(op)
+                )
+            )
+        return out
 
     def _first_busy(self, tx: Transaction, left: set[str], pending: list[str]) -> str:
         """The first deletion of ``pending`` the kernel refuses: the shortest prefix of

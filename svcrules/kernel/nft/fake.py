@@ -14,11 +14,12 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from svcrules.errors import KernelError
+from svcrules.kernel.nft import netlink
 from svcrules.kernel.nft.diff import NftObject, parse_table
 from svcrules.kernel.nft.transport import refused
 
@@ -54,7 +55,8 @@ class _Refused(Exception):
 class FakeNft:
     """The transport protocol of svcrules.kernel.nft.transport, against memory.
 
-    ``scripts`` holds every transaction the kernel took (not dry runs or listings);
+    ``scripts`` holds every transaction the kernel took (not dry runs or listings),
+    ``element_runs`` the ones that came as element changes (``run_elements``);
     ``refuse`` may be set to a function of a script that returns an error message to
     refuse it with (as a kernel would for reasons the model does not know)."""
 
@@ -64,6 +66,7 @@ class FakeNft:
         self.tables: dict[tuple[str, str], FakeTable] = {}
         self.scripts: list[str] = []
         self.runs: list[str] = []
+        self.element_runs: list[list[netlink.ElementChange]] = []
         self.refuse: Any = None
         self.can_load_elsewhere = True  # False: as without ``unshare`` or ``nft``
 
@@ -83,6 +86,17 @@ class FakeNft:
             self.tables = work
             self.scripts.append(script)
         return ""
+
+    def run_elements(self, changes: Sequence[netlink.ElementChange]) -> bool:
+        """As the libnftables transport: changes it can encode for netlink are taken
+        (as their nft commands, in one transaction), others left to a script."""
+        try:
+            netlink.encode(changes)
+        except netlink.Unsupported:
+            return False
+        self.run("".join(f"{change.command}\n" for change in changes))
+        self.element_runs.append(list(changes))
+        return True
 
     def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
         """The script loaded into an empty fake and listed, as the real transport does

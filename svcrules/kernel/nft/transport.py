@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import json
 import subprocess
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from svcrules.errors import KernelError
+from svcrules.kernel.nft import netlink
 from svcrules.kernel.tools import find_tool
 
 INSTALL_HINT = (
@@ -66,6 +68,12 @@ class Backend(Protocol):
         """Run an nft script as one transaction; return its output."""
         ...
 
+    def run_elements(self, changes: Sequence[netlink.ElementChange]) -> bool:
+        """Send element additions and deletions as one transaction without nft (see
+        svcrules.kernel.nft.netlink); False when this transport does not, or cannot
+        encode them: the caller then runs the same change as an nft script."""
+        ...
+
     def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
         """The objects of ``script`` as this nft lists them once loaded somewhere that is
         not the node (``list table``, JSON, both families); None when not possible."""
@@ -97,6 +105,17 @@ class LibNftables:
             raise refused(err.strip() or f"nft failed with code {rc}")
         return str(out)
 
+    def run_elements(self, changes: Sequence[netlink.ElementChange]) -> bool:
+        """Element changes over netlink: nft 1.0.6 would first read every chain of every
+        table (0.3 s at 50,000 Services) for commands that need none of them."""
+        try:
+            netlink.send(netlink.encode(changes))
+        except (netlink.Unsupported, netlink.Unavailable):
+            return False
+        except netlink.Failed as exc:
+            raise refused(str(exc)) from None
+        return True
+
     def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
         return load_elsewhere(script, table)
 
@@ -126,6 +145,10 @@ class NftCommand:
         if proc.returncode != 0:
             raise refused(proc.stderr.strip() or f"nft failed with code {proc.returncode}")
         return proc.stdout
+
+    def run_elements(self, changes: Sequence[netlink.ElementChange]) -> bool:
+        """The nft program is asked for by name: it runs every change."""
+        return False
 
     def load_elsewhere(self, script: str, table: str) -> list[dict[str, Any]] | None:
         return load_elsewhere(script, table)
