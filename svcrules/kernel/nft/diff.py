@@ -65,11 +65,10 @@ class Objects(MutableMapping[str, NftObject]):
         if isinstance(item, NftObject):
             return item.kind, len(item.items)
         kind, block = item
-        body = block[: -len("\n\t}")]
         if kind != "chain":
-            return kind, body.count("\n\t\t\t")  # one element a line, inside elements
-        lines = body.split("\n")[1:]
-        return kind, sum(1 for ln in lines if not ln.strip().startswith(_HEADER))
+            return kind, block.count("\n\t\t\t")  # one element a line, inside elements
+        lines = block.count("\n") - 1  # the lines between the header and the brace
+        return kind, lines - sum(block.count(f"\n\t\t{h}") for h in _HEADER)
 
     def replaced(self, objects: Mapping[str, NftObject]) -> Objects:
         """A copy with ``objects`` put in place of (or after) those of the same names."""
