@@ -23,6 +23,7 @@ import hashlib
 import os
 import pickle
 import stat
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,22 +65,48 @@ class Cache:
     node: str  # digest of the NodeConfig the Service plans were made for
     splits: dict[str, Split] = field(default_factory=dict)  # by input path
     infos: dict[str, Info] = field(default_factory=dict)  # by object digest
-    # By Service: the digest of its objects, its plans (one per copy of the Service)
-    # pickled on their own (a run pickles only the Services it planned again), and the
-    # port_digest of each of their ports in order.
-    plans: dict[Key, tuple[str, bytes, tuple[str, ...]]] = field(default_factory=dict)
+    # By Service: the digest of its objects, its plans (one per copy of the Service), and
+    # the port_digest of each of their ports in order.
+    plans: dict[Key, Entry] = field(default_factory=dict)
+    # The plans as read, by batch: (its pickle, its entries). A batch none of whose
+    # Services changed is written back as it was read, not pickled again.
+    read: dict[int, tuple[bytes, dict[Key, Entry]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __getstate__(self) -> dict[str, object]:
-        """Infos as two lists of plain tuples: pickle reads those several times faster
-        than one NamedTuple per object."""
+        """Infos as two lists of plain tuples (pickle reads those several times faster
+        than one NamedTuple per object); plans in BATCHES pickles, each written again
+        only when one of its Services changed."""
         state = dict(self.__dict__)
         state["infos"] = (list(self.infos), [tuple(i) for i in self.infos.values()])
+        batches: dict[int, dict[Key, Entry]] = defaultdict(dict)
+        for key, entry in self.plans.items():
+            batches[_batch(key)][key] = entry
+        state["plans"] = {b: self._pickled(b, entries) for b, entries in batches.items()}
+        del state["read"]
         return state
+
+    def _pickled(self, batch: int, entries: dict[Key, Entry]) -> bytes:
+        blob, was = self.read.get(batch, (b"", {}))
+        if blob and was.keys() == entries.keys() and all(was[k] is e for k, e in entries.items()):
+            return blob
+        return pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         digests, infos = state["infos"]
         state["infos"] = dict(zip(digests, map(Info._make, infos), strict=True))
+        state["read"] = {b: (blob, pickle.loads(blob)) for b, blob in state["plans"].items()}
+        state["plans"] = {k: e for _, entries in state["read"].values() for k, e in entries.items()}
         self.__dict__.update(state)
+
+
+BATCHES = 256  # pickles of Service plans: few enough to read fast, small to write again
+Entry = tuple[str, tuple[PlannedService, ...], tuple[str, ...]]
+
+
+def _batch(key: Key) -> int:
+    return zlib.crc32(f"{key[0]}/{key[1]}".encode()) % BATCHES
 
 
 class _Object(NamedTuple):
@@ -153,7 +180,7 @@ def compile_plan(
         if obj.info.key is not None:
             groups[obj.info.key].append(obj)
     planned: list[PlannedService] = []
-    kept: dict[Key, tuple[str, bytes, tuple[str, ...]]] = {}
+    kept: dict[Key, Entry] = {}
     port_digests: dict[int, str] = {}
     for key in sorted(groups):
         group = groups[key]
@@ -162,13 +189,12 @@ def compile_plan(
         mine: tuple[PlannedService, ...]
         if cached is not None and digest is not None and cached[0] == digest:
             kept[key] = cached
-            mine, digests = pickle.loads(cached[1]), cached[2]
+            _, mine, digests = cached
         else:
             mine = _plan_group(group, node, fresh, on_invalid, limits)
             digests = tuple(port_digest(p) for p in _ports(mine))
             if digest is not None:
-                blob = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
-                kept[key] = (digest, blob, digests)
+                kept[key] = (digest, mine, digests)
         port_digests.update(zip(map(id, _ports(mine)), digests, strict=True))
         services = [o for o in group if o.info.kind == "Service" and o.info.programmed]
         planned += [p._replace(origin=o.origin) for p, o in zip(mine, services, strict=True)]
@@ -177,6 +203,8 @@ def compile_plan(
     new = Cache(code, on_invalid, node_digest, {sp.path: _stripped(sp) for sp in splits})
     new.infos = {o.digest: o.info for o in objects if o.digest is not None}
     new.plans = kept
+    if usable is not None and plans is usable.plans:
+        new.read = usable.read
     return Compiled(plan, (*fresh.skipped, *(skipped or ())), new, port_digests)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -129,8 +128,8 @@ def _poisoned(cache: Cache) -> Cache:
     program no Service."""
     bad = copy.copy(cache)
     bad.plans = {
-        k: (digest, pickle.dumps(tuple(p._replace(ports=((), ())) for p in pickle.loads(blob))), ())
-        for k, (digest, blob, _) in cache.plans.items()
+        k: (digest, tuple(p._replace(ports=((), ())) for p in plans), ())
+        for k, (digest, plans, _) in cache.plans.items()
     }
     return bad
 
@@ -257,3 +256,30 @@ def test_an_input_under_a_new_name_is_matched_with_the_last_one_in_its_place(
     # Only the changed object was decoded and digested; the others were recognised.
     assert len(digested) == 1 and '"10.1.0.7"' in digested[0]
     assert {p.origin.path for p in done.cache.splits["tuesday.json"].pieces} == {"tuesday.json"}
+
+
+def test_only_the_batch_of_a_changed_service_is_pickled_again(tmp_path: Path) -> None:
+    from tests.k8s import endpoint, endpoint_slice, node_config, service
+
+    objs: list[Obj] = [node_config()]
+    for i in range(40):
+        objs += [
+            service(f"s{i}", f"10.96.0.{i + 10}"),
+            endpoint_slice(f"s{i}", [endpoint(f"10.1.0.{i + 1}")]),
+        ]
+    job = Job(_sources(objs, "kubectl"), (), Overrides())
+    path = tmp_path / "compile-cache"
+    path.write_bytes(dump(job.compile(keep=True).next_cache))  # type: ignore[arg-type]
+    path.chmod(0o600)
+    read = load(path, print)
+    assert read is not None
+    objs[2]["endpoints"][0]["addresses"] = ["10.1.0.99"]  # s0's slice
+    after = Job(_sources(objs, "kubectl"), (), Overrides()).compile(cache=read).next_cache
+    assert after is not None
+    written = after.__getstate__()["plans"]
+    assert isinstance(written, dict)
+    kept = [b for b, blob in written.items() if blob is read.read[b][0]]
+    assert len(written) == len(read.read) > 1 and len(kept) == len(written) - 1
+    path.write_bytes(dump(after))
+    again = load(path, print)
+    assert again is not None and again.plans.keys() == after.plans.keys()
