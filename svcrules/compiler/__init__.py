@@ -1,4 +1,9 @@
-"""The library entry point: objects in, ruleset out."""
+"""The library entry point: objects in, ruleset out.
+
+Parsing, validation (pydantic), planning and rendering (Jinja2) are imported where they
+are used: a cron run whose inputs did not change needs only ``Job.digest``, and should
+not pay a tenth of a second of imports for what it never calls.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from svcrules.compiler.compile_cache import Cache, NotCacheable, compile_plan
-from svcrules.compiler.memory import no_cyclic_gc
 from svcrules.errors import InputError, OnInvalid, Problem
-from svcrules.inputs.config import Overrides, node_config
-from svcrules.inputs.load import Inputs, load_sources
-from svcrules.inputs.model import NodeConfig
+from svcrules.inputs.overrides import Overrides
 from svcrules.inputs.read import Source, read_sources
-from svcrules.plan.node import NodePlan
-from svcrules.plan.resolve import resolve
-from svcrules.render.backends import RENDERERS
-from svcrules.render.templates import hash_text, template_dir
+from svcrules.render.digest import hash_text
+
+if TYPE_CHECKING:
+    from svcrules.compiler.compile_cache import Cache
+    from svcrules.inputs.load import Inputs
+    from svcrules.inputs.model import NodeConfig
+    from svcrules.plan.node import NodePlan
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Ruleset:
         """The ruleset as the named backend loads it (svcrules.render.backends), rendered
         once."""
         if backend not in self._texts:
+            from svcrules.render.backends import RENDERERS
+
             try:
                 render = RENDERERS[backend]
             except KeyError:
@@ -61,6 +67,8 @@ class Ruleset:
     @cached_property
     def json(self) -> str:
         """The nftables ruleset in libnftables JSON (as ``nft -j list`` prints it)."""
+        from svcrules.render.backends import RENDERERS
+
         render = RENDERERS["nftables"].json
         assert render is not None
         return render(self.plan)
@@ -70,6 +78,8 @@ def compile(inputs: Inputs, node: NodeConfig, on_invalid: OnInvalid = "fail") ->
     """Compile loaded objects for one node. With ``on_invalid="skip"``, Services that
     conflict are left out (the oldest keeps the claim) instead of failing, and
     reported with those ``inputs.skipped`` already holds."""
+    from svcrules.plan.resolve import resolve
+
     _check_mode(on_invalid)
     if on_invalid == "fail":
         return Ruleset(resolve(inputs, node))
@@ -125,6 +135,11 @@ class Job:
         With ``keep`` (or a ``cache`` from an earlier compile), the result carries a
         ``next_cache``, and with ``cache`` only what changed is validated and planned
         again (svcrules.compiler.compile_cache); the ruleset is the same either way."""
+        from svcrules.compiler.compile_cache import NotCacheable, compile_plan
+        from svcrules.compiler.memory import no_cyclic_gc
+        from svcrules.inputs.config import node_config
+        from svcrules.inputs.load import load_sources
+
         on_invalid = on_invalid or self.on_invalid
         _check_mode(on_invalid)
         with no_cyclic_gc():
@@ -220,6 +235,8 @@ def compile_paths(
 @cache
 def code_digest() -> str:
     """A digest of svcrules' own code and templates: a new version compiles anew."""
+    from svcrules.render.templates import template_dir
+
     h = hashlib.sha256()
     roots = [Path(__file__).resolve().parents[1], template_dir()]
     for root in roots:

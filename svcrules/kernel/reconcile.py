@@ -14,16 +14,18 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from svcrules.compiler import Job, Ruleset
-from svcrules.compiler.compile_cache import Cache
 from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
 from svcrules.inputs.owned import check_name
 from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
 from svcrules.kernel.nft.transport import first_error
 from svcrules.kernel.state import Meta, StateStore
 from svcrules.kernel.stats import stats
+
+if TYPE_CHECKING:
+    from svcrules.compiler.compile_cache import Cache
 
 
 class Tx(Protocol):

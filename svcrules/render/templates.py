@@ -6,12 +6,13 @@ inside the installed package (the wheel copies them to ``svcrules/templates``).
 
 from __future__ import annotations
 
-import hashlib
 from functools import cache
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 
 def template_dir() -> Path:
@@ -25,6 +26,8 @@ def template_dir() -> Path:
 
 @cache
 def environment() -> jinja2.Environment:
+    import jinja2  # here: a run that renders nothing (no change) never loads it
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir())),
         undefined=jinja2.StrictUndefined,
@@ -44,13 +47,3 @@ def render(template: str, **context: object) -> str:
     while batch := list(islice(pieces, 1 << 16)):
         parts.append("".join(batch))
     return "".join(parts)
-
-
-def hash_text(
-    h: hashlib._Hash, text: str, start: int = 0, end: int | None = None, chunk: int = 1 << 20
-) -> None:
-    """Feed ``text[start:end]`` in UTF-8 to ``h`` a megabyte at a time: a 50 MB ruleset
-    or input is not copied whole once more (at a large compile's peak of memory)."""
-    stop = len(text) if end is None else end
-    for i in range(start, stop, chunk):
-        h.update(text[i : min(i + chunk, stop)].encode())
