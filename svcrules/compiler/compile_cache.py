@@ -32,14 +32,22 @@ from typing import Any, NamedTuple
 
 from svcrules.compiler.memory import no_cyclic_gc
 from svcrules.errors import InputError, OnInvalid, Origin, Problem
-from svcrules.inputs.addr import family_of, ip_sort_key
 from svcrules.inputs.config import Overrides, node_config
 from svcrules.inputs.load import Inputs, load_piece, load_sources, split_text
 from svcrules.inputs.model import EndpointSlice, NodeConfig, Service
 from svcrules.inputs.read import Limits, Source
 from svcrules.inputs.split import UNPARSED, Piece, Split
 from svcrules.plan.node import IgnoredSlice, NodePlan, PlannedService, PortPlan, port_digest
-from svcrules.plan.resolve import assemble, is_programmed, plan_service, slices_by_service
+from svcrules.plan.resolve import (
+    assemble,
+    foreign_by_family,
+    foreign_ips,
+    ignored_slice,
+    is_programmed,
+    plan_service,
+    slice_service,
+    slices_by_service,
+)
 
 MAGIC = b"svcrules-compile-cache"
 FORMAT = 1
@@ -199,7 +207,8 @@ def compile_plan(
         services = [o for o in group if o.info.kind == "Service" and o.info.programmed]
         planned += [p._replace(origin=o.origin) for p, o in zip(mine, services, strict=True)]
     skipped: list[Problem] | None = [] if on_invalid == "skip" else None
-    plan = assemble(planned, _foreign(objects), _ignored(objects), node, skipped)
+    foreign = foreign_by_family(ip for o in objects for ip in o.info.foreign)
+    plan = assemble(planned, foreign, _ignored(objects), node, skipped)
     new = Cache(code, on_invalid, node_digest, {sp.path: _stripped(sp) for sp in splits})
     new.infos = {o.digest: o.info for o in objects if o.digest is not None}
     new.plans = kept
@@ -254,16 +263,12 @@ def _info(obj: Service | EndpointSlice) -> Info:
     meta = obj.metadata
     ref = f"{meta.namespace}/{meta.name}"
     if isinstance(obj, Service):
-        foreign: tuple[str, ...] = ()
-        if obj.spec.type != "ExternalName" and obj.is_skipped_by_label():
-            foreign = tuple(obj.spec.all_cluster_ips())
-        return Info("Service", (meta.namespace, meta.name), ref, is_programmed(obj), foreign)
-    svc = obj.service_name()
-    if svc is None or obj.address_type == "FQDN":
+        key = (meta.namespace, meta.name)
+        return Info("Service", key, ref, is_programmed(obj), foreign_ips(obj))
+    svc = slice_service(obj)
+    if svc is None:
         return Info("EndpointSlice", None, ref)
-    label = meta.skip_label()
-    ignored = IgnoredSlice(meta.namespace, meta.name, svc, label) if label else None
-    return Info("EndpointSlice", (meta.namespace, svc), ref, ignored=ignored)
+    return Info("EndpointSlice", svc, ref, ignored=ignored_slice(obj))
 
 
 def _group_digest(group: list[_Object]) -> str | None:
@@ -298,14 +303,6 @@ def _plan_group(
         for m in models
         if isinstance(m, Service) and is_programmed(m)
     )
-
-
-def _foreign(objects: list[_Object]) -> dict[int, tuple[str, ...]]:
-    ips = {ip for o in objects for ip in o.info.foreign}
-    return {
-        fam: tuple(sorted((ip for ip in ips if family_of(ip) == fam), key=ip_sort_key))
-        for fam in (4, 6)
-    }
 
 
 def _ignored(objects: list[_Object]) -> list[IgnoredSlice]:

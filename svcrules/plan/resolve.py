@@ -43,17 +43,21 @@ from svcrules.plan.node import (
 )
 
 
-def _foreign_cluster_ips(services: Iterable[Service], family: Family) -> tuple[str, ...]:
-    """ClusterIPs of Services left to another proxy (labels): never dropped as
+def foreign_ips(svc: Service) -> tuple[str, ...]:
+    """The ClusterIPs a Service leaves to another proxy (labels): never dropped as
     unallocated, never rejected, never touched."""
-    ips = {
-        ip
-        for s in services
-        if s.spec.type != "ExternalName" and s.is_skipped_by_label()
-        for ip in s.spec.all_cluster_ips()
-        if family_of(ip) == family
+    if svc.spec.type == "ExternalName" or not svc.is_skipped_by_label():
+        return ()
+    return tuple(svc.spec.all_cluster_ips())
+
+
+def foreign_by_family(ips: Iterable[str]) -> dict[int, tuple[str, ...]]:
+    """Family -> those ClusterIPs, once each, in address order."""
+    unique = set(ips)
+    return {
+        fam: tuple(sorted((ip for ip in unique if family_of(ip) == fam), key=ip_sort_key))
+        for fam in (4, 6)
     }
-    return tuple(sorted(ips, key=ip_sort_key))
 
 
 def programmed_services(services: Iterable[Service]) -> list[Service]:
@@ -83,16 +87,33 @@ def slices_by_service(
     out: dict[SliceKey, list[EndpointSlice]] = defaultdict(list)
     ignored: dict[SliceKey, list[IgnoredSlice]] = defaultdict(list)
     for sl in slices:
-        svc = sl.service_name()
-        if svc is None or sl.address_type == "FQDN":
+        svc = slice_service(sl)
+        if svc is None:
             continue
-        key = (sl.metadata.namespace, svc, 4 if sl.address_type == "IPv4" else 6)
-        label = sl.metadata.skip_label()
-        if label is None:
+        key = (*svc, 4 if sl.address_type == "IPv4" else 6)
+        hidden = ignored_slice(sl)
+        if hidden is None:
             out[key].append(sl)
         else:
-            ignored[key].append(IgnoredSlice(sl.metadata.namespace, sl.metadata.name, svc, label))
+            ignored[key].append(hidden)
     return out, ignored
+
+
+def slice_service(sl: EndpointSlice) -> tuple[str, str] | None:
+    """The Service (namespace, name) whose endpoints an EndpointSlice lists; None for one
+    without the service-name label, or of FQDN addresses (never programmed)."""
+    svc = sl.service_name()
+    if svc is None or sl.address_type == "FQDN":
+        return None
+    return sl.metadata.namespace, svc
+
+
+def ignored_slice(sl: EndpointSlice) -> IgnoredSlice | None:
+    """The slice as kube-proxy's label selector leaves it out, or None when it counts."""
+    svc, label = sl.service_name(), sl.metadata.skip_label()
+    if svc is None or label is None:
+        return None
+    return IgnoredSlice(sl.metadata.namespace, sl.metadata.name, svc, label)
 
 
 def _conditions(ep: Endpoint) -> EndpointConditions:
@@ -333,7 +354,7 @@ def resolve(inputs: Inputs, node: NodeConfig, skipped: list[Problem] | None = No
         plan_service(svc, slices, ignored, node, inputs.origin(svc))
         for svc in programmed_services(inputs.services)
     ]
-    foreign = {fam: _foreign_cluster_ips(inputs.services, fam) for fam in (4, 6)}
+    foreign = foreign_by_family(ip for svc in inputs.services for ip in foreign_ips(svc))
     hidden = {i for group in ignored.values() for i in group}
     return assemble(planned, foreign, hidden, node, skipped)
 
