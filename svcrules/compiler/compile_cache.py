@@ -209,7 +209,8 @@ def compile_plan(
     skipped: list[Problem] | None = [] if on_invalid == "skip" else None
     foreign = foreign_by_family(ip for o in objects for ip in o.info.foreign)
     plan = assemble(planned, foreign, _ignored(objects), node, skipped)
-    new = Cache(code, on_invalid, node_digest, {sp.path: _stripped(sp) for sp in splits})
+    # Kept as they are: a split pickles only its text, spans and digests (Split).
+    new = Cache(code, on_invalid, node_digest, {sp.path: sp for sp in splits})
     new.infos = {o.digest: o.info for o in objects if o.digest is not None}
     new.plans = kept
     if usable is not None and plans is usable.plans:
@@ -252,11 +253,12 @@ def _validate(
         sp.pieces[i] = sp.pieces[i]._replace(value=UNPARSED)
     made: list[Service | EndpointSlice] = [*out.services[counts[0] :], *out.slices[counts[1] :]]
     other = len(out.node_configs) > counts[2] or len(out.skipped) > counts[3]
-    digest = sp.pieces[i].digest if len(made) == 1 and not other else None
-    if not made and not other and digest is None and sp.pieces[i].digest is not None:
+    piece = sp.pieces[i]
+    if not made and not other and piece.digest is not None:
         # A kind svcrules leaves alone: remembered so that it is not read again.
-        return [_Object(sp, i, sp.pieces[i].digest, Info("", None, ""), None, sp.pieces[i].origin)]
-    return [_Object(sp, i, digest, _info(m), m, out.origin(m) or sp.pieces[i].origin) for m in made]
+        return [_Object(sp, i, piece.digest, Info("", None, ""), None, piece.origin)]
+    digest = piece.digest if len(made) == 1 and not other else None
+    return [_Object(sp, i, digest, _info(m), m, out.origin(m) or piece.origin) for m in made]
 
 
 def _info(obj: Service | EndpointSlice) -> Info:
@@ -311,12 +313,6 @@ def _ignored(objects: list[_Object]) -> list[IgnoredSlice]:
 
 def _node_digest(node: NodeConfig) -> str:
     return hashlib.sha256(node.model_dump_json().encode()).hexdigest()
-
-
-def _stripped(sp: Split) -> Split:
-    """A split to keep: decoded values dropped where the text can give them again."""
-    pieces = [p._replace(value=UNPARSED) if p.span is not None else p for p in sp.pieces]
-    return Split(sp.path, sp.text, pieces, sp.objects)
 
 
 # The file ---------------------------------------------------------------------------
