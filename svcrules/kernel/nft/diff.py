@@ -17,7 +17,6 @@ from svcrules.errors import NeedsFullReplacement
 from svcrules.kernel.transaction import Counts, Kind, Operation, Verb, count
 
 _TABLE = re.compile(r"^table (ip6?) (\S+) \{$")
-_OBJECT = re.compile(r"^\t(set|map|chain) (\S+) \{$")
 _HEADER = ("type ", "typeof ", "flags ", "timeout ", "size ", "comment ", "policy ")
 ELEMENT_CHUNK = 5000  # elements per add/delete command; keeps lines reasonable
 
@@ -127,14 +126,16 @@ def parse_script(text: str) -> dict[tuple[str, str], TableText]:
         end = len(text) if end < 0 else end + 1
         table = TableText(m.group(1), m.group(2), "")
         at = m.end()
+        first = text.find(" {\n", at, end)  # the first object's header, if any
+        before = text.rfind("\n", at, first) + 1 if first >= 0 else end
+        if comment := _TABLE_COMMENT.search(text, at, before):
+            table.comment = comment.group(0).strip()
         while (close := text.find("\n\t}\n", at, end)) >= 0:
             brace = text.find(" {\n", at, close)
             start = text.rfind("\n", at, brace) + 1
             head = text[start:brace].split(" ")
             if len(head) != 2 or head[0] not in ("\tset", "\tmap", "\tchain"):
                 raise ValueError(f"not an object: {text[start:brace]!r}")
-            if not table.objects and (comment := _TABLE_COMMENT.search(text, at, start)):
-                table.comment = comment.group(0).strip()
             table.objects.add_block(head[0][1:], head[1], text[start : close + 3])
             at = close + 3
         tables[(table.family, table.name)] = table
@@ -143,18 +144,13 @@ def parse_script(text: str) -> dict[tuple[str, str], TableText]:
 
 
 def parse_table(family: str, name: str, lines: Iterator[str]) -> TableText:
-    """One table from its lines after ``table FAMILY NAME {`` (every object parsed)."""
-    table = TableText(family, name, "")
+    """One table from its lines after ``table FAMILY NAME {``, up to its closing brace
+    (read as parse_script reads a script)."""
+    body = [f"table {family} {name} {{"]
     for line in lines:
+        body.append(line)
         if line == "}":
-            return table
-        if line.startswith("\tcomment "):
-            table.comment = line.strip()
-            continue
-        m = _OBJECT.match(line)
-        if m:
-            obj = _parse_object(m.group(1), m.group(2), lines)
-            table.objects[obj.name] = obj
+            return parse_script("\n".join(body) + "\n")[(family, name)]
     raise ValueError(f"unterminated table {family} {name}")
 
 
