@@ -25,6 +25,7 @@ from svcrules.errors import NotPermitted, SvcrulesError
 from svcrules.kernel.caps import net_admin_problem
 from svcrules.kernel.metrics import SyncMetrics, previous_failures, write_metrics
 from svcrules.kernel.state import Meta, StateStore
+from svcrules.kernel.stats import Stats
 
 if TYPE_CHECKING:
     from svcrules.kernel.reconcile import Change  # the compiler and nft transport
@@ -79,7 +80,6 @@ class Run:
     def _metrics(self, meta: Meta, change: Change | None, invalid: int) -> None:
         """``change`` None: the run failed; ``meta`` then holds the previous success."""
         assert self.metrics_file is not None
-        c = meta.counts
         write_metrics(
             self.metrics_file,
             SyncMetrics(
@@ -89,12 +89,7 @@ class Run:
                 duration=self.seconds(),
                 operations=change.operations if change else 0,
                 mode=change.mode if change else "none",
-                services=c.get("services", 0),
-                service_ports=c.get("service_ports", 0),
-                endpoints=c.get("endpoints", 0),
-                chains=c.get("chains", 0),
-                rules=c.get("rules", 0),
-                elements=c.get("elements", 0),
+                sizes=Stats.of(meta.counts),
                 failures=meta.failures,
                 invalid_objects=invalid,
             ),

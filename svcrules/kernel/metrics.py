@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from svcrules.errors import MetricsError
+from svcrules.kernel.stats import Stats
 
-# name (after svcrules_), type, help, SyncMetrics attribute: in the file's order.
+# name (after svcrules_), type, help, attribute of SyncMetrics or of its sizes (Stats):
+# in the file's order.
 _ROWS = (
     (
         "last_success_timestamp_seconds",
@@ -52,12 +54,7 @@ class SyncMetrics:
     duration: float
     operations: int
     mode: str
-    services: int
-    service_ports: int
-    endpoints: int
-    chains: int
-    rules: int
-    elements: int
+    sizes: Stats  # of the rules the node holds
     failures: int
     invalid_objects: int = 0
 
@@ -65,7 +62,7 @@ class SyncMetrics:
         label = f'{{table="{self.table}"}}'
         out = []
         for name, kind, help_, attr in _ROWS:
-            value = getattr(self, attr)
+            value = getattr(self.sizes if hasattr(self.sizes, attr) else self, attr)
             value = int(value) if isinstance(value, bool) else value
             out += [
                 f"# HELP svcrules_{name} {help_}",

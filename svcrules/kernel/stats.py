@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from svcrules.compiler import Ruleset
+if TYPE_CHECKING:
+    from svcrules.compiler import Ruleset
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,11 @@ class Stats:
     chains: int
     rules: int
     elements: int
+
+    @classmethod
+    def of(cls, counts: dict[str, int]) -> Stats:
+        """The sizes a state summary recorded (0 for any it lacks)."""
+        return cls(**{f.name: int(counts.get(f.name, 0)) for f in fields(cls)})
 
 
 def stats(ruleset: Ruleset, sizes: tuple[int, int, int]) -> Stats:
