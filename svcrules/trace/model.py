@@ -1,0 +1,138 @@
+"""The question ``svcrules trace`` answers (a Packet) and the answer (a Trace).
+
+The JSON form (``Trace.as_json``) is stable and documented in docs/operations.md:
+``check --packets`` and scripts compare against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from svcrules.errors import SvcrulesError
+
+Verdict = Literal["dnat", "reject", "drop", "untouched"]
+VERDICTS: tuple[Verdict, ...] = ("dnat", "reject", "drop", "untouched")
+PROTOCOLS = ("tcp", "udp", "sctp")
+
+
+class TraceError(SvcrulesError):
+    """The rules hold something the interpreter does not understand, or the packet
+    is not one it can follow: a clear refusal instead of a wrong answer."""
+
+
+class Packet(NamedTuple):
+    """The first packet of a new connection.
+
+    ``from_node``: sent by the node's own stack (the output hook), else arriving on
+    one of its interfaces (prerouting). ``local``: the node's own addresses, which
+    the rules ask about at packet time (``fib ... type local`` / ``addrtype LOCAL``).
+    """
+
+    src: str
+    dst: str
+    port: int
+    proto: str = "tcp"
+    from_node: bool = False
+    local: tuple[str, ...] = ()
+
+
+class Step(NamedTuple):
+    """One rule a packet matched: where it is and what it says, as written.
+
+    ``when`` names the endpoints whose paths pass here; empty when every path does.
+    """
+
+    table: str  # "ip svcrules" (nftables) or "ipv4 nat" (iptables)
+    chain: str
+    rule: str
+    when: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"table": self.table, "chain": self.chain, "rule": self.rule}
+        if self.when:
+            out["when"] = list(self.when)
+        return out
+
+
+class Affinity(NamedTuple):
+    """ClientIP affinity on the path: the first packet picks, and whether a second
+    packet from the same client, evaluated with what the first one recorded,
+    reaches the same endpoint on every path."""
+
+    timeout: int
+    sticky: bool
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What the rules do with a packet.
+
+    ``endpoints``: where a ``dnat`` verdict may send it, each with its probability.
+    ``masquerade``: masqueraded whichever endpoint is picked; ``masqueraded``: the
+    endpoints whose connections are (all of them when ``masquerade``; with a hairpin,
+    the client's own address). ``masquerade_reason``: the rules that decided it.
+    """
+
+    packet: Packet
+    backend: str
+    verdict: Verdict
+    endpoints: tuple[str, ...] = ()
+    probabilities: dict[str, float] = field(default_factory=dict)
+    masquerade: bool = False
+    masqueraded: tuple[str, ...] = ()
+    masquerade_reason: tuple[Step, ...] = ()
+    affinity: Affinity | None = None
+    chains: tuple[Step, ...] = ()
+    source: str = ""  # "pod", "node" or "outside", as the rules classify it
+
+    def masqueraded_to(self, endpoint: str) -> bool:
+        """Whether a connection that lands on ``endpoint`` is masqueraded."""
+        return self.masquerade or endpoint in self.masqueraded
+
+    def as_json(self) -> dict[str, Any]:
+        p = self.packet
+        return {
+            "packet": {
+                "src": p.src,
+                "dst": p.dst,
+                "port": p.port,
+                "proto": p.proto,
+                "from_node": p.from_node,
+                "source": self.source,
+            },
+            "backend": self.backend,
+            "verdict": self.verdict,
+            "endpoints": list(self.endpoints),
+            "probabilities": dict(self.probabilities),
+            "masquerade": self.masquerade,
+            "masqueraded": list(self.masqueraded),
+            "masquerade_reason": [s.as_json() for s in self.masquerade_reason],
+            "affinity": (
+                None
+                if self.affinity is None
+                else {"timeout": self.affinity.timeout, "sticky": self.affinity.sticky}
+            ),
+            "chains": [s.as_json() for s in self.chains],
+        }
+
+
+def trace(text: str, backend: str, packet: Packet) -> Trace:
+    """Follow ``packet`` through ``text``, a ruleset as ``backend`` ("nftables" or
+    "iptables") would load it (what ``svcrules compile`` prints)."""
+    if backend == "nftables":
+        from svcrules.trace import nft
+
+        return nft.trace(text, packet)
+    if backend == "iptables":
+        from svcrules.trace import iptables
+
+        return iptables.trace(text, packet)
+    raise TraceError(f"unknown backend {backend!r}: nftables or iptables")
+
+
+def local_addresses(node_ips: Sequence[str], extra: Sequence[str]) -> tuple[str, ...]:
+    """The node's own addresses as trace assumes them: its nodeIPs and every
+    ``--node-address`` given."""
+    return tuple(dict.fromkeys([*node_ips, *extra]))
