@@ -122,13 +122,13 @@ def trace(text: str, backend: str, packet: Packet) -> Trace:
     """Follow ``packet`` through ``text``, a ruleset as ``backend`` ("nftables" or
     "iptables") would load it (what ``svcrules compile`` prints)."""
     if backend == "nftables":
-        from svcrules.trace import nft
+        from svcrules.trace.nft import trace_nft
 
-        return nft.trace(text, packet)
+        return trace_nft(text, packet)
     if backend == "iptables":
-        from svcrules.trace import iptables
+        from svcrules.trace.iptables import trace_iptables
 
-        return iptables.trace(text, packet)
+        return trace_iptables(text, packet)
     raise TraceError(f"unknown backend {backend!r}: nftables or iptables")
 
 
