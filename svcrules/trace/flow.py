@@ -11,6 +11,7 @@ could say.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -243,17 +244,40 @@ def second_packet(leaf: Flow, packet: Packet, hooks: Hooks) -> set[str | None]:
 
 
 def _merge_paths(flows: Sequence[Flow]) -> tuple[Step, ...]:
-    """Every rule matched on any path, in order of first appearance; a rule that only
-    some paths pass names their endpoints."""
-    seen: dict[Step, set[str]] = {}
-    everywhere = {f.endpoint or f.verdict or "untouched" for f in flows}
-    for f in flows:
+    """Every rule matched on any path, once, in an order every path agrees with (the
+    rules before a fork, each branch in turn, then what the branches share again). A
+    rule only some paths pass names where those paths end."""
+    labels: dict[Step, set[str]] = {}
+    first: dict[Step, tuple[int, int]] = {}
+    after: dict[Step, set[Step]] = {}
+    before: dict[Step, int] = {}
+    for n, f in enumerate(flows):
         label = f.endpoint or f.verdict or "untouched"
-        for s in f.path:
-            seen.setdefault(s, set()).add(label)
+        for k, s in enumerate(f.path):
+            labels.setdefault(s, set()).add(label)
+            if s not in first:
+                first[s] = (n, k)
+                before[s] = 0
+                after[s] = set()
+        for a, b in zip(f.path, f.path[1:], strict=False):
+            if b not in after[a] and a != b:
+                after[a].add(b)
+                before[b] += 1
+    ready = [(first[s], s) for s, count in before.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[Step] = []
+    while ready:
+        _key, s = heapq.heappop(ready)
+        order.append(s)
+        for b in after[s]:
+            before[b] -= 1
+            if before[b] == 0:
+                heapq.heappush(ready, (first[b], b))
+    if len(order) != len(first):  # paths disagree on the order: first appearance
+        order = sorted(first, key=first.__getitem__)
+    everywhere = {f.endpoint or f.verdict or "untouched" for f in flows}
     return tuple(
-        s if labels == everywhere else s._replace(when=tuple(sorted(labels)))
-        for s, labels in seen.items()
+        s if labels[s] == everywhere else s._replace(when=tuple(sorted(labels[s]))) for s in order
     )
 
 
