@@ -9,7 +9,8 @@ guess (``TraceError``).
 - ``model``: the packet asked about and the answer (``Trace``), with its JSON form;
 - ``flow``: one path of a packet through the hooks, and how paths are summed up;
 - ``nft`` and ``iptables``: each backend's parser and evaluator;
-- ``backends``: which interpreter reads which text; ``report``: the text form; ``cases``: expectations for ``check --packets``.
+- ``backends``: which interpreter reads which text;
+- ``report``: the text form; ``cases``: expectations for ``check --packets``.
 """
 
 from __future__ import annotations
