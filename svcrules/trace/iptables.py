@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ BUILTIN = {
     ("filter", "FORWARD"): ("forward", 0),
     ("filter", "OUTPUT"): ("output", 0),
 }
+_WORD = re.compile(r'"([^"]*)"|(\S+)')
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d+)$")
 
 
@@ -68,10 +68,10 @@ class _Rule:
         self.affinity: int | None = None  # -m recent --rcheck --seconds N
         self.target: Callable[[Flow], list[Outcome]] | None = None
         self.sets_mark = False
-        try:
-            words = shlex.split(text)
-        except ValueError as exc:
-            raise where.error(str(exc)) from None
+        if text.count('"') % 2:
+            raise where.error("a quote does not close")
+        # iptables-save quoting as svcrules writes it: no escapes inside quotes
+        words = [quoted or bare for quoted, bare in _WORD.findall(text)]
         i = 0
         negate = False
         while i < len(words):
