@@ -65,7 +65,9 @@ def trace_cmd(
         ),
     ] = None,
     dst: Annotated[str, typer.Option("--dst", metavar="IP", help="Destination address.")] = "",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Destination port.")] = 0,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="Destination port.")
+    ] = None,
     proto: Annotated[Proto, typer.Option("--proto", help="Transport protocol.")] = Proto.tcp,
     from_node: Annotated[
         bool,

@@ -385,24 +385,12 @@ def test_check_needs_exactly_one_of_golden_and_packets(args: list[str]) -> None:
     assert "give one of --golden FILE or --packets FILE" in res.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="without --port, typer checks the default 0 against min=1 and reports "
-    "\"Invalid value for '--port'\": trace's own '--dst and --port are required' is never "
-    "printed for a missing --port",
-)
 def test_trace_missing_port_says_it_is_required() -> None:
     res = runner.invoke(app, ["trace", DEMO, "--src", "198.51.100.12", "--dst", "203.0.113.10"])
     assert res.exit_code == 2 and res.stdout == ""
     assert "--dst and --port are required" in res.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Case.label writes an IPv6 destination without brackets: '2001:db8:3::53:53'",
-)
 def test_check_packets_ipv6_case_label_brackets_the_address(tmp_path: Path) -> None:
     case = {"src": "2001:db8:2::12", "dst": "2001:db8:3::53", "port": 53, "proto": "udp"}
     path = write_cases(tmp_path / "cases.yaml", {"cases": [{**case, "verdict": "drop"}]})
