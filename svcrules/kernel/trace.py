@@ -313,7 +313,10 @@ def _collect(tracer: Tracer, collector: Collector, until: float) -> None:
 def decide(packet: Packet, events: Sequence[Event], backend: str, flow: Flow | None) -> Trace:
     """The answer from one packet's events and its conntrack entry."""
     steps = tuple(
-        Step(ev.table, ev.chain, ev.rule) for ev in events if ev.own and ev.kind == "rule"
+        # as svcrules writes a rule: iptables' "-A CHAIN " is already in the chain
+        Step(ev.table, ev.chain, ev.rule.removeprefix(f"-A {ev.chain} "))
+        for ev in events
+        if ev.own and ev.kind == "rule"
     )
     verdict: Verdict | None = None
     for ev in events:
