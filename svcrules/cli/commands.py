@@ -17,10 +17,16 @@ from svcrules.cli.app import app
 from svcrules.cli.options import (
     NO_OVERRIDES,
     BackendChoice,
-    BackendOpt,
     ConfigOpt,
+    FormatAlias,
+    Formats,
+    OutputBackendOpt,
     Paths,
+    format_alias,
     node_options,
+    output_option,
+    usage,
+    verbosity,
 )
 from svcrules.errors import SvcrulesError
 from svcrules.inputs.overrides import Overrides
@@ -31,9 +37,16 @@ if TYPE_CHECKING:
     from svcrules.compiler import Ruleset
 
 
-class Format(StrEnum):
-    nft = "nft"
-    json = "json"
+# -o of compile and check: each names the backend whose text it is.
+RULE_FORMATS = Formats(
+    ("nft", "json", "iptables"),
+    file_hint="to write a file use --output-file {value} or redirect",
+)
+_FORMAT_BACKEND = {
+    "nft": BackendChoice.nftables,
+    "json": BackendChoice.nftables,
+    "iptables": BackendChoice.iptables,
+}
 
 
 class FamilyChoice(StrEnum):
@@ -69,15 +82,31 @@ def _compile(
         _fail(exc)
 
 
-def _text(ruleset: Ruleset, backend: BackendChoice, fmt: Format, family: FamilyChoice) -> str:
+def rule_format(
+    output: str | None, backend: BackendChoice | None
+) -> tuple[BackendChoice, str | None]:
+    """The backend and format of compile's and check's ``-o``: ``-o iptables`` is the
+    iptables backend's text and implies it; a backend that contradicts ``-o`` is a
+    usage error. Format None: the backend's own text."""
+    if output is None:
+        return backend or BackendChoice.nftables, None
+    fmt = RULE_FORMATS.parse(output)
+    implied = _FORMAT_BACKEND[fmt]
+    if backend is not None and backend is not implied:
+        what = "libnftables JSON" if fmt == "json" else f"the {implied.value} backend's text"
+        usage(f"-o {fmt} is {what}, and --backend {backend.value} contradicts it: give one of them")
+    return implied, fmt
+
+
+def _text(ruleset: Ruleset, backend: BackendChoice, fmt: str | None, family: FamilyChoice) -> str:
     """What compile and check print: the backend's text, in the asked format."""
     from svcrules.render.backends import RENDERERS
 
     row = RENDERERS[backend.value]
-    if fmt is Format.json:
-        if row.json is None:
-            with_json = " or ".join(n for n, r in RENDERERS.items() if r.json)
-            _usage(f"--format json is only for --backend {with_json}")
+    if fmt == "json":
+        assert row.json is not None  # rule_format: json is the nftables backend's
+        if family is not FamilyChoice.both:
+            _usage("--family selects one family's iptables-restore input: not for -o json")
         return row.json(ruleset.plan)
     if family is FamilyChoice.both:
         return ruleset.text(backend.value)
@@ -96,8 +125,7 @@ def node_ips(ruleset: Ruleset) -> list[str]:
 
 
 def _usage(message: str) -> NoReturn:
-    print(f"svcrules: error: {message}", file=sys.stderr)
-    raise typer.Exit(2)
+    usage(message)
 
 
 FamilyOpt = Annotated[
@@ -119,22 +147,36 @@ def _write(text: str, output: Path | None) -> None:
     tmp.replace(output)
 
 
-@app.command("compile")
+@app.command("compile", short_help="Print the ruleset (nft script, JSON or iptables input).")
+@verbosity
 @node_options
 def compile_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
-    fmt: Annotated[
-        Format, typer.Option("--format", "-f", help="nft script or libnftables JSON.")
-    ] = Format.nft,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+        str | None,
+        output_option(
+            RULE_FORMATS,
+            "Output format: nft (an nft script), json (libnftables JSON, as 'nft -j "
+            "list' prints it) or iptables (iptables-restore input, both families; "
+            "implies --backend iptables). Default: the backend's own text.",
+        ),
+    ] = None,
+    output_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-file",
+            metavar="FILE",
+            help="Write the output to FILE (atomically: a temporary file renamed into "
+            "place) instead of stdout.",
+        ),
     ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Print the explain table instead of rules.")
     ] = False,
-    backend: BackendOpt = BackendChoice.nftables,
+    backend: OutputBackendOpt = None,
     family: FamilyOpt = FamilyChoice.both,
+    old_format: FormatAlias = None,
     allow_empty: Annotated[
         bool,
         typer.Option(
@@ -147,18 +189,28 @@ def compile_cmd(
 ) -> None:
     """Print the ruleset. With nftables, loading it with 'nft -f' creates or replaces
     the owned tables (ip/ip6 svcrules) in one transaction and touches nothing else.
-    With iptables, it is one iptables-restore input per family ('apply' sends it and
-    also installs the jumps from the built-in chains)."""
-    ruleset = _compile(paths, config, overrides, backend, allow_empty)
+    With iptables (-o iptables), it is one iptables-restore input per family ('apply'
+    sends it and also installs the jumps from the built-in chains).
+
+    Examples:
+
+      svcrules compile fixtures/demo | nft -f -
+      svcrules compile -o json -f services/ -f node.yaml
+      svcrules compile -o iptables --family ipv4 fixtures/demo
+      svcrules compile --output-file rules.nft fixtures/demo
+    """
+    backend_, fmt = rule_format(format_alias(output, old_format), backend)
+    ruleset = _compile(paths, config, overrides, backend_, allow_empty)
     if explain:
         from svcrules.plan.explain import explain_text
 
-        _write(explain_text(ruleset.plan), output)
+        _write(explain_text(ruleset.plan), output_file)
         return
-    _write(_text(ruleset, backend, fmt, family), output)
+    _write(_text(ruleset, backend_, fmt, family), output_file)
 
 
-@app.command("explain")
+@app.command("explain", short_help="Show what each Service port became on this node, and why.")
+@verbosity
 @node_options
 def explain_cmd(
     paths: Paths = None,
@@ -172,18 +224,27 @@ def explain_cmd(
     sys.stdout.write(explain_text(_compile(paths, config, overrides).plan))
 
 
-@app.command("check")
+@app.command(
+    "check", short_help="Check the rules in CI against a golden file or packet expectations."
+)
+@verbosity
 @node_options
 def check_cmd(
     paths: Paths = None,
     golden: Annotated[
         Path | None,
-        typer.Option("--golden", "-g", help="The reviewed ruleset file to compare with."),
+        typer.Option(
+            "--golden",
+            "-g",
+            metavar="FILE",
+            help="The reviewed ruleset file to compare with (with --update: to write).",
+        ),
     ] = None,
     packets: Annotated[
         Path | None,
         typer.Option(
             "--packets",
+            metavar="FILE",
             help="A file of packet expectations (src, dst, port, proto, fromNode -> "
             "verdict, endpoints, masquerade) to check against the rules of both backends.",
         ),
@@ -192,11 +253,17 @@ def check_cmd(
     update: Annotated[
         bool, typer.Option("--update", help="Rewrite the golden file instead of comparing.")
     ] = False,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Format of the golden file.")] = (
-        Format.nft
-    ),
-    backend: BackendOpt = BackendChoice.nftables,
+    output: Annotated[
+        str | None,
+        output_option(
+            RULE_FORMATS,
+            "Format of the golden file: nft, json or iptables (implies --backend "
+            "iptables), as compile -o prints it. Default: the backend's own text.",
+        ),
+    ] = None,
+    backend: OutputBackendOpt = None,
     family: FamilyOpt = FamilyChoice.both,
+    old_format: FormatAlias = None,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Check the compiled rules in CI: exit 0 when everything holds, 1 when not, 2 on
@@ -206,8 +273,13 @@ def check_cmd(
     --packets traces every packet of a cases file through the rules of both backends
     (as 'svcrules trace' does) and prints a table of what does not hold.
 
-    Example: svcrules check --packets fixtures/demo-packets.yaml fixtures/demo
+    Examples:
+
+      svcrules check --golden rules.golden.nft manifests/
+      svcrules check --golden rules.golden.nft --update manifests/
+      svcrules check --packets fixtures/demo-packets.yaml fixtures/demo
     """
+    backend_, fmt = rule_format(format_alias(output, old_format), backend)
     if (golden is None) == (packets is None):
         _usage("give one of --golden FILE or --packets FILE")
     if packets is not None:
@@ -216,8 +288,8 @@ def check_cmd(
     assert golden is not None
     from svcrules.cli.golden import compare
 
-    ruleset = _compile(paths, config, overrides, backend)
-    text = _text(ruleset, backend, fmt, family)
+    ruleset = _compile(paths, config, overrides, backend_)
+    text = _text(ruleset, backend_, fmt, family)
     if update:
         golden.parent.mkdir(parents=True, exist_ok=True)
         _write(text, golden)

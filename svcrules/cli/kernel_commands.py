@@ -22,9 +22,12 @@ from svcrules.cli.options import (
     BackendChoice,
     BackendOpt,
     ConfigOpt,
+    Formats,
     Paths,
     TableName,
     node_options,
+    output_option,
+    verbosity,
 )
 from svcrules.cli.run import EXIT_SKIPPED, Run, log_fields, reporting, require_net_admin
 from svcrules.errors import LockBusy, UsageError
@@ -32,6 +35,7 @@ from svcrules.inputs.overrides import Overrides
 from svcrules.kernel.lock import DEFAULT_TIMEOUT, exclusive
 from svcrules.kernel.safety import DEFAULT_MAX_REMOVALS, Policy, check_removals
 from svcrules.kernel.state import DEFAULT_STATE_DIR, StateStore
+from svcrules.progress import phase
 
 if TYPE_CHECKING:
     # Imported where used: the compiler (pydantic, PyYAML, orjson, Jinja2), reconcile
@@ -53,10 +57,10 @@ class IptablesChoice(StrEnum):
     legacy = "legacy"
 
 
-class DiffOutput(StrEnum):
-    summary = "summary"
-    script = "script"
-    nft = "nft"  # the same as script (the name from before the iptables backend)
+# diff -o: text for people, nft the exact transaction ("nft" also for the iptables
+# backend, whose transaction is iptables-restore input). "summary" and "script" are
+# the names of an earlier release.
+DIFF_FORMATS = Formats(("text", "nft"), aliases=(("summary", "text"), ("script", "nft")))
 
 
 class LogFormat(StrEnum):
@@ -68,6 +72,7 @@ StateDir = Annotated[
     Path,
     typer.Option(
         "--state-dir",
+        metavar="DIR",
         envvar="SVCRULES_STATE_DIR",
         help="Where the last applied script and its fingerprint are kept.",
     ),
@@ -101,6 +106,7 @@ MetricsFile = Annotated[
     Path | None,
     typer.Option(
         "--metrics-file",
+        metavar="FILE",
         help="Write Prometheus text-format metrics here (atomically), on success and on "
         "failure alike.",
     ),
@@ -110,7 +116,10 @@ LogFormatOpt = Annotated[
     typer.Option("--log-format", help="stderr logs as text or JSON lines (both timestamped)."),
 ]
 LockTimeoutOpt = Annotated[
-    float, typer.Option("--lock-timeout", help="Seconds to wait for another run's lock.")
+    float,
+    typer.Option(
+        "--lock-timeout", metavar="SECONDS", help="Seconds to wait for another run's lock."
+    ),
 ]
 AllowEmpty = Annotated[
     bool,
@@ -143,6 +152,7 @@ OnInvalidOpt = Annotated[
     InvalidChoice,
     typer.Option(
         "--on-invalid",
+        show_default=False,
         help="An invalid Service or EndpointSlice, or two Services claiming the same "
         "address and port: fail the run (nothing applied), or skip them, program "
         "everything else and exit 3 (the oldest Service keeps a contested claim; see "
@@ -186,19 +196,20 @@ def _report_invalid(change: Change) -> int:
     return EXIT_SKIPPED if change.new_meta.invalid else 0
 
 
-@app.command("diff")
+@app.command("diff", short_help="Show what 'apply' would change (exit 1 when something would).")
+@verbosity
 @node_options
 def diff_cmd(
     paths: Paths = None,
     config: ConfigOpt = None,
     output: Annotated[
-        DiffOutput,
-        typer.Option(
-            "--output",
-            help="A readable summary, or the exact transaction apply would send "
-            "(an nft script, or iptables-restore inputs); 'nft' is the same as 'script'.",
+        str,
+        output_option(
+            DIFF_FORMATS,
+            "text: what changes, for people; nft: the exact transaction apply would "
+            "send (an nft script, or iptables-restore input with --backend iptables).",
         ),
-    ] = DiffOutput.summary,
+    ] = "text",
     backend: BackendOpt = BackendChoice.nftables,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
@@ -208,10 +219,17 @@ def diff_cmd(
     on_invalid: OnInvalidOpt = InvalidChoice.fail,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
-    """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
+    """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error.
+
+    Examples:
+
+      svcrules diff --config node.yaml manifests/
+      svcrules diff -o nft --config node.yaml manifests/ > transaction.nft
+    """
     from svcrules.cli.report import summary
     from svcrules.kernel.reconcile import plan_change
 
+    fmt = DIFF_FORMATS.parse(output)
     setup("text")
     policy = Policy(allow_empty=allow_empty, on_invalid=on_invalid.value)
     with reporting(None):
@@ -219,7 +237,7 @@ def diff_cmd(
         job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), policy)
         change = plan_change(job, driver, StateStore(state_dir), verify)
     _report_invalid(change)
-    sys.stdout.write(change.script if output is not DiffOutput.summary else summary(change))
+    sys.stdout.write(change.script if fmt == "nft" else summary(change))
     raise typer.Exit(1 if change.changed else 0)
 
 
@@ -256,7 +274,8 @@ def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
     if dry_run:
         change, driver = _plan(req, store)
         if change.changed:
-            driver.check(change.script)
+            with phase("checking the transaction (nothing is applied)"):
+                driver.check(change.script)
         return change
     store.check_dir()
     try:
@@ -280,7 +299,10 @@ def _apply_reported(req: Request, run: Run, dry_run: bool = False) -> Change | N
     return change
 
 
-@app.command("apply")
+@app.command(
+    "apply", short_help="Bring the kernel to the compiled ruleset, changing only what differs."
+)
+@verbosity
 @node_options
 def apply_cmd(
     paths: Paths = None,
@@ -304,6 +326,15 @@ def apply_cmd(
     lock_timeout: LockTimeoutOpt = DEFAULT_TIMEOUT,
     metrics_file: MetricsFile = None,
     log_format: LogFormatOpt = LogFormat.text,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Say more on stderr: each long phase with what it did and how long it "
+            "took, and one line with the result (as sync logs it).",
+        ),
+    ] = False,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Bring the kernel to the compiled ruleset with only what changed: one atomic nft
@@ -317,15 +348,35 @@ def apply_cmd(
     req = Request(
         paths, config, overrides, (backend, nft, iptables), verify, policy, (True, lock_timeout)
     )
-    change = _apply_reported(req, Run(state_dir, metrics_file, overrides.table_name or ""), dry_run)
+    run = Run(state_dir, metrics_file, overrides.table_name or "")
+    change = _apply_reported(req, run, dry_run)
     assert change is not None  # apply always waits for the lock
     sys.stdout.write(summary(change))
     for problem in change.problems:
         LOG.warning("%s", problem)
+    if verbose and not dry_run:
+        _log_result(change, run, quiet_when_unchanged=False)
     raise typer.Exit(_report_invalid(change))
 
 
-@app.command("sync")
+def _log_result(change: Change, run: Run, quiet_when_unchanged: bool) -> None:
+    """sync's one line about a run (and apply's, with -v)."""
+    fields = log_fields(change, run)
+    if change.changed:
+        reason = f" ({change.reason})" if change.reason else ""
+        LOG.info(
+            "applied: %s, %d operations%s",
+            change.mode,
+            change.operations,
+            reason,
+            extra={"fields": fields},
+        )
+    elif not quiet_when_unchanged:
+        LOG.info("unchanged: 0 operations", extra={"fields": fields})
+
+
+@app.command("sync", short_help="'apply' for cron and timers: a lock, quiet, logs and metrics.")
+@verbosity
 @node_options
 def sync_cmd(
     paths: Paths = None,
@@ -341,7 +392,13 @@ def sync_cmd(
     metrics_file: MetricsFile = None,
     log_format: LogFormatOpt = LogFormat.text,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log runs that changed nothing too.")
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Say more on stderr: each long phase with what it did and how long it "
+            "took, and a line for runs that changed nothing too.",
+        ),
     ] = False,
     backend: BackendOpt = BackendChoice.nftables,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
@@ -368,22 +425,12 @@ def sync_cmd(
         return
     for problem in change.problems:
         LOG.warning("%s", problem)
-    fields = log_fields(change, run)
-    if change.changed:
-        reason = f" ({change.reason})" if change.reason else ""
-        LOG.info(
-            "applied: %s, %d operations%s",
-            change.mode,
-            change.operations,
-            reason,
-            extra={"fields": fields},
-        )
-    elif verbose:
-        LOG.info("unchanged: 0 operations", extra={"fields": fields})
+    _log_result(change, run, quiet_when_unchanged=not verbose)
     raise typer.Exit(_report_invalid(change))
 
 
-@app.command("cleanup")
+@app.command("cleanup", short_help="Delete svcrules' own rules and its saved state; nothing else.")
+@verbosity
 def cleanup_cmd(
     table_name: TableName = None,
     backend: Annotated[

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 LOG = logging.getLogger("svcrules")
 
@@ -38,8 +39,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, sort_keys=True)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged: the progress
+    display (svcrules.cli.progress) stands in for it while a spinner is drawn, and
+    prints the line above the spinner."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup(fmt: str = "text", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     LOG.handlers[:] = [handler]
     LOG.setLevel(level)

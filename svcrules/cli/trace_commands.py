@@ -22,8 +22,11 @@ from svcrules.cli.options import (
     BackendChoice,
     BackendOpt,
     ConfigOpt,
+    Formats,
     Paths,
     node_options,
+    output_option,
+    verbosity,
 )
 from svcrules.errors import SvcrulesError
 from svcrules.inputs.overrides import Overrides
@@ -32,9 +35,7 @@ if TYPE_CHECKING:
     from svcrules.trace import Packet, Trace
 
 
-class TraceFormat(StrEnum):
-    text = "text"
-    json = "json"
+TRACE_FORMATS = Formats(("text", "json"))
 
 
 class Proto(StrEnum):
@@ -68,7 +69,8 @@ KernelOpt = Annotated[
 ]
 
 
-@app.command("trace")
+@app.command("trace", short_help="Show what the rules do with one packet, and why (no root).")
+@verbosity
 @node_options
 def trace_cmd(
     paths: Paths = None,
@@ -83,7 +85,8 @@ def trace_cmd(
     ] = None,
     dst: Annotated[str, typer.Option("--dst", metavar="IP", help="Destination address.")] = "",
     port: Annotated[
-        int | None, typer.Option("--port", min=1, max=65535, help="Destination port.")
+        int | None,
+        typer.Option("--port", min=1, max=65535, metavar="PORT", help="Destination port."),
     ] = None,
     proto: Annotated[Proto, typer.Option("--proto", help="Transport protocol.")] = Proto.tcp,
     from_node: Annotated[
@@ -98,13 +101,17 @@ def trace_cmd(
     config: ConfigOpt = None,
     backend: BackendOpt = BackendChoice.nftables,
     output: Annotated[
-        TraceFormat,
-        typer.Option("--output", "-o", help="text for people, json for scripts."),
-    ] = TraceFormat.text,
+        str, output_option(TRACE_FORMATS, "text for people, json for scripts.")
+    ] = "text",
     kernel: KernelOpt = False,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", min=0.1, help="--kernel: how long to wait for the packet."),
+        typer.Option(
+            "--timeout",
+            min=0.1,
+            metavar="SECONDS",
+            help="--kernel: how long to wait for the packet.",
+        ),
     ] = 10.0,
     iptables: IptablesOpt = IptablesChoice.auto,
     overrides: Overrides = NO_OVERRIDES,
@@ -116,12 +123,14 @@ def trace_cmd(
 
     Examples:
 
-      svcrules trace fixtures/demo --src 198.51.100.12 --dst 203.0.113.10 --port 80
-
-      svcrules trace fixtures/demo --from-node --dst 192.0.2.1 --port 30080 -o json
-
-      svcrules trace --kernel --src 192.0.2.100 --dst 203.0.113.10 --port 80   (root)
+      svcrules trace fixtures/demo --src 198.51.100.12 \\
+          --dst 203.0.113.10 --port 80
+      svcrules trace fixtures/demo --from-node --dst 192.0.2.1 \\
+          --port 30080 -o json
+      svcrules trace --kernel --src 192.0.2.100 \\
+          --dst 203.0.113.10 --port 80          # as root, on the node
     """
+    fmt = TRACE_FORMATS.parse(output)
     if not dst or port is None:
         print("svcrules: error: --dst and --port are required", file=sys.stderr)
         raise typer.Exit(2)
@@ -133,7 +142,7 @@ def trace_cmd(
             _usage("--src is required (with --kernel and no inputs to take the nodeIP from)")
         table = overrides.table_name or "svcrules"
         packet = Packet(src, dst, port, proto.value, from_node, tuple(node_address or []))
-        _show(_kernel(packet, backend, table, timeout, iptables), None, output)
+        _show(_kernel(packet, backend, table, timeout, iptables), None, fmt)
         return
     ruleset = _compile(paths, config, overrides, backend)
     ips = node_ips(ruleset)
@@ -149,10 +158,10 @@ def trace_cmd(
     except SvcrulesError as exc:
         _fail(exc)
     if not kernel:
-        _show(predicted, None, output)
+        _show(predicted, None, fmt)
         return
     seen = _kernel(packet, backend, ruleset.plan.table, timeout, iptables)
-    if not _show(seen, predicted, output):
+    if not _show(seen, predicted, fmt):
         raise typer.Exit(1)
 
 
@@ -186,10 +195,10 @@ def agrees(seen: Trace, predicted: Trace) -> bool:
     )
 
 
-def _show(seen: Trace, predicted: Trace | None, output: TraceFormat) -> bool:
+def _show(seen: Trace, predicted: Trace | None, fmt: str) -> bool:
     """Print one answer, or the kernel's beside the prediction; whether they agree."""
     ok = predicted is None or agrees(seen, predicted)
-    if output is TraceFormat.json:
+    if fmt == "json":
         doc: dict[str, object] = seen.as_json()
         if predicted is not None:
             doc = {"kernel": doc, "predicted": predicted.as_json(), "agree": ok}

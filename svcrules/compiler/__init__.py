@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 from svcrules.errors import InputError, OnInvalid, Problem
 from svcrules.inputs.overrides import Overrides
 from svcrules.inputs.read import Source, read_sources
+from svcrules.progress import amount, phase
 from svcrules.render.digest import hash_text
 
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ class Ruleset:
                 render = RENDERERS[backend]
             except KeyError:
                 raise ValueError(f"unknown backend {backend!r}: one of {list(RENDERERS)}") from None
-            self._texts[backend] = render.text(self.plan)
+            with phase(f"rendering {backend} rules") as p:
+                self._texts[backend] = text = render.text(self.plan)
+                p.detail = f"{text.count(chr(10)):,} lines"
         return self._texts[backend]
 
     @property
@@ -71,7 +74,8 @@ class Ruleset:
 
         render = RENDERERS["nftables"].json
         assert render is not None
-        return render(self.plan)
+        with phase("rendering libnftables JSON"):
+            return render(self.plan)
 
 
 def compile(inputs: Inputs, node: NodeConfig, on_invalid: OnInvalid = "fail") -> Ruleset:
@@ -81,10 +85,12 @@ def compile(inputs: Inputs, node: NodeConfig, on_invalid: OnInvalid = "fail") ->
     from svcrules.plan.resolve import resolve
 
     _check_mode(on_invalid)
-    if on_invalid == "fail":
-        return Ruleset(resolve(inputs, node))
-    conflicts: list[Problem] = []
-    plan = resolve(inputs, node, conflicts)
+    with phase("planning Services") as p:
+        p.detail = f"{len(inputs.services):,} Services"
+        if on_invalid == "fail":
+            return Ruleset(resolve(inputs, node))
+        conflicts: list[Problem] = []
+        plan = resolve(inputs, node, conflicts)
     return Ruleset(plan, tuple(inputs.skipped) + tuple(conflicts))
 
 
@@ -160,8 +166,13 @@ class Job:
                     ruleset = Ruleset(done.plan, done.skipped, done.cache, done.port_digests)
                     _ = ruleset.text(backend)
                     return ruleset
-            inputs = load_sources(self.sources, on_invalid)
-            config_inputs = load_sources(self.config) if self.config else None
+            with phase("validating objects") as p:
+                inputs = load_sources(self.sources, on_invalid)
+                config_inputs = load_sources(self.config) if self.config else None
+                p.detail = (
+                    f"{len(inputs.services):,} Services, {len(inputs.slices):,} EndpointSlices"
+                )
+
             empty = [] if self.allow_empty else empty_problems(self.sources, inputs)
             try:
                 node = node_config(inputs, config_inputs, self.overrides)
@@ -209,13 +220,18 @@ def prepare(
 ) -> Job:
     """Read ``paths`` (and ``config``) without parsing them yet."""
     _check_mode(on_invalid)
-    return Job(
-        tuple(read_sources(paths, stdin)),
-        tuple(read_sources([config], stdin)) if config else (),
-        overrides or Overrides(),
-        allow_empty,
-        on_invalid,
-    )
+    with phase("reading inputs") as p:
+        job = Job(
+            tuple(read_sources(paths, stdin)),
+            tuple(read_sources([config], stdin)) if config else (),
+            overrides or Overrides(),
+            allow_empty,
+            on_invalid,
+        )
+        files = len(job.sources) + len(job.config)
+        size = sum(len(s.text) for s in (*job.sources, *job.config))
+        p.detail = f"{files} {'file' if files == 1 else 'files'}, {amount(size)}"
+    return job
 
 
 def compile_paths(

@@ -48,6 +48,7 @@ from svcrules.plan.resolve import (
     slice_service,
     slices_by_service,
 )
+from svcrules.progress import phase
 
 MAGIC = b"svcrules-compile-cache"
 FORMAT = 1
@@ -153,27 +154,31 @@ def compile_plan(
     without it."""
     usable = cache if cache and cache.code == code and cache.on_invalid == on_invalid else None
     limits = Limits.from_env()
-    problems: list[Problem] = []
-    splits: list[Split] = []
-    for n, src in enumerate(sources):
-        previous = _previous(usable, src.path, n) if usable else None
-        sp = split_text(src.text, src.path, problems, previous)
-        if sp is None:
+    with phase("validating objects") as step:
+        problems: list[Problem] = []
+        splits: list[Split] = []
+        for n, src in enumerate(sources):
+            previous = _previous(usable, src.path, n) if usable else None
+            sp = split_text(src.text, src.path, problems, previous)
+            if sp is None:
+                raise NotCacheable
+            splits.append(sp)
+        if sum(sp.objects for sp in splits) > limits.max_objects:
             raise NotCacheable
-        splits.append(sp)
-    if sum(sp.objects for sp in splits) > limits.max_objects:
-        raise NotCacheable
-    fresh = Inputs()  # objects validated in this run, and what skip mode left out
-    objects: list[_Object] = []
-    for sp in splits:
-        for i, piece in enumerate(sp.pieces):
-            info = usable.infos.get(piece.digest) if usable and piece.digest else None
-            if info is not None:
-                objects.append(_Object(sp, i, piece.digest, info, None, _origin(piece, info)))
-            else:
-                objects += _validate(sp, i, fresh, problems, on_invalid, limits)
-    if problems:
-        raise NotCacheable
+        fresh = Inputs()  # objects validated in this run, and what skip mode left out
+        objects: list[_Object] = []
+        reused = 0
+        for sp in splits:
+            for i, piece in enumerate(sp.pieces):
+                info = usable.infos.get(piece.digest) if usable and piece.digest else None
+                if info is not None:
+                    reused += 1
+                    objects.append(_Object(sp, i, piece.digest, info, None, _origin(piece, info)))
+                else:
+                    objects += _validate(sp, i, fresh, problems, on_invalid, limits)
+        if problems:
+            raise NotCacheable
+        step.detail = f"{len(objects):,} objects, {len(objects) - reused:,} of them new"
     config_inputs = load_sources(config) if config else None
     try:
         node = node_config(fresh, config_inputs, overrides)
@@ -187,28 +192,32 @@ def compile_plan(
     for obj in objects:
         if obj.info.key is not None:
             groups[obj.info.key].append(obj)
-    planned: list[PlannedService] = []
-    kept: dict[Key, Entry] = {}
-    port_digests: dict[int, str] = {}
-    for key in sorted(groups):
-        group = groups[key]
-        digest = _group_digest(group)
-        cached = plans.get(key)
-        mine: tuple[PlannedService, ...]
-        if cached is not None and digest is not None and cached[0] == digest:
-            kept[key] = cached
-            _, mine, digests = cached
-        else:
-            mine = _plan_group(group, node, fresh, on_invalid, limits)
-            digests = tuple(port_digest(p) for p in _ports(mine))
-            if digest is not None:
-                kept[key] = (digest, mine, digests)
-        port_digests.update(zip(map(id, _ports(mine)), digests, strict=True))
-        services = [o for o in group if o.info.kind == "Service" and o.info.programmed]
-        planned += [p._replace(origin=o.origin) for p, o in zip(mine, services, strict=True)]
-    skipped: list[Problem] | None = [] if on_invalid == "skip" else None
-    foreign = foreign_by_family(ip for o in objects for ip in o.info.foreign)
-    plan = assemble(planned, foreign, _ignored(objects), node, skipped)
+    with phase("planning Services") as step:
+        planned: list[PlannedService] = []
+        kept: dict[Key, Entry] = {}
+        port_digests: dict[int, str] = {}
+        replanned = 0
+        for key in sorted(groups):
+            group = groups[key]
+            digest = _group_digest(group)
+            cached = plans.get(key)
+            mine: tuple[PlannedService, ...]
+            if cached is not None and digest is not None and cached[0] == digest:
+                kept[key] = cached
+                _, mine, digests = cached
+            else:
+                replanned += 1
+                mine = _plan_group(group, node, fresh, on_invalid, limits)
+                digests = tuple(port_digest(p) for p in _ports(mine))
+                if digest is not None:
+                    kept[key] = (digest, mine, digests)
+            port_digests.update(zip(map(id, _ports(mine)), digests, strict=True))
+            services = [o for o in group if o.info.kind == "Service" and o.info.programmed]
+            planned += [p._replace(origin=o.origin) for p, o in zip(mine, services, strict=True)]
+        skipped: list[Problem] | None = [] if on_invalid == "skip" else None
+        foreign = foreign_by_family(ip for o in objects for ip in o.info.foreign)
+        plan = assemble(planned, foreign, _ignored(objects), node, skipped)
+        step.detail = f"{len(groups):,} Services, {replanned:,} of them planned anew"
     # Kept as they are: a split pickles only its text, spans and digests (Split).
     new = Cache(code, on_invalid, node_digest, {sp.path: sp for sp in splits})
     new.infos = {o.digest: o.info for o in objects if o.digest is not None}

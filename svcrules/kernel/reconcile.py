@@ -23,6 +23,7 @@ from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
 from svcrules.kernel.nft.transport import first_error
 from svcrules.kernel.state import Meta, StateStore
 from svcrules.kernel.stats import stats
+from svcrules.progress import phase
 
 if TYPE_CHECKING:
     from svcrules.compiler.compile_cache import Cache
@@ -196,7 +197,9 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
     retire = [n for n in old_meta.owned if n != table]
     if not reason and old_script is not None:
         try:
-            tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
+            with phase("working out the incremental change") as step:
+                tx = driver.incremental(old_script, ruleset, set(old_meta.stale))
+                step.detail = f"{tx.operations:,} operations"
         except NeedsFullReplacement as exc:
             reason = str(exc)
         else:
@@ -220,7 +223,9 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 compiled=new_script,
                 cache=ruleset.next_cache,
             )
-    full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
+    with phase("writing the full replacement") as step:
+        full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
+        step.detail = f"{full.operations:,} operations"
     new_meta.owned = [table]
     return Change(
         "full",
@@ -284,8 +289,11 @@ def _why_full(
         return f"the owned table changed from {old_meta.table!r} to {table!r}"
     if not agree:
         return f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
-    if verify and (drift := driver.verify(table, old_script, old_meta.stale)):
-        return "verification found drift: " + "; ".join(drift[:3])
+    if verify:
+        with phase(f"verifying the {driver.backend} rules in the kernel"):
+            drift = driver.verify(table, old_script, old_meta.stale)
+        if drift:
+            return "verification found drift: " + "; ".join(drift[:3])
     return ""
 
 
@@ -296,11 +304,14 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
     table = change.new_meta.table
     started = time.monotonic()
     try:
-        change.script, left = driver.send(change.script, change.tx)
+        with phase("sending the transaction to the kernel") as step:
+            step.detail = f"{change.mode}, {change.operations:,} operations"
+            change.script, left = driver.send(change.script, change.tx)
     except KernelError as exc:
         if change.mode != "incremental" or change.fallback is None:
             raise
-        _fall_back(change, driver, exc)
+        with phase("sending a full replacement to the kernel"):
+            _fall_back(change, driver, exc)
         left = []
     change.stale_after = sorted(set(change.stale_after) | set(left))
     kernel = driver.fingerprints(table)
@@ -310,13 +321,18 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
         raise KernelError(f"verification failed: the kernel holds {kernel}, expected {expected}")
     change.new_meta.stale = change.stale_after
     change.new_meta.last_success = time.time()
-    store.save(change.new_script, change.new_meta)
-    if change.cache is not None:
-        try:
-            store.save_cache(change.cache)
-        except SvcrulesError as exc:  # only a speed-up: the rules and state are in place
-            change.problems.append(f"compile cache not kept: {exc}")
-    change.problems += run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
+    with phase("saving the state"):
+        store.save(change.new_script, change.new_meta)
+        if change.cache is not None:
+            try:
+                store.save_cache(change.cache)
+            except SvcrulesError as exc:  # only a speed-up: the rules and state are in place
+                change.problems.append(f"compile cache not kept: {exc}")
+    commands = cleanup_commands(change.old_meta.udp, change.new_meta.udp)
+    if commands:
+        with phase("deleting stale UDP conntrack entries") as step:
+            step.detail = f"{len(commands)} conntrack commands"
+            change.problems += run_cleanup(commands)
 
 
 def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
@@ -325,11 +341,13 @@ def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:
     it; without, every name the state directory recorded and every table or chain
     prefix that carries svcrules' mark (found even when the state was lost)."""
     _, meta = store.load()
-    if table is not None:
-        check_name(table)
-        gone = driver.cleanup(table)
-    else:
-        gone = driver.cleanup(None, [*meta.owned, meta.table or "svcrules"])
+    with phase(f"removing svcrules' {driver.backend} rules") as step:
+        if table is not None:
+            check_name(table)
+            gone = driver.cleanup(table)
+        else:
+            gone = driver.cleanup(None, [*meta.owned, meta.table or "svcrules"])
+        step.detail = ", ".join(gone) or "nothing to remove"
     same_tool = not driver.tool or not meta.tool or meta.tool == driver.tool
     if (meta.backend == driver.backend and same_tool) or not store.has_state():
         store.clear()

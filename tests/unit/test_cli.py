@@ -54,7 +54,7 @@ def test_config_option_and_output_file(tmp_path: Path) -> None:
             str(ROOT / "fixtures/demo/endpointslices.yaml"),
             "--config",
             str(ROOT / "fixtures/demo/node.yaml"),
-            "-o",
+            "--output-file",
             str(out),
         ],
     )
