@@ -13,6 +13,7 @@ a paragraph whose first line is indented (an example command) is printed as writ
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from collections.abc import Sequence
 from enum import Enum
@@ -28,8 +29,10 @@ INDENT = 2
 _KEEP = "\x00"  # a space that wrapping must not break at
 
 
-def _width(formatter: Any) -> int:
-    return int(formatter.width)
+def width() -> int:
+    """Columns to fill: the terminal's (or $COLUMNS) up to 80, less a margin of
+    two; 78 in a pipe."""
+    return max(min(shutil.get_terminal_size().columns, 80) - 2, 40)
 
 
 def _paragraphs(text: str, width: int, indent: int) -> str:
@@ -189,7 +192,7 @@ def summary(command: Any) -> str:
 
 class Command(TyperCommand):
     def format_help(self, ctx: typer.Context, formatter: Any) -> None:  # type: ignore[override]
-        formatter.write(page(self, ctx, _width(formatter)))
+        formatter.write(page(self, ctx, width()))
 
 
 class Group(TyperGroup):
@@ -199,5 +202,5 @@ class Group(TyperGroup):
             cmd = self.get_command(ctx, name)
             if cmd is not None and not cmd.hidden:
                 rows.append((name, summary(cmd)))
-        commands = "Commands:\n" + _rows(rows, _width(formatter)) if rows else ""
-        formatter.write(page(self, ctx, _width(formatter), [commands] if commands else []))
+        commands = "Commands:\n" + _rows(rows, width()) if rows else ""
+        formatter.write(page(self, ctx, width(), [commands] if commands else []))

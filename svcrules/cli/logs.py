@@ -44,7 +44,7 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     display (svcrules.cli.progress) stands in for it while a spinner is drawn, and
     prints the line above the spinner."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

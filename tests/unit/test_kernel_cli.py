@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def test_diff_apply_sync_cleanup(
     res = runner.invoke(app, ["diff", inputs, *state])
     assert res.exit_code == 0 and "no change" in res.stdout
     inputs = write(tmp_path, "12")
-    res = runner.invoke(app, ["diff", "--output", "script", inputs, *state])
+    res = runner.invoke(app, ["diff", "-o", "nft", inputs, *state])
     assert res.exit_code == 1 and "198.51.100.12" in res.stdout
     prom = tmp_path / "m.prom"
     res = runner.invoke(app, ["sync", inputs, *state, "--metrics-file", str(prom)])
@@ -97,3 +98,40 @@ def test_a_refused_transaction_is_exit_2_and_leaves_the_rules(
     res = runner.invoke(app, ["apply", write(tmp_path, "12"), *state])
     assert res.exit_code == 2 and "Operation not permitted" in res.stderr
     assert fake.tables == before
+
+
+def test_diff_output_formats_and_their_old_names(tmp_path: Path, kernels: dict[str, Any]) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    inputs = write(tmp_path, "11")
+    text = runner.invoke(app, ["diff", inputs, *state])
+    nft = runner.invoke(app, ["diff", "-o", "nft", inputs, *state])
+    assert (text.exit_code, nft.exit_code) == (1, 1)
+    assert text.stdout.startswith("Service ports:") and "table ip svcrules" in nft.stdout
+    for args, same in [
+        (["-o", "text"], text),
+        (["--output", "summary"], text),
+        (["--output", "script"], nft),
+        (["--output", "nft"], nft),
+    ]:
+        assert runner.invoke(app, ["diff", *args, inputs, *state]).stdout == same.stdout, args
+
+
+def test_verbose_names_the_kernel_phases(tmp_path: Path, kernels: dict[str, Any]) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    res = runner.invoke(app, ["apply", "-v", "-f", write(tmp_path, "11"), *state])
+    assert res.exit_code == 0, res.stderr
+    assert "info: writing the full replacement:" in res.stderr
+    assert "info: sending the transaction to the kernel: full, " in res.stderr
+    assert "info: saving the state" in res.stderr
+    assert "info: applied: full, " in res.stderr  # the result, as sync logs it
+    res = runner.invoke(app, ["apply", write(tmp_path, "12"), *state])
+    assert res.exit_code == 0 and res.stderr == ""  # quiet without -v
+    res = runner.invoke(app, ["sync", "-v", "--log-format", "json", write(tmp_path, "13"), *state])
+    assert res.exit_code == 0, res.stderr
+    lines = [json.loads(line) for line in res.stderr.splitlines()]
+    phases = [ln["phase"] for ln in lines if ln.get("event") == "phase"]
+    assert "working out the incremental change" in phases
+    assert "sending the transaction to the kernel" in phases
+    assert lines[-1]["event"] == "applied"
+    res = runner.invoke(app, ["cleanup", "-v", *state])
+    assert res.exit_code == 0 and "info: removing svcrules' nftables rules: " in res.stderr
