@@ -157,13 +157,13 @@ def sync(ns: Netns, inputs: Path, state: Path, backend: str) -> Row:
 
 def nft_check(ns: Netns, inputs: Path, state: Path) -> float:
     """What nft alone spends on the transaction svcrules would send for ``inputs`` (read
-    with `svcrules diff --output nft`): `nft --check -f`, which fills nft's cache and
+    with `svcrules diff -o nft`): `nft --check -f`, which fills nft's cache and
     evaluates the commands but commits nothing. svcrules sends element-only
     transactions without nft; this row shows what that avoids (nft 1.0.6 reads every
     chain of every table first for element commands)."""
     proc = ns.run(
         PY, "-m", "svcrules", "diff", str(inputs), "--state-dir", str(state),
-        "--output", "nft", check=False,
+        "-o", "nft", check=False,
     )  # fmt: skip
     script = state.parent / f"{state.name}-one-endpoint.nft"
     script.write_text(proc.stdout)

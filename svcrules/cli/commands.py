@@ -113,7 +113,8 @@ def _text(ruleset: Ruleset, backend: BackendChoice, fmt: str | None, family: Fam
     if row.family_section is None:
         with_sections = [n for n, r in RENDERERS.items() if r.family_section]
         _usage(
-            f"--family selects one family's input: only for --backend {' or '.join(with_sections)}"
+            f"--family selects one family's input: only for -o iptables "
+            f"(--backend {' or '.join(with_sections)})"
         )
     return row.family_section(ruleset.text(backend.value), family.value)
 

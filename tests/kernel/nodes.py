@@ -37,7 +37,7 @@ class Node:
     def run(
         self, verb: str, *args: str, with_inputs: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        extra = [str(self.inputs)] if with_inputs else []
+        extra = ["-f", str(self.inputs)] if with_inputs else []
         return self.lab.exec("node", *self.cmd(verb, *extra, *args), check=False, timeout=120)
 
     def apply(self, *objs: Obj, node: Obj | None = None, expect: int = 0) -> str:
@@ -48,7 +48,7 @@ class Node:
 
     def transaction(self, *objs: Obj) -> str:
         self.write(*objs)
-        proc = self.run("diff", "--output", "nft")
+        proc = self.run("diff", "-o", "nft")
         assert proc.returncode in (0, 1), proc.stderr
         return proc.stdout
 
@@ -66,7 +66,7 @@ class IptablesNode(Node):
 
     def transaction(self, *objs: Obj) -> str:
         self.write(*objs)
-        proc = self.run("diff", "--output", "script")
+        proc = self.run("diff", "-o", "nft")
         assert proc.returncode in (0, 1), proc.stderr
         return proc.stdout
 

@@ -63,7 +63,7 @@ def test_failed_kubectl_pipe_keeps_every_service(lab: Lab, node: Node) -> None:
     config = node.tmp / "node.yaml"
     config.write_text(dump([cfg()]))
     for with_config in (["--config", str(config)], []):
-        cmd = [*node.cmd("sync", "-"), *with_config, "--metrics-file", str(prom)]
+        cmd = [*node.cmd("sync", "-f", "-"), *with_config, "--metrics-file", str(prom)]
         proc = subprocess.run(
             ns_cmd(lab, "bash", "-c", pipe + " ".join(cmd)),
             capture_output=True,

@@ -113,7 +113,7 @@ def test_nft_table_name_change_removes_the_old_tables(lab: Lab, node: Node, tmp_
     node.apply(*svc_a("pod2"), node=cfg(tableName="svca"))
     assert {"ip svca", "ip6 svca"} <= nft_tables(lab)
     node.write(*svc_a("pod3"), node=cfg(tableName="svcb"))
-    proc = node.run("diff", "--output", "nft")
+    proc = node.run("diff", "-o", "nft")
     assert "delete table ip svca" in proc.stdout and "delete table ip6 svca" in proc.stdout
     summary = node.apply(*svc_a("pod3"), node=cfg(tableName="svcb"))
     assert "owned table changed from 'svca' to 'svcb'" in summary, summary

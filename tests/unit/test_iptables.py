@@ -148,8 +148,8 @@ def test_compile_cli_backend_and_family(tmp_path: object) -> None:
     run = CliRunner().invoke
     res = run(app, ["compile", "-b", "iptables", "--family", "ipv4", "-"], input=inputs)
     assert res.exit_code == 0 and "*nat" in res.stdout and "ipv6" not in res.stdout
-    res = run(app, ["compile", "-b", "iptables", "-f", "json", "-"], input=inputs)
-    assert res.exit_code == 2 and res.stdout == ""
+    res = run(app, ["compile", "-b", "iptables", "-o", "json", "-"], input=inputs)
+    assert res.exit_code == 2 and res.stdout == "" and "-o json is libnftables JSON" in res.stderr
     res = run(app, ["compile", "--family", "ipv4", "-"], input=inputs)
     assert res.exit_code == 2 and "--backend iptables" in res.stderr
     same = svcrules.compile_paths(["-"], stdin=io.StringIO(inputs), backend="iptables")

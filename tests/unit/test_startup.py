@@ -40,6 +40,31 @@ def test_cli_import_defers_heavy_modules() -> None:
     assert _loaded_after("import svcrules.cli") == []
 
 
+def _help(*args: str) -> str:
+    return (
+        "import contextlib, io\n"
+        "from svcrules.cli import app\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    app({list(args)!r})"
+    )
+
+
+def test_help_loads_neither_rich_nor_the_compiler() -> None:
+    """svcrules prints its help as plain text (svcrules.cli.help): ``--help`` pays for
+    neither Rich (only a progress spinner on a terminal loads it) nor the compiler's
+    libraries."""
+    assert _loaded_after(_help("--help")) == []
+    for args in (["--help"], ["compile", "--help"], ["--version"]):
+        probe = _help(*args) + "\nprint(json.dumps([m for m in sys.modules if m == 'rich']))"
+        out = subprocess.run(
+            [sys.executable, "-c", "import json, sys\n" + probe],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(out) == [], args
+
+
 def test_package_root_is_lazy() -> None:
     assert _loaded_after("import svcrules") == []
     # ... and still offers its public names, loading them on first use.
