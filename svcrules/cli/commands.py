@@ -201,6 +201,8 @@ def compile_cmd(
       svcrules compile --output-file rules.nft fixtures/demo
     """
     backend_, fmt = rule_format(format_alias(output, old_format), backend)
+    if explain and fmt is not None:
+        _usage(f"--explain prints the explain table, -o {fmt} the rules: give one of them")
     ruleset = _compile(paths, config, overrides, backend_, allow_empty)
     if explain:
         from svcrules.plan.explain import explain_text

@@ -48,6 +48,7 @@ from svcrules.inputs.owned import check_name
 from svcrules.kernel.caps import net_admin_problem
 from svcrules.kernel.tools import find_tool
 from svcrules.kernel.trace_events import POLL, Event, Seen, Tracer, family_of
+from svcrules.progress import phase
 from svcrules.trace.model import Packet, Step, Trace, TraceError, Verdict
 
 SETTLE = 0.3  # seconds without a new event of the packet: its trace is complete
@@ -127,7 +128,8 @@ def trace_kernel(
                     file=sys.stderr,
                     flush=True,
                 )
-            _collect(tracer, collector, time.monotonic() + timeout)
+            with phase(f"waiting for the kernel's trace of {describe(packet)}"):
+                _collect(tracer, collector, time.monotonic() + timeout)
             events = collector.chosen
             if events is None:
                 how = "was sent" if sending else f"arrived within {timeout:g} s"

@@ -72,6 +72,7 @@ def test_compile_formats() -> None:
         (["-o", "nft", "--backend", "iptables"], "--backend iptables contradicts it"),
         (["-o", "json", "-b", "iptables"], "-o json is libnftables JSON"),
         (["-o", "json", "--family", "ipv4"], "not for -o json"),
+        (["--explain", "-o", "json"], "--explain prints the explain table, -o json the rules"),
     ],
 )
 def test_compile_output_mistakes_fail_loudly(
