@@ -2,8 +2,8 @@
 
 On a terminal (stderr is a TTY), a phase that lasts more than ``DELAY`` seconds gets
 a transient spinner on stderr with its name and elapsed time, drawn by Rich and
-erased when the phase ends: quick runs show nothing, and stdout never carries any
-of it. With ``-v``, every phase that completed is logged on stderr with what it did
+erased when the phase ends (the phase right after one that had a spinner gets its
+own at once): quick runs show nothing, and stdout never carries any of it. With ``-v``, every phase that completed is logged on stderr with what it did
 and how long it took, terminal or not. When stderr is not a terminal (a pipe, a
 file, journald) and without ``-v``, nothing is written at all.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +25,8 @@ from svcrules.cli.logs import LOG
 from svcrules.progress import Phase
 
 DELAY = 0.3  # seconds a phase runs before its spinner appears
+# ... unless a spinner was erased this recently: the next phase of a long run shows at once
+FOLLOW = 0.5
 
 
 def on_terminal() -> bool:
@@ -46,6 +49,7 @@ class Display:
         self._timer: threading.Timer | None = None
         self._bar: Any = None  # rich.progress.Progress, while shown
         self._tasks: dict[int, Any] = {}
+        self._hidden_at = -FOLLOW  # time.monotonic() when a spinner was last erased
 
     def begin(self, phase: Phase) -> None:
         with self._lock:
@@ -55,7 +59,8 @@ class Display:
             if self._bar is not None:
                 self._add(phase)
             elif self._timer is None:
-                self._timer = threading.Timer(DELAY, self._show)
+                recent = time.monotonic() - self._hidden_at < FOLLOW
+                self._timer = threading.Timer(0.0 if recent else DELAY, self._show)
                 self._timer.daemon = True
                 self._timer.start()
 
@@ -127,6 +132,7 @@ class Display:
             self._bar.stop()
             self._bar = None
             self._tasks.clear()
+            self._hidden_at = time.monotonic()
 
 
 @contextmanager
