@@ -3,10 +3,11 @@
     python bench/startup.py            # median of 20 fresh processes each
     python bench/startup.py --runs 50
 
-`svcrules --help` loads only the CLI, Typer and rich (tests/unit/test_startup.py keeps
-it so). The floor rows say what is not svcrules': `python -c pass` is the interpreter,
-`import typer` the CLI library, and a one-command Typer app's --help adds rich's help
-formatting, which svcrules' --help needs too. bench/run.py includes these rows.
+`svcrules --help` loads only the CLI and Typer, not Rich: svcrules writes its help as
+plain text (tests/unit/test_startup.py keeps it so). The floor rows say what is not
+svcrules': `python -c pass` is the interpreter, `import typer` the CLI library, and a
+two-command Typer app's --help adds Rich's help formatting, which svcrules' no longer
+uses. bench/run.py includes these rows.
 """
 
 from __future__ import annotations

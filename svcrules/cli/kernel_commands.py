@@ -182,7 +182,7 @@ def _prepare(
     """Read the inputs (compiling waits: an unchanged input may need none) and open
     the kernel interface."""
     if not paths:
-        raise UsageError("no input given (a file, a directory or '-')")
+        raise UsageError("no input given (PATHS or -f: a file, a directory or '-')")
     from svcrules.compiler import prepare
 
     job = prepare(paths, config, ov, allow_empty=policy.allow_empty, on_invalid=policy.on_invalid)
