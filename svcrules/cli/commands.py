@@ -69,8 +69,7 @@ def _compile(
     allow_empty: bool = True,
 ) -> Ruleset:
     if not paths:
-        print("svcrules: error: no input given (PATHS or -f: a file, a directory or '-')", file=sys.stderr)
-        raise typer.Exit(2)
+        _usage("no input given (PATHS or -f: a file, a directory or '-')")
     from svcrules.compiler import compile_paths
 
     try:

@@ -3,9 +3,10 @@
 On a terminal (stderr is a TTY), a phase that lasts more than ``DELAY`` seconds gets
 a transient spinner on stderr with its name and elapsed time, drawn by Rich and
 erased when the phase ends (the phase right after one that had a spinner gets its
-own at once): quick runs show nothing, and stdout never carries any of it. With ``-v``, every phase that completed is logged on stderr with what it did
-and how long it took, terminal or not. When stderr is not a terminal (a pipe, a
-file, journald) and without ``-v``, nothing is written at all.
+own at once): quick runs show nothing, and stdout never carries any of it. With
+``-v``, every phase that completed is logged on stderr with what it did and how long
+it took, terminal or not. When stderr is not a terminal (a pipe, a file, journald)
+and without ``-v``, nothing is written at all.
 
 Rich is imported only when a spinner is about to be drawn.
 """
