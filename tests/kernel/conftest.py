@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -65,6 +67,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     # Skip reasons are hidden without -rs; say it plainly once.
     for reason in _skip_reasons:
         terminalreporter.write_line(f"kernel tests skipped: {reason}", yellow=True)
+    # How much the trace differential test compared (only if it ran).
+    observe = sys.modules.get(f"{__package__}.observe")
+    checked: Counter[str] = Counter(getattr(observe, "CHECKED", {}))
+    if checked:
+        counts = ", ".join(f"{backend} {n}" for backend, n in sorted(checked.items()))
+        terminalreporter.write_line(
+            f"trace differential: (cluster, packet) pairs checked: {counts}"
+        )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
