@@ -89,6 +89,12 @@ def _text(ruleset: Ruleset, backend: BackendChoice, fmt: Format, family: FamilyC
     return row.family_section(ruleset.text(backend.value), family.value)
 
 
+def node_ips(ruleset: Ruleset) -> list[str]:
+    """The NodeConfig's nodeIPs (one per family), which trace takes as the node's own
+    addresses."""
+    return [f.node_ip for f in ruleset.plan.families if f.node_ip]
+
+
 def _usage(message: str) -> NoReturn:
     print(f"svcrules: error: {message}", file=sys.stderr)
     raise typer.Exit(2)
@@ -169,10 +175,19 @@ def explain_cmd(
 @app.command("check")
 @node_options
 def check_cmd(
-    golden: Annotated[
-        Path, typer.Option("--golden", "-g", help="The reviewed ruleset file to compare with.")
-    ],
     paths: Paths = None,
+    golden: Annotated[
+        Path | None,
+        typer.Option("--golden", "-g", help="The reviewed ruleset file to compare with."),
+    ] = None,
+    packets: Annotated[
+        Path | None,
+        typer.Option(
+            "--packets",
+            help="A file of packet expectations (src, dst, port, proto, fromNode -> "
+            "verdict, endpoints, masquerade) to check against the rules of both backends.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     update: Annotated[
         bool, typer.Option("--update", help="Rewrite the golden file instead of comparing.")
@@ -184,8 +199,21 @@ def check_cmd(
     family: FamilyOpt = FamilyChoice.both,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
-    """Compare the compiled ruleset with a golden file: exit 0 when equal, 1 with a
-    unified diff when not. For CI pipelines that review generated rules."""
+    """Check the compiled rules in CI: exit 0 when everything holds, 1 when not, 2 on
+    bad input. No root, no kernel, no nft needed.
+
+    --golden compares with a reviewed ruleset file and prints a unified diff.
+    --packets traces every packet of a cases file through the rules of both backends
+    (as 'svcrules trace' does) and prints a table of what does not hold.
+
+    Example: svcrules check --packets fixtures/demo-packets.yaml fixtures/demo
+    """
+    if (golden is None) == (packets is None):
+        _usage("give one of --golden FILE or --packets FILE")
+    if packets is not None:
+        _check_packets(packets, paths, config, overrides)
+        return
+    assert golden is not None
     from svcrules.cli.golden import compare
 
     ruleset = _compile(paths, config, overrides, backend)
@@ -206,3 +234,27 @@ def check_cmd(
         return
     sys.stdout.write(diff)
     raise typer.Exit(1)
+
+
+def _check_packets(
+    packets: Path, paths: list[str] | None, config: str | None, overrides: Overrides
+) -> None:
+    from svcrules.trace import cases
+
+    try:
+        expected = cases.load(str(packets))
+    except SvcrulesError as exc:
+        _fail(exc)
+    ruleset = _compile(paths, config, overrides)
+    texts = {b: ruleset.text(b) for b in ("nftables", "iptables")}
+    try:
+        failures = cases.check(expected, texts, node_ips(ruleset), str(packets))
+    except SvcrulesError as exc:
+        _fail(exc)
+    total = len(expected.cases)
+    if failures:
+        sys.stdout.write(cases.table(failures))
+        broken = len({f.case for f in failures})
+        print(f"svcrules: {broken} of {total} packet cases do not hold", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"svcrules: all {total} packet cases hold on nftables and iptables", file=sys.stderr)

@@ -9,11 +9,13 @@ guess (``TraceError``).
 - ``model``: the packet asked about and the answer (``Trace``), with its JSON form;
 - ``flow``: one path of a packet through the hooks, and how paths are summed up;
 - ``nft`` and ``iptables``: each backend's parser and evaluator;
+- ``backends``: which interpreter reads which text;
 - ``report``: the text form; ``cases``: expectations for ``check --packets``.
 """
 
 from __future__ import annotations
 
-from svcrules.trace.model import Packet, Step, Trace, TraceError, trace
+from svcrules.trace.backends import trace
+from svcrules.trace.model import Packet, Step, Trace, TraceError
 
 __all__ = ["Packet", "Step", "Trace", "TraceError", "trace"]

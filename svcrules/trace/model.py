@@ -118,20 +118,6 @@ class Trace:
         }
 
 
-def trace(text: str, backend: str, packet: Packet) -> Trace:
-    """Follow ``packet`` through ``text``, a ruleset as ``backend`` ("nftables" or
-    "iptables") would load it (what ``svcrules compile`` prints)."""
-    if backend == "nftables":
-        from svcrules.trace import nft
-
-        return nft.trace(text, packet)
-    if backend == "iptables":
-        from svcrules.trace import iptables
-
-        return iptables.trace(text, packet)
-    raise TraceError(f"unknown backend {backend!r}: nftables or iptables")
-
-
 def local_addresses(node_ips: Sequence[str], extra: Sequence[str]) -> tuple[str, ...]:
     """The node's own addresses as trace assumes them: its nodeIPs and every
     ``--node-address`` given."""

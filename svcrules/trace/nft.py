@@ -1,0 +1,497 @@
+"""An interpreter of the nft scripts svcrules writes (``svcrules compile``).
+
+It reads the script the way ``nft -f`` would: tables, typed sets and maps with
+their elements, chains with hooks and priorities, and rules made of matches and
+statements. It understands exactly the expressions and statements svcrules emits
+(listed in ``_selector`` and ``_Rule.parse``) and refuses anything else with the
+line it could not read, so a change to the templates that it does not follow shows
+up as an error in the tests, never as a wrong answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from svcrules.trace.flow import Flow, IPAddress, Outcome, Walker, follow, start, summarize
+from svcrules.trace.model import Packet, Trace, TraceError
+
+Value = Any  # an address, a network, an int, a protocol name or a tuple of them
+Element = tuple[Value, ...]
+
+PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "srcnat": 100}
+_TOKEN = re.compile(r'"[^"]*"|[{}]|[^\s{}]+')
+_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d+)$")
+
+
+class _Where:
+    """Where a line is, for error messages."""
+
+    def __init__(self, line: int, text: str) -> None:
+        self.line = line
+        self.text = text
+
+    def error(self, why: str) -> TraceError:
+        return TraceError(f"nft script line {self.line}: {why}: {self.text.strip()!r}")
+
+
+def _value(token: str) -> Value:
+    """An element or constant as nft writes it."""
+    if token.isdigit():
+        return int(token)
+    if token.startswith("0x"):
+        return int(token, 16)
+    if token in ("tcp", "udp", "sctp", "local", "dnat"):
+        return token
+    try:
+        if "/" in token:
+            return ipaddress.ip_network(token, strict=False)
+        return ipaddress.ip_address(token)
+    except ValueError:
+        raise ValueError(f"unknown value {token!r}") from None
+
+
+def _component_matches(element: Value, value: Value) -> bool:
+    if isinstance(element, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return (
+            isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address)
+            and value.version == element.version
+            and value in element
+        )
+    return bool(element == value)
+
+
+@dataclass
+class NftSet:
+    """A set or map: its elements and, for a map, each element's data."""
+
+    name: str
+    is_map: bool = False
+    dynamic: bool = False
+    elements: list[tuple[Element, str]] = field(default_factory=list)  # (key, data)
+
+    def lookup(self, key: Element) -> str | None:
+        """The data of the element that matches ``key`` (a set: "" when present)."""
+        for element, data in self.elements:
+            if len(element) == len(key) and all(map(_component_matches, element, key)):
+                return data
+        return None
+
+
+@dataclass
+class NftChain:
+    name: str
+    hook: str | None = None
+    priority: int = 0
+    rules: list[_Rule] = field(default_factory=list)
+
+
+# -- expressions ---------------------------------------------------------------
+
+Getter = Callable[[Flow], Value]
+
+
+def _selector(tokens: list[str], i: int, family: str, where: _Where) -> tuple[Getter, int, str]:
+    """One selector at tokens[i]: (getter, next index, kind). kind "random" marks
+    ``numgen random``, whose value is drawn: only map lookups may use it."""
+    t = tokens[i : i + 6]
+    if t[:1] == [family] and t[1:2] in (["saddr"], ["daddr"]):
+        which = t[1]
+        return (lambda f: f.src) if which == "saddr" else (lambda f: f.dst), i + 2, "addr"
+    if t[:1] in (["ip"], ["ip6"]) and t[1:2] in (["saddr"], ["daddr"]):
+        raise where.error(f"{t[0]} {t[1]} in a {family} table")
+    if t[:2] == ["meta", "l4proto"]:
+        return (lambda f: f.proto), i + 2, "proto"
+    if t[:2] == ["meta", "mark"]:
+        return (lambda f: f.mark), i + 2, "mark"
+    if t[:2] == ["th", "dport"]:
+        return (lambda f: f.port), i + 2, "port"
+    if t[:2] == ["ct", "status"]:
+        return (lambda f: "dnat" if f.endpoint else ""), i + 2, "ct"
+    if t[:1] == ["fib"] and t[1:2] in (["saddr"], ["daddr"]) and t[2:3] == ["type"]:
+        src = t[1] == "saddr"
+        return (lambda f: "local" if f.is_local(f.src if src else f.dst) else ""), i + 3, "fib"
+    if t[:4] == ["numgen", "inc", "mod", "1"] and t[4:5] == ["offset"] and t[5].isdigit():
+        key = int(t[5])
+        return (lambda f: key), i + 6, "const"
+    if t[:3] == ["numgen", "random", "mod"] and t[4:5] == ["offset"]:
+        if not (t[3].isdigit() and t[5].isdigit()) or int(t[3]) < 1:
+            raise where.error("numgen random needs a positive modulus and an offset")
+        size, base = int(t[3]), int(t[5])
+        return (lambda f: (size, base)), i + 6, "random"
+    raise where.error(f"unknown expression at {' '.join(t[:3])!r}")
+
+
+def _key(tokens: list[str], i: int, family: str, where: _Where) -> tuple[list[Getter], int, bool]:
+    """A selector or a concatenation (``a . b . c``): getters, next index, random."""
+    getters: list[Getter] = []
+    random = False
+    while True:
+        g, i, kind = _selector(tokens, i, family, where)
+        getters.append(g)
+        random |= kind == "random"
+        if i < len(tokens) and tokens[i] == ".":
+            i += 1
+            continue
+        return getters, i, random
+
+
+def _keys(getters: list[Getter], flow: Flow, random: bool) -> list[tuple[float, Element]]:
+    """The key a flow presents, with its probability; a random key is every value."""
+    if not random:
+        return [(1.0, tuple(g(flow) for g in getters))]
+    if len(getters) != 1:
+        raise TraceError("numgen random inside a concatenation: svcrules never writes it")
+    size, base = getters[0](flow)
+    return [(1.0 / size, (base + n,)) for n in range(size)]
+
+
+def _set_name(token: str, sets: dict[str, NftSet], where: _Where) -> NftSet:
+    if not token.startswith("@") or token[1:] not in sets:
+        raise where.error(f"{token!r} is not a set or map of this table")
+    return sets[token[1:]]
+
+
+# -- rules ---------------------------------------------------------------------
+
+
+class _Rule:
+    """One rule: matches that must all hold, then statements in order."""
+
+    def __init__(self, text: str, family: str, sets: dict[str, NftSet], where: _Where) -> None:
+        self.text = text
+        self.family = family
+        self.where = where
+        self.matches: list[Callable[[Flow], bool]] = []
+        self.sets_mark = False  # meta mark set meta mark | X: marks for masquerading
+        self.statements: list[Callable[[Flow], list[Outcome]]] = []
+        tokens = _TOKEN.findall(text)
+        i = 0
+        while i < len(tokens):
+            i = self._statement(tokens, i, sets) if self.statements else self._part(tokens, i, sets)
+
+    def _part(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
+        """A match, or the first statement."""
+        t = tokens[i]
+        if t in ("jump", "goto", "return", "drop", "reject", "accept", "masquerade", "dnat"):
+            return self._statement(tokens, i, sets)
+        if t == "update" or tokens[i : i + 3] == ["meta", "mark", "set"]:
+            return self._statement(tokens, i, sets)
+        getters, i, random = _key(tokens, i, self.family, self.where)
+        op = tokens[i] if i < len(tokens) else ""
+        if op == "vmap":
+            vmap = _set_name(tokens[i + 1], sets, self.where)
+            self.statements.append(lambda f: self._vmap(f, getters, random, vmap))
+            return i + 2
+        if random:
+            raise self.where.error("numgen random outside a map lookup")
+        negate = op == "!="
+        if op in ("!=", "=="):
+            i += 1
+            op = tokens[i] if i < len(tokens) else ""
+        if op.startswith("@"):
+            s = _set_name(op, sets, self.where)
+            if s.dynamic:  # filled at packet time: what earlier packets recorded
+
+                def pinned(f: Flow) -> bool:
+                    return ((s.name, *(g(f) for g in getters)) in f.pins) != negate
+
+                self.matches.append(pinned)
+            else:
+                self.matches.append(
+                    lambda f: (s.lookup(tuple(g(f) for g in getters)) is not None) != negate
+                )
+            return i + 1
+        if op == "&":
+            mask, _eq, want = tokens[i + 1 : i + 4]
+            if _eq != "==":
+                raise self.where.error("a mask compares with ==")
+            m, w = _value(mask), _value(want)
+            self.matches.append(lambda f: ((getters[0](f) & m) == w) != negate)
+            return i + 4
+        try:
+            want = _value(op)
+        except ValueError:
+            raise self.where.error(f"unknown comparison {op!r}") from None
+        if len(getters) != 1:
+            raise self.where.error("a concatenation compares with a set")
+        get = getters[0]
+        self.matches.append(lambda f: _component_matches(want, get(f)) != negate)
+        return i + 1
+
+    def _statement(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
+        t = tokens[i]
+        if t in ("jump", "goto"):
+            target = tokens[i + 1]
+            self.statements.append(lambda f: [(f, f"{t} {target}")])
+            return i + 2
+        if t in ("return", "drop", "reject", "accept"):
+            self.statements.append(lambda f: [(f, t)])
+            return i + 1
+        if t == "masquerade":
+            self.statements.append(self._masquerade)
+            return i + (2 if tokens[i + 1 : i + 2] == ["fully-random"] else 1)
+        if tokens[i : i + 3] == ["meta", "mark", "set"]:
+            if tokens[i + 3 : i + 5] != ["meta", "mark"] or tokens[i + 5] not in ("|", "&"):
+                raise self.where.error("meta mark set: only 'meta mark | X' or '& X'")
+            op, operand = tokens[i + 5], _value(tokens[i + 6])
+            self.sets_mark |= op == "|"
+            self.statements.append(lambda f: self._set_mark(f, op, operand))
+            return i + 7
+        if t == "dnat":
+            return self._dnat(tokens, i, sets)
+        if t == "update":
+            return self._update(tokens, i, sets)
+        raise self.where.error(f"unknown statement {t!r}")
+
+    def _dnat(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
+        if tokens[i + 1 : i + 3] != [self.family, "to"]:
+            raise self.where.error(f"dnat needs '{self.family} to'")
+        i += 3
+        m = _ENDPOINT.match(tokens[i])
+        if m:
+            addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
+            port = int(m.group("port"))
+            self.statements.append(lambda f: [(self._translate(f, addr, port), "accept")])
+            return i + 1
+        getters, i, random = _key(tokens, i, self.family, self.where)
+        if tokens[i] != "map":
+            raise self.where.error("dnat to: an endpoint or a map lookup")
+        backends = _set_name(tokens[i + 1], sets, self.where)
+        self.statements.append(lambda f: self._dnat_map(f, getters, random, backends))
+        return i + 2
+
+    def _update(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
+        target = _set_name(tokens[i + 1], sets, self.where)
+        if tokens[i + 2] != "{" or "}" not in tokens[i:]:
+            raise self.where.error("update @set { element }")
+        end = tokens.index("}", i)
+        getters, j, random = _key(tokens, i + 3, self.family, self.where)
+        timeout: int | None = None
+        if tokens[j : j + 1] == ["timeout"]:
+            timeout = int(tokens[j + 1].rstrip("s"))
+            j += 2
+        if j != end or random:
+            raise self.where.error("update @set { key [timeout Ns] }")
+        if not target.dynamic:
+            raise self.where.error(f"update of @{target.name}, which is not a dynamic set")
+
+        def record(f: Flow) -> list[Outcome]:
+            f.recorded = (*f.recorded, (target.name, *(g(f) for g in getters)))
+            if timeout is not None:
+                f.affinity_timeout = timeout
+            return [(f, None)]
+
+        self.statements.append(record)
+        return end + 1
+
+    # -- statement effects -------------------------------------------------
+
+    def _translate(self, f: Flow, addr: IPAddress, port: int) -> Flow:
+        if addr.version != f.family:
+            raise self.where.error("dnat to an address of the other family")
+        f.dnat(addr, port)
+        return f
+
+    def _vmap(self, f: Flow, getters: list[Getter], random: bool, vmap: NftSet) -> list[Outcome]:
+        out: list[Outcome] = []
+        for prob, key in _keys(getters, f, random):
+            data = vmap.lookup(key)
+            if data is None:
+                out.append((f.fork(prob), "miss"))
+            else:
+                out.append((f.fork(prob), data))
+        return out
+
+    def _dnat_map(
+        self, f: Flow, getters: list[Getter], random: bool, backends: NftSet
+    ) -> list[Outcome]:
+        out: list[Outcome] = []
+        for prob, key in _keys(getters, f, random):
+            data = backends.lookup(key)
+            g = f.fork(prob)
+            if data is None:
+                out.append((g, "miss"))
+                continue
+            addr_text, _dot, port_text = data.partition(" . ")
+            try:
+                addr, port = ipaddress.ip_address(addr_text), int(port_text)
+            except ValueError:
+                why = f"@{backends.name} holds {data!r}, not address . port"
+                raise self.where.error(why) from None
+            out.append((self._translate(g, addr, port), "accept"))
+        return out
+
+    def _set_mark(self, f: Flow, op: str, operand: int) -> list[Outcome]:
+        f.mark = (f.mark | operand) if op == "|" else (f.mark & operand)
+        return [(f, None)]
+
+    def _masquerade(self, f: Flow) -> list[Outcome]:
+        f.masquerade = True
+        return [(f, "accept")]
+
+    # -- running -------------------------------------------------------------
+
+    def run(self, f: Flow) -> list[Outcome] | None:
+        """The flows after this rule (verdict None: the next rule follows), or None
+        when its matches do not hold."""
+        if not all(m(f) for m in self.matches):
+            return None
+        flows: list[Outcome] = [(f, None)]
+        for statement in self.statements:
+            nxt: list[Outcome] = []
+            for g, verdict in flows:
+                if verdict is not None:
+                    nxt.append((g, verdict))
+                else:
+                    nxt.extend(statement(g))
+            flows = nxt
+        return flows
+
+
+# -- the script ------------------------------------------------------------------
+
+
+@dataclass
+class NftTable:
+    family: str  # ip / ip6
+    name: str
+    sets: dict[str, NftSet] = field(default_factory=dict)
+    chains: dict[str, NftChain] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.name}"
+
+
+def _elements(lines: list[tuple[int, str]], k: int) -> tuple[list[tuple[Element, str]], int]:
+    """The elements of ``elements = { ... }`` starting after line k."""
+    out: list[tuple[Element, str]] = []
+    k += 1
+    while k < len(lines):
+        n, line = lines[k]
+        text = line.strip()
+        if text == "}":
+            return out, k
+        text = re.sub(r'\s+comment\s+"[^"]*"', "", text).rstrip(",")
+        key_text, _colon, data = text.partition(" : ")
+        try:
+            key = tuple(_value(part) for part in key_text.split(" . "))
+        except ValueError as exc:
+            raise _Where(n, line).error(str(exc)) from None
+        out.append((key, data))
+        k += 1
+    raise TraceError("nft script: an elements block does not end")
+
+
+def parse(text: str) -> dict[str, NftTable]:
+    """The tables of an nft script, by "family name"."""
+    tables: dict[str, NftTable] = {}
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)]
+    table: NftTable | None = None
+    block: NftSet | NftChain | None = None
+    pending: list[tuple[_Where, str, NftChain, NftTable]] = []
+    k = 0
+    while k < len(lines):
+        n, line = lines[k]
+        text_ = line.strip()
+        where = _Where(n, line)
+        k += 1
+        if not text_ or text_.startswith("#"):
+            continue
+        words = text_.split()
+        if table is None:
+            if re.fullmatch(r"table (ip|ip6) \S+ \{\}", text_):
+                continue  # "create if missing", before the delete that empties it
+            if re.fullmatch(r"(delete|flush) table (ip|ip6) \S+", text_):
+                tables.pop(f"{words[2]} {words[3]}", None)
+                continue
+            m = re.fullmatch(r"table (ip|ip6) (\S+) \{", text_)
+            if not m:
+                raise where.error("expected a table")
+            table = NftTable(m.group(1), m.group(2))
+            tables[table.label] = table
+            continue
+        if block is None:
+            if text_ == "}":
+                table = None
+            elif words[0] == "comment":
+                pass
+            elif re.fullmatch(r"(set|map|chain) \S+ \{", text_):
+                if words[0] == "chain":
+                    block = table.chains.setdefault(words[1], NftChain(words[1]))
+                else:
+                    block = NftSet(words[1], is_map=words[0] == "map")
+                    table.sets[words[1]] = block
+            else:
+                raise where.error("expected a set, a map or a chain")
+            continue
+        if text_ == "}":
+            block = None
+        elif isinstance(block, NftSet):
+            if text_ == "elements = {":
+                block.elements, k = _elements(lines, k - 1)
+                k += 1
+            elif words[0] == "flags":
+                block.dynamic = "dynamic" in text_
+            elif words[0] not in ("type", "typeof", "comment", "size", "timeout"):
+                raise where.error("unknown set property")
+        elif words[0] == "comment":
+            pass
+        elif words[0] == "type":
+            m = re.fullmatch(r"type nat hook (\w+) priority ([\w-]+); policy accept;", text_)
+            if not m:
+                raise where.error("only nat base chains with policy accept are understood")
+            block.hook = m.group(1)
+            prio = m.group(2)
+            block.priority = PRIORITIES[prio] if prio in PRIORITIES else int(prio)
+        else:
+            pending.append((where, text_, block, table))
+    if table is not None:
+        raise TraceError(f"nft script: table {table.label} does not end")
+    for where, rule_text, chain, t in pending:  # after every set is known
+        chain.rules.append(_Rule(rule_text, t.family, t.sets, where))
+    for t in tables.values():
+        for chain in t.chains.values():
+            for rule in chain.rules:
+                for name in re.findall(r"(?:jump|goto) (\S+)", rule.text):
+                    if name not in t.chains:
+                        raise rule.where.error(f"no chain {name!r} in table {t.label}")
+        for s in t.sets.values():
+            for _element, data in s.elements:
+                target = data.split()[-1] if data.startswith(("goto ", "jump ")) else None
+                if target is not None and target not in t.chains:
+                    raise TraceError(f"@{s.name} sends to {target!r}, no chain of {t.label}")
+    return tables
+
+
+def _endpoint_key(ep: str) -> tuple[int, bytes, int]:
+    m = _ENDPOINT.match(ep)
+    assert m is not None
+    addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
+    return addr.version, addr.packed, int(m.group("port"))
+
+
+def _source(tables: list[NftTable], f: Flow) -> str:
+    if f.from_node or f.is_local(f.src):
+        return "node"
+    for t in tables:
+        cidrs = t.sets.get("pod-cidrs")
+        if cidrs is not None and cidrs.lookup((f.src,)) is not None:
+            return "pod"
+    return "outside"
+
+
+def trace_nft(text: str, packet: Packet) -> Trace:
+    """Follow a packet through an nft script: only the tables of its family."""
+    flow = start(packet)
+    family = "ip" if flow.family == 4 else "ip6"
+    tables = [t for t in parse(text).values() if t.family == family]
+    hooks = Walker(
+        [(c.hook, c.priority, t, c) for t in tables for c in t.chains.values() if c.hook]
+    )
+    flows = follow(flow, hooks)
+    return summarize(packet, "nftables", flows, hooks, _source(tables, flow), _endpoint_key)
