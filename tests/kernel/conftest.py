@@ -69,11 +69,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"kernel tests skipped: {reason}", yellow=True)
     # How much the trace differential test compared (only if it ran).
     observe = sys.modules.get(f"{__package__}.observe")
-    checked: Counter[str] = Counter(getattr(observe, "CHECKED", {}))
-    if checked:
-        counts = ", ".join(f"{backend} {n}" for backend, n in sorted(checked.items()))
+    checked: Counter[tuple[str, str]] = Counter(getattr(observe, "CHECKED", {}))
+    for backend in sorted({b for b, _verdict in checked}):
+        verdicts = {v: n for (b, v), n in sorted(checked.items()) if b == backend}
+        detail = ", ".join(f"{v} {n}" for v, n in verdicts.items())
         terminalreporter.write_line(
-            f"trace differential: (cluster, packet) pairs checked: {counts}"
+            f"trace differential: {sum(verdicts.values())} (cluster, packet) pairs checked"
+            f" on {backend} ({detail})"
         )
 
 

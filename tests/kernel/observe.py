@@ -41,8 +41,9 @@ MAX_CONNECTIONS = 64
 STICKY_CONNECTIONS = 8  # ClientIP affinity: all of these must reach one endpoint
 NOT_DNAT_CONNECTIONS = 2  # dropped, rejected, untouched: sent at once
 
-# (cluster, packet) pairs compared, per backend; printed in the terminal summary.
-CHECKED: Counter[str] = Counter()
+# (cluster, packet) pairs compared, per (backend, predicted verdict); printed in the
+# terminal summary (conftest.py).
+CHECKED: Counter[tuple[str, str]] = Counter()
 
 _KV = re.compile(r"(src|dst|sport|dport)=(\S+)")
 
@@ -147,7 +148,9 @@ def classify(probe: Probe, result: Result, entry: Entry | None) -> Connection:
             return _with_problem(
                 conn, f"backend saw {result.seen_src}, conntrack {entry.reply_dst}"
             )
-    elif translated:
+    elif translated and not (entry.reply_src == entry.src and not masq):
+        # (A pod sent to itself without masquerade cannot get an answer: it replies to
+        # itself directly. The rules do that to a hairpin they take for another node's.)
         return _with_problem(conn, f"translated to {conn.endpoint} but not answered")
     return conn
 
@@ -230,6 +233,11 @@ def disagreements(expected: Trace, obs: Observation, final: bool = True) -> list
     """Where the kernel did something else than the trace says; empty if none.
     ``final=False``: only what more connections cannot fix (not: unseen endpoints)."""
     out: list[str] = []
+    total = sum(expected.probabilities.values())
+    if set(expected.probabilities) != set(expected.endpoints) or (
+        expected.endpoints and abs(total - 1) > 1e-6
+    ):
+        out.append(f"trace: probabilities {expected.probabilities} do not cover the endpoints")
     lab = [c for c in obs.connections if c.problem]
     if lab:
         out.append(f"lab: {len(lab)} connection(s) the lab could not read: {lab[0].problem}")

@@ -63,6 +63,12 @@ NODE_PORT_ADDRESSES: tuple[tuple[str, ...] | None, ...] = (
 )
 
 
+def rarely(draw: st.DrawFn, n: int) -> bool:
+    """True once in n + 1 draws, and never for Hypothesis' simplest choice (it often
+    draws zeros for whole parts of an example, which should then be the usual case)."""
+    return draw(st.integers(0, n)) == n
+
+
 def pod_ip(pod: str, family: int) -> str:
     i = 10 + int(pod[3:])
     return f"198.51.100.{i}" if family == 4 else f"2001:db8:2::{i}"
@@ -141,6 +147,8 @@ def lab_clusters(draw: st.DrawFn, max_services: int = 3) -> list[Obj]:
     npa = draw(st.sampled_from(NODE_PORT_ADDRESSES))
     if npa is not None:
         spec["nodePortAddresses"] = list(npa)
+    if rarely(draw, 5):
+        spec["clusterCIDRs"] = []  # no way to tell pods apart
     objs: list[Obj] = [cfg(**spec)]
     n = draw(st.integers(1, max_services))
     unique = st.lists  # shorthand below: unique draws shared by all Services
@@ -154,6 +162,11 @@ def lab_clusters(draw: st.DrawFn, max_services: int = 3) -> list[Obj]:
     ext_hosts = pool(130, 199, n)
     for i in range(n):
         objs += draw(_service(f"s{i}", next(cips), node_ports, lb_hosts, ext_hosts))
+    if rarely(draw, 5):
+        # One Service claims a node address as an externalIP.
+        svc = draw(st.sampled_from([o for o in objs if o["kind"] == "Service"]))
+        svc["spec"].setdefault("externalIPs", []).append(draw(st.sampled_from(NODE_ADDRESSES)))
+        svc["spec"].setdefault("externalTrafficPolicy", "Cluster")
     return objs
 
 
@@ -188,35 +201,37 @@ def _service(
         if with_node_ports:
             p["nodePort"] = next(node_ports)
         ports.append(p)
-    # externalIPs of either family (one the Service lacks is filtered out)
-    if draw(st.integers(0, 3)) == 0:
+    # Mostly of the Service's families; an address of another one is filtered out.
+    some_families = st.sampled_from([families, families, families, (4,), (6,), (4, 6)])
+    if rarely(draw, 3):
         ext = next(ext_hosts)
-        spec["externalIPs"] = [
-            external_ip(ext, f) for f in draw(st.sampled_from([(4,), (6,), (4, 6)]))
-        ]
+        spec["externalIPs"] = [external_ip(ext, f) for f in draw(some_families)]
     lb: list[str] | None = None
     if kind == "LoadBalancer":
-        lb = [lb_ip(next(lb_hosts), f) for f in draw(st.sampled_from([(4,), (6,), (4, 6)]))]
+        lb = [lb_ip(next(lb_hosts), f) for f in draw(some_families)]
         if draw(st.booleans()):
             lb.append(lb_ip(next(lb_hosts), draw(st.sampled_from([4, 6]))))
-        if draw(st.integers(0, 2)) == 0:
+        if rarely(draw, 2):
             spec["loadBalancerSourceRanges"] = list(draw(st.sampled_from(SOURCE_RANGES)))
     if kind != "ClusterIP" or "externalIPs" in spec:
         spec["externalTrafficPolicy"] = draw(st.sampled_from(["Cluster", "Local"]))
     spec["internalTrafficPolicy"] = draw(st.sampled_from(["Cluster", "Local"]))
-    if draw(st.integers(0, 3)) == 0:
+    if rarely(draw, 3):
         spec["sessionAffinity"] = "ClientIP"
     svc = service(
         name, [cluster_ip(host, f) for f in families], ports=ports, type=kind, lb_ips=lb, **spec
     )
-    if lb and len(lb) > 1 and draw(st.integers(0, 3)) == 0:
+    if lb and len(lb) > 1 and rarely(draw, 3):
         svc["status"]["loadBalancer"]["ingress"][-1]["ipMode"] = "Proxy"
     out = [svc]
     # Slices per family, sometimes of a family the Service does not have (ignored).
     for fam in (4, 6):
-        if fam not in families and draw(st.integers(0, 3)) != 0:
+        if fam not in families and not rarely(draw, 3):
             continue
-        pods = draw(st.lists(st.sampled_from(PODS), max_size=4, unique=True))
+        pods: list[str] = []
+        if not rarely(draw, 5):
+            count = draw(st.sampled_from([2, 3, 1, 4]))
+            pods = list(draw(st.permutations(PODS))[:count])
         split = draw(st.integers(0, len(pods))) if draw(st.booleans()) else len(pods)
         for k, group in enumerate((pods[:split], pods[split:])):
             if not group and k == 1:
@@ -228,9 +243,7 @@ def _service(
 def _slice(draw: st.DrawFn, name: str, fam: int, k: int, pods: list[str], ports: list[Obj]) -> Obj:
     eps: list[Obj] = []
     for pod in pods:
-        state = draw(
-            st.sampled_from(["ready", "ready", "unset", "not-ready", "terminating", "gone"])
-        )
+        state = draw(st.sampled_from(["ready"] * 4 + ["unset", "not-ready", "terminating", "gone"]))
         eps.append(
             endpoint(
                 pod_ip(pod, fam),
@@ -243,7 +256,7 @@ def _slice(draw: st.DrawFn, name: str, fam: int, k: int, pods: list[str], ports:
     slice_ports = [
         {"name": p["name"], "port": draw(st.sampled_from(TARGET_PORTS)), "protocol": p["protocol"]}
         for p in ports
-        if draw(st.integers(0, 7)) != 0  # rarely, a slice without this port
+        if not rarely(draw, 7)  # rarely, a slice without this port
     ]
     family = "IPv4" if fam == 4 else "IPv6"
     return endpoint_slice(name, eps, ports=slice_ports, name=f"{name}-{fam}-{k}", family=family)
@@ -323,7 +336,7 @@ def lab_probes(draw: st.DrawFn, objs: list[Obj]) -> Probe:
 
 
 @st.composite
-def lab_cases(draw: st.DrawFn, max_probes: int = 6) -> Case:
+def lab_cases(draw: st.DrawFn, max_probes: int = 8) -> Case:
     objs = draw(lab_clusters())
-    probes = draw(st.lists(lab_probes(objs), min_size=1, max_size=max_probes, unique=True))
+    probes = draw(st.lists(lab_probes(objs), min_size=2, max_size=max_probes, unique=True))
     return Case(objs, probes)

@@ -35,7 +35,7 @@ from .observe import CHECKED, Observation, disagreements, observe, report
 from .scenarios import NODE_ADDRESSES, NODE_SERVER_PORTS, Case, Probe, lab_cases, pod_ip
 from .test_semantics import cfg
 
-EXAMPLES = int(os.environ.get("SVCRULES_TRACE_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("SVCRULES_TRACE_EXAMPLES", "20"))
 RANDOM = "SVCRULES_TRACE_EXAMPLES" in os.environ
 
 CIP = "203.0.113.10"
@@ -228,7 +228,7 @@ def test_trace_agrees_with_the_kernel(kernel_lab: Lab, node_server: Server, back
                 failures.append(f"=== trace refused {probe}: {exc}\n--- cluster\n{dump(case.objs)}")
                 continue
             obs = observe(lab, probe, expected)
-            CHECKED[backend] += 1
+            CHECKED[backend, expected.verdict] += 1
             problems = disagreements(expected, obs)
             if problems:
                 failures.append(report(backend, dump(case.objs), probe, expected, obs, problems))
