@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from svcrules.cli.app import app
 from svcrules.cli.commands import _compile, _fail, node_ips
+from svcrules.cli.kernel_commands import IptablesChoice, IptablesOpt
 from svcrules.cli.options import (
     NO_OVERRIDES,
     BackendChoice,
@@ -26,6 +27,9 @@ from svcrules.cli.options import (
 )
 from svcrules.errors import SvcrulesError
 from svcrules.inputs.overrides import Overrides
+
+if TYPE_CHECKING:
+    from svcrules.trace import Packet, Trace
 
 
 class TraceFormat(StrEnum):
@@ -51,6 +55,19 @@ NodeAddressOpt = Annotated[
 ]
 
 
+KernelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--kernel",
+        help="Ask the live kernel instead (root): a temporary trace rule, the kernel's "
+        "own trace events and its conntrack entry, all removed afterwards. With "
+        "--from-node svcrules sends the packet itself; otherwise it waits --timeout "
+        "seconds for it to arrive (send it from the client). With PATHS, the prediction "
+        "is printed too, and the exit code is 1 when the two disagree.",
+    ),
+]
+
+
 @app.command("trace")
 @node_options
 def trace_cmd(
@@ -65,7 +82,9 @@ def trace_cmd(
         ),
     ] = None,
     dst: Annotated[str, typer.Option("--dst", metavar="IP", help="Destination address.")] = "",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Destination port.")] = 0,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="Destination port.")
+    ] = None,
     proto: Annotated[Proto, typer.Option("--proto", help="Transport protocol.")] = Proto.tcp,
     from_node: Annotated[
         bool,
@@ -82,6 +101,12 @@ def trace_cmd(
         TraceFormat,
         typer.Option("--output", "-o", help="text for people, json for scripts."),
     ] = TraceFormat.text,
+    kernel: KernelOpt = False,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=0.1, help="--kernel: how long to wait for the packet."),
+    ] = 10.0,
+    iptables: IptablesOpt = IptablesChoice.auto,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what the compiled rules do with one packet: the verdict (dnat to which
@@ -94,31 +119,89 @@ def trace_cmd(
       svcrules trace fixtures/demo --src 198.51.100.12 --dst 203.0.113.10 --port 80
 
       svcrules trace fixtures/demo --from-node --dst 192.0.2.1 --port 30080 -o json
+
+      svcrules trace --kernel --src 192.0.2.100 --dst 203.0.113.10 --port 80   (root)
     """
-    if not dst or not port:
+    if not dst or port is None:
         print("svcrules: error: --dst and --port are required", file=sys.stderr)
         raise typer.Exit(2)
     from svcrules.trace import Packet, trace
     from svcrules.trace.model import local_addresses
 
+    if kernel and not paths:
+        if src is None:
+            _usage("--src is required (with --kernel and no inputs to take the nodeIP from)")
+        table = overrides.table_name or "svcrules"
+        packet = Packet(src, dst, port, proto.value, from_node, tuple(node_address or []))
+        _show(_kernel(packet, backend, table, timeout, iptables), None, output)
+        return
     ruleset = _compile(paths, config, overrides, backend)
     ips = node_ips(ruleset)
     if src is None:
-        family = 6 if ":" in dst else 4
-        same = [ip for ip in ips if (":" in ip) == (family == 6)]
+        same = [ip for ip in ips if (":" in ip) == (":" in dst)]
         if not from_node or not same:
-            print("svcrules: error: --src is required (without --from-node)", file=sys.stderr)
-            raise typer.Exit(2)
+            _usage("--src is required (without --from-node)")
         src = same[0]
     local = local_addresses(ips, node_address or [])
     packet = Packet(src, dst, port, proto.value, from_node, local)
     try:
-        result = trace(ruleset.text(backend.value), backend.value, packet)
+        predicted = trace(ruleset.text(backend.value), backend.value, packet)
     except SvcrulesError as exc:
         _fail(exc)
-    if output is TraceFormat.json:
-        sys.stdout.write(json.dumps(result.as_json(), indent=2) + "\n")
-    else:
-        from svcrules.trace.report import text
+    if not kernel:
+        _show(predicted, None, output)
+        return
+    seen = _kernel(packet, backend, ruleset.plan.table, timeout, iptables)
+    if not _show(seen, predicted, output):
+        raise typer.Exit(1)
 
-        sys.stdout.write(text(result))
+
+def _usage(message: str) -> NoReturn:
+    print(f"svcrules: error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _kernel(
+    packet: Packet, backend: BackendChoice, table: str, timeout: float, iptables: IptablesChoice
+) -> Trace:
+    from svcrules.kernel.trace import trace_kernel
+
+    try:
+        return trace_kernel(
+            packet, backend.value, table=table, timeout=timeout, iptables_variant=iptables.value
+        )
+    except SvcrulesError as exc:
+        _fail(exc)
+
+
+def agrees(seen: Trace, predicted: Trace) -> bool:
+    """Whether what the kernel did is one of the things the rules predict."""
+    if seen.verdict != predicted.verdict:
+        return False
+    if seen.verdict != "dnat":
+        return True
+    return all(
+        ep in predicted.endpoints and seen.masqueraded_to(ep) == predicted.masqueraded_to(ep)
+        for ep in seen.endpoints
+    )
+
+
+def _show(seen: Trace, predicted: Trace | None, output: TraceFormat) -> bool:
+    """Print one answer, or the kernel's beside the prediction; whether they agree."""
+    ok = predicted is None or agrees(seen, predicted)
+    if output is TraceFormat.json:
+        doc: dict[str, object] = seen.as_json()
+        if predicted is not None:
+            doc = {"kernel": doc, "predicted": predicted.as_json(), "agree": ok}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return ok
+    from svcrules.trace.report import text
+
+    if predicted is None:
+        sys.stdout.write(text(seen))
+        return ok
+    sys.stdout.write("predicted from the rules:\n" + text(predicted) + "\n")
+    sys.stdout.write("seen in the kernel:\n" + text(seen) + "\n")
+    word = "yes" if ok else "NO: the kernel did something the rules do not predict"
+    sys.stdout.write(f"agree: {word}\n")
+    return ok

@@ -51,7 +51,8 @@ class Case(BaseModel):
 
     def label(self, index: int) -> str:
         flag = " from the node" if self.from_node else ""
-        what = f"{self.proto} {self.src} -> {self.dst}:{self.port}{flag}"
+        dst = f"[{self.dst}]" if ":" in self.dst else self.dst
+        what = f"{self.proto} {self.src} -> {dst}:{self.port}{flag}"
         return f"{self.name} ({what})" if self.name else what
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ BUILTIN = {
     ("filter", "FORWARD"): ("forward", 0),
     ("filter", "OUTPUT"): ("output", 0),
 }
+_WORD = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d+)$")
 
 
@@ -41,11 +41,16 @@ class _Where:
         return TraceError(f"iptables input line {self.line}: {why}: {self.text.strip()!r}")
 
 
-def _network(text: str, where: _Where) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _network(
+    text: str, where: _Where, family: int
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise where.error(f"{text!r} is not an address or CIDR") from None
+    if net.version != family:
+        raise where.error(f"{text} in the ipv{family} section")
+    return net
 
 
 def _mark(text: str, where: _Where) -> tuple[int, int]:
@@ -60,23 +65,36 @@ def _mark(text: str, where: _Where) -> tuple[int, int]:
 class _Rule:
     """One ``-A`` rule (or a ``# jump`` line): matches, then one target or none."""
 
-    def __init__(self, text: str, where: _Where) -> None:
+    def __init__(self, text: str, where: _Where, family: int) -> None:
         self.text = text
         self.where = where
+        self.family = family
         self.matches: list[Callable[[Flow], bool]] = []
         self.branch: float | None = None  # -m statistic: matches with this probability
         self.affinity: int | None = None  # -m recent --rcheck --seconds N
         self.target: Callable[[Flow], list[Outcome]] | None = None
         self.sets_mark = False
+        self.chain: str | None = None  # the chain -j / -g names
+        # iptables-save quoting: "..." with \" and \\ escaped inside
+        words = []
+        for quoted, bare in _WORD.findall(text):
+            if '"' in bare:
+                raise where.error("a quote does not close")
+            words.append(re.sub(r"\\(.)", r"\1", quoted) if quoted else bare)
         try:
-            words = shlex.split(text)
-        except ValueError as exc:
-            raise where.error(str(exc)) from None
+            self._read(words)
+        except (IndexError, ValueError) as exc:
+            why = f" ({exc})" if isinstance(exc, ValueError) else ""
+            raise where.error(f"not a rule svcrules writes{why}") from None
+
+    def _read(self, words: list[str]) -> None:
         i = 0
         negate = False
         while i < len(words):
             w = words[i]
             if w == "!":
+                if negate or i + 1 == len(words) or words[i + 1] in ("-j", "-g", "!"):
+                    raise self.where.error("'!' negates a match, not a target")
                 negate = True
                 i += 1
                 continue
@@ -87,7 +105,7 @@ class _Rule:
             elif w == "-m":
                 i = self._match(words, i + 1, negate)
             else:
-                raise where.error(f"unknown option {w!r}")
+                raise self.where.error(f"unknown option {w!r}")
             negate = False
 
     def _add(self, test: Callable[[Flow], bool], negate: bool) -> None:
@@ -100,7 +118,7 @@ class _Rule:
                 raise self.where.error(f"unknown protocol {arg!r}")
             self._add(lambda f: f.proto == arg, negate)
         else:
-            net = _network(arg, self.where)
+            net = _network(arg, self.where, self.family)
             src = w == "-s"
             self._add(lambda f: (f.src if src else f.dst) in net, negate)
         return i + 2
@@ -163,7 +181,7 @@ class _Rule:
             self.matches.append(lambda f: f.endpoint is not None)
             return
         if len(opts) == 4 and opts[0] == "--ctorigdst" and opts[2] == "--ctorigdstport":
-            net = _network(opts[1], self.where)
+            net = _network(opts[1], self.where, self.family)
             port = int(opts[3])
             self.matches.append(lambda f: f.orig_dst in net and f.orig_port == port)
             return
@@ -175,8 +193,11 @@ class _Rule:
         kind, name = words[i], words[i + 1]
         args = words[i + 2 :]
         end = len(words)
-        if name not in _TARGETS:  # a chain
+        if name not in _TARGETS:  # a chain (parse checks that it exists)
+            if args:
+                raise self.where.error(f"unknown target {' '.join(words[i:])}")
             verb = "goto" if kind == "-g" else "jump"
+            self.chain = name
             self.target = lambda f: [(f, f"{verb} {name}")]
             return i + 2
         if kind == "-g":
@@ -255,12 +276,17 @@ class IptTable:
     def label(self) -> str:
         return f"{self.family} {self.name}"
 
+    @property
+    def version(self) -> int:
+        return 4 if self.family == "ipv4" else 6
+
 
 def parse(text: str) -> dict[str, IptTable]:
     """The tables of an iptables text, by "family table"."""
     tables: dict[str, IptTable] = {}
     family = ""
     table: IptTable | None = None
+    opened = _Where(0, "")
     for n, line in enumerate(text.splitlines(), 1):
         where = _Where(n, line)
         s = line.strip()
@@ -272,13 +298,14 @@ def parse(text: str) -> dict[str, IptTable]:
             if table is None or (table.name, m.group(1)) not in BUILTIN:
                 raise where.error("a jump from a chain that is not a built-in chain")
             chain = table.chains.setdefault(m.group(1), IptChain(m.group(1)))
-            chain.rules.append(_Rule(m.group(2), where))
+            chain.rules.append(_Rule(m.group(2), where, table.version))
         elif s.startswith("#"):
             continue
         elif m := re.fullmatch(r"\*(nat|filter)", s):
             if not family:
                 raise where.error("a table before any '# family' line")
             table = tables.setdefault(f"{family} {m.group(1)}", IptTable(family, m.group(1)))
+            opened = where
         elif s == "COMMIT":
             table = None
         elif table is None:
@@ -288,11 +315,17 @@ def parse(text: str) -> dict[str, IptTable]:
         elif m := re.fullmatch(r"-A (\S+) (.*)", s):
             if m.group(1) not in table.chains:
                 raise where.error(f"chain {m.group(1)} is not declared")
-            table.chains[m.group(1)].rules.append(_Rule(m.group(2), where))
+            table.chains[m.group(1)].rules.append(_Rule(m.group(2), where, table.version))
         else:
             raise where.error("unknown line")
     if table is not None:
-        raise TraceError(f"iptables input: table {table.label} has no COMMIT")
+        raise opened.error(f"table {table.label} has no COMMIT")
+    for t in tables.values():
+        for chain in t.chains.values():
+            for rule in chain.rules:
+                if rule.chain is not None and rule.chain not in t.chains:
+                    why = f"no chain {rule.chain!r} in {t.label}, and not a target svcrules uses"
+                    raise rule.where.error(why)
     return tables
 
 

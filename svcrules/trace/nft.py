@@ -71,6 +71,8 @@ class NftSet:
     name: str
     is_map: bool = False
     dynamic: bool = False
+    width: int = 0  # parts of a key (a . b . c: 3), from its type
+    data: str = ""  # a map's data: "verdict" or "value"; "" for a set
     elements: list[tuple[Element, str]] = field(default_factory=list)  # (key, data)
 
     def lookup(self, key: Element) -> str | None:
@@ -136,6 +138,8 @@ def _key(tokens: list[str], i: int, family: str, where: _Where) -> tuple[list[Ge
         if i < len(tokens) and tokens[i] == ".":
             i += 1
             continue
+        if random and len(getters) > 1:
+            raise where.error("numgen random inside a concatenation")
         return getters, i, random
 
 
@@ -143,16 +147,26 @@ def _keys(getters: list[Getter], flow: Flow, random: bool) -> list[tuple[float, 
     """The key a flow presents, with its probability; a random key is every value."""
     if not random:
         return [(1.0, tuple(g(flow) for g in getters))]
-    if len(getters) != 1:
-        raise TraceError("numgen random inside a concatenation: svcrules never writes it")
     size, base = getters[0](flow)
     return [(1.0 / size, (base + n,)) for n in range(size)]
 
 
-def _set_name(token: str, sets: dict[str, NftSet], where: _Where) -> NftSet:
+def _set_name(token: str, sets: dict[str, NftSet], where: _Where, width: int, data: str) -> NftSet:
+    """The set or map ``token`` names, checked to fit a lookup with a key of ``width``
+    parts and, for a map, ``data`` ("verdict" or "value"; "" for a set)."""
     if not token.startswith("@") or token[1:] not in sets:
         raise where.error(f"{token!r} is not a set or map of this table")
-    return sets[token[1:]]
+    found = sets[token[1:]]
+    if found.data != data:
+        want = {"verdict": "a verdict map", "value": "a map of values", "": "a set"}[data]
+        raise where.error(f"{token} is not {want}")
+    if found.width != width:
+        raise where.error(f"{token} holds keys of {found.width} parts, not {width}")
+    return found
+
+
+PROTOCOL_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
+VERDICT_DATA = re.compile(r"(?:goto|jump) \S+|accept|drop|return|continue")
 
 
 # -- rules ---------------------------------------------------------------------
@@ -170,8 +184,13 @@ class _Rule:
         self.statements: list[Callable[[Flow], list[Outcome]]] = []
         tokens = _TOKEN.findall(text)
         i = 0
-        while i < len(tokens):
-            i = self._statement(tokens, i, sets) if self.statements else self._part(tokens, i, sets)
+        try:
+            while i < len(tokens):
+                step = self._statement if self.statements else self._part
+                i = step(tokens, i, sets)
+        except (IndexError, ValueError) as exc:
+            why = f" ({exc})" if isinstance(exc, ValueError) else ""
+            raise where.error(f"not a rule svcrules writes{why}") from None
 
     def _part(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
         """A match, or the first statement."""
@@ -180,10 +199,12 @@ class _Rule:
             return self._statement(tokens, i, sets)
         if t == "update" or tokens[i : i + 3] == ["meta", "mark", "set"]:
             return self._statement(tokens, i, sets)
+        kind = _selector(tokens, i, self.family, self.where)[2]
         getters, i, random = _key(tokens, i, self.family, self.where)
         op = tokens[i] if i < len(tokens) else ""
         if op == "vmap":
-            vmap = _set_name(tokens[i + 1], sets, self.where)
+            width = 1 if random else len(getters)
+            vmap = _set_name(tokens[i + 1], sets, self.where, width, "verdict")
             self.statements.append(lambda f: self._vmap(f, getters, random, vmap))
             return i + 2
         if random:
@@ -193,7 +214,7 @@ class _Rule:
             i += 1
             op = tokens[i] if i < len(tokens) else ""
         if op.startswith("@"):
-            s = _set_name(op, sets, self.where)
+            s = _set_name(op, sets, self.where, len(getters), "")
             if s.dynamic:  # filled at packet time: what earlier packets recorded
 
                 def pinned(f: Flow) -> bool:
@@ -218,6 +239,8 @@ class _Rule:
             raise self.where.error(f"unknown comparison {op!r}") from None
         if len(getters) != 1:
             raise self.where.error("a concatenation compares with a set")
+        if kind == "proto" and isinstance(want, int) and want in PROTOCOL_NUMBERS:
+            want = PROTOCOL_NUMBERS[want]
         get = getters[0]
         self.matches.append(lambda f: _component_matches(want, get(f)) != negate)
         return i + 1
@@ -260,19 +283,22 @@ class _Rule:
         getters, i, random = _key(tokens, i, self.family, self.where)
         if tokens[i] != "map":
             raise self.where.error("dnat to: an endpoint or a map lookup")
-        backends = _set_name(tokens[i + 1], sets, self.where)
+        width = 1 if random else len(getters)
+        backends = _set_name(tokens[i + 1], sets, self.where, width, "value")
         self.statements.append(lambda f: self._dnat_map(f, getters, random, backends))
         return i + 2
 
     def _update(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
-        target = _set_name(tokens[i + 1], sets, self.where)
         if tokens[i + 2] != "{" or "}" not in tokens[i:]:
             raise self.where.error("update @set { element }")
         end = tokens.index("}", i)
         getters, j, random = _key(tokens, i + 3, self.family, self.where)
+        target = _set_name(tokens[i + 1], sets, self.where, len(getters), "")
         timeout: int | None = None
         if tokens[j : j + 1] == ["timeout"]:
-            timeout = int(tokens[j + 1].rstrip("s"))
+            if not re.fullmatch(r"\d+s", tokens[j + 1]):
+                raise self.where.error("a timeout in seconds (Ns) is all svcrules writes")
+            timeout = int(tokens[j + 1][:-1])
             j += 2
         if j != end or random:
             raise self.where.error("update @set { key [timeout Ns] }")
@@ -302,8 +328,8 @@ class _Rule:
             data = vmap.lookup(key)
             if data is None:
                 out.append((f.fork(prob), "miss"))
-            else:
-                out.append((f.fork(prob), data))
+            else:  # "continue" goes on with the next rule
+                out.append((f.fork(prob), None if data == "continue" else data))
         return out
 
     def _dnat_map(
@@ -367,24 +393,50 @@ class NftTable:
         return f"{self.family} {self.name}"
 
 
-def _elements(lines: list[tuple[int, str]], k: int) -> tuple[list[tuple[Element, str]], int]:
-    """The elements of ``elements = { ... }`` starting after line k."""
-    out: list[tuple[Element, str]] = []
+def _elements(
+    lines: list[tuple[int, str]], k: int, into: NftSet
+) -> tuple[int, list[tuple[_Where, str]]]:
+    """Read ``elements = { ... }`` (its first line is lines[k]) into a set; the index
+    of its closing line, and the chains its verdicts name (checked once all are known)."""
+    start = _Where(*lines[k])
+    targets: list[tuple[_Where, str]] = []
     k += 1
     while k < len(lines):
         n, line = lines[k]
+        where = _Where(n, line)
         text = line.strip()
         if text == "}":
-            return out, k
+            return k, targets
         text = re.sub(r'\s+comment\s+"[^"]*"', "", text).rstrip(",")
         key_text, _colon, data = text.partition(" : ")
         try:
             key = tuple(_value(part) for part in key_text.split(" . "))
         except ValueError as exc:
-            raise _Where(n, line).error(str(exc)) from None
-        out.append((key, data))
+            raise where.error(str(exc)) from None
+        if len(key) != into.width:
+            raise where.error(f"@{into.name} holds keys of {into.width} parts")
+        if bool(data) != bool(into.data):
+            what = "a map element needs" if into.data else "a set element has no"
+            raise where.error(f"@{into.name}: {what} data")
+        if into.data == "verdict":
+            if not VERDICT_DATA.fullmatch(data):
+                raise where.error(f"{data!r} is not a verdict")
+            if data.startswith(("goto ", "jump ")):
+                targets.append((where, data.split()[1]))
+        into.elements.append((key, data))
         k += 1
-    raise TraceError("nft script: an elements block does not end")
+    raise start.error("the elements block does not end")
+
+
+def _set_type(s: NftSet, text: str, where: _Where) -> None:
+    """Key width and data kind from ``type a . b : c`` or ``typeof x y . z : w``."""
+    body = text.split(None, 1)[1] if " " in text else ""
+    key, colon, data = body.partition(" : ")
+    if not key or (s.is_map and not colon) or (colon and not s.is_map):
+        raise where.error("a set has a key type; a map also a data type")
+    s.width = key.count(" . ") + 1
+    if s.is_map:
+        s.data = "verdict" if data.strip() == "verdict" else "value"
 
 
 def parse(text: str) -> dict[str, NftTable]:
@@ -392,8 +444,10 @@ def parse(text: str) -> dict[str, NftTable]:
     tables: dict[str, NftTable] = {}
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)]
     table: NftTable | None = None
+    opened = _Where(0, "")
     block: NftSet | NftChain | None = None
     pending: list[tuple[_Where, str, NftChain, NftTable]] = []
+    targets: list[tuple[_Where, str, NftTable]] = []
     k = 0
     while k < len(lines):
         n, line = lines[k]
@@ -412,8 +466,9 @@ def parse(text: str) -> dict[str, NftTable]:
             m = re.fullmatch(r"table (ip|ip6) (\S+) \{", text_)
             if not m:
                 raise where.error("expected a table")
-            table = NftTable(m.group(1), m.group(2))
-            tables[table.label] = table
+            label = f"{m.group(1)} {m.group(2)}"  # a second block adds to the table
+            table = tables.setdefault(label, NftTable(m.group(1), m.group(2)))
+            opened = where
             continue
         if block is None:
             if text_ == "}":
@@ -430,14 +485,21 @@ def parse(text: str) -> dict[str, NftTable]:
                 raise where.error("expected a set, a map or a chain")
             continue
         if text_ == "}":
+            if isinstance(block, NftSet) and not block.width:
+                raise where.error(f"@{block.name} has no type")
             block = None
         elif isinstance(block, NftSet):
             if text_ == "elements = {":
-                block.elements, k = _elements(lines, k - 1)
-                k += 1
+                if not block.width:
+                    raise where.error(f"@{block.name}: elements before the type")
+                end, found = _elements(lines, k - 1, block)
+                targets.extend((w, name, table) for w, name in found)
+                k = end + 1
+            elif words[0] in ("type", "typeof"):
+                _set_type(block, text_, where)
             elif words[0] == "flags":
                 block.dynamic = "dynamic" in text_
-            elif words[0] not in ("type", "typeof", "comment", "size", "timeout"):
+            elif words[0] not in ("comment", "size", "timeout"):
                 raise where.error("unknown set property")
         elif words[0] == "comment":
             pass
@@ -447,11 +509,13 @@ def parse(text: str) -> dict[str, NftTable]:
                 raise where.error("only nat base chains with policy accept are understood")
             block.hook = m.group(1)
             prio = m.group(2)
+            if prio not in PRIORITIES and not re.fullmatch(r"-?\d+", prio):
+                raise where.error(f"unknown priority {prio!r}")
             block.priority = PRIORITIES[prio] if prio in PRIORITIES else int(prio)
         else:
             pending.append((where, text_, block, table))
     if table is not None:
-        raise TraceError(f"nft script: table {table.label} does not end")
+        raise opened.error(f"table {table.label} does not end")
     for where, rule_text, chain, t in pending:  # after every set is known
         chain.rules.append(_Rule(rule_text, t.family, t.sets, where))
     for t in tables.values():
@@ -460,11 +524,9 @@ def parse(text: str) -> dict[str, NftTable]:
                 for name in re.findall(r"(?:jump|goto) (\S+)", rule.text):
                     if name not in t.chains:
                         raise rule.where.error(f"no chain {name!r} in table {t.label}")
-        for s in t.sets.values():
-            for _element, data in s.elements:
-                target = data.split()[-1] if data.startswith(("goto ", "jump ")) else None
-                if target is not None and target not in t.chains:
-                    raise TraceError(f"@{s.name} sends to {target!r}, no chain of {t.label}")
+    for where, name, t in targets:
+        if name not in t.chains:
+            raise where.error(f"no chain {name!r} in table {t.label}")
     return tables
 
 
