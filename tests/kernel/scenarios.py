@@ -157,7 +157,8 @@ def lab_clusters(draw: st.DrawFn, max_services: int = 3) -> list[Obj]:
         return iter(draw(unique(st.integers(lo, hi), min_size=size, max_size=size, unique=True)))
 
     cips = pool(2, 120, n)
-    node_ports = iter(draw(st.permutations(NODE_PORTS)))
+    # A NodePort number is unique per protocol: TCP and UDP may share one.
+    node_ports = {proto: iter(draw(st.permutations(NODE_PORTS))) for proto in PROTOCOLS}
     lb_hosts = pool(200, 250, 3 * n)
     ext_hosts = pool(130, 199, n)
     for i in range(n):
@@ -175,7 +176,7 @@ def _service(
     draw: st.DrawFn,
     name: str,
     host: int,
-    node_ports: Iterator[int],
+    node_ports: dict[str, Iterator[int]],
     lb_hosts: Iterator[int],
     ext_hosts: Iterator[int],
 ) -> list[Obj]:
@@ -199,7 +200,7 @@ def _service(
     for j, (port, proto) in enumerate(keys):
         p: Obj = {"name": f"p{j}", "port": port, "protocol": proto}
         if with_node_ports:
-            p["nodePort"] = next(node_ports)
+            p["nodePort"] = next(node_ports[proto])
         ports.append(p)
     # Mostly of the Service's families; an address of another one is filtered out.
     some_families = st.sampled_from([families, families, families, (4,), (6,), (4, 6)])
