@@ -151,10 +151,10 @@ def lab_clusters(draw: st.DrawFn, max_services: int = 3) -> list[Obj]:
         spec["clusterCIDRs"] = []  # no way to tell pods apart
     objs: list[Obj] = [cfg(**spec)]
     n = draw(st.integers(1, max_services))
-    unique = st.lists  # shorthand below: unique draws shared by all Services
 
     def pool(lo: int, hi: int, size: int) -> Iterator[int]:
-        return iter(draw(unique(st.integers(lo, hi), min_size=size, max_size=size, unique=True)))
+        """Distinct numbers, shared out among all Services."""
+        return iter(draw(st.lists(st.integers(lo, hi), min_size=size, max_size=size, unique=True)))
 
     cips = pool(2, 120, n)
     # A NodePort number is unique per protocol: TCP and UDP may share one.

@@ -35,7 +35,7 @@ from .observe import CHECKED, Observation, disagreements, observe, report
 from .scenarios import NODE_ADDRESSES, NODE_SERVER_PORTS, Case, Probe, lab_cases, pod_ip
 from .test_semantics import cfg
 
-EXAMPLES = int(os.environ.get("SVCRULES_TRACE_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("SVCRULES_TRACE_EXAMPLES", "24"))
 RANDOM = "SVCRULES_TRACE_EXAMPLES" in os.environ
 
 CIP = "203.0.113.10"
