@@ -48,7 +48,7 @@ from svcrules.inputs.owned import check_name
 from svcrules.kernel.caps import net_admin_problem
 from svcrules.kernel.tools import find_tool
 from svcrules.kernel.trace_events import POLL, Event, Seen, Tracer, family_of
-from svcrules.trace.model import PROTOCOLS, Packet, Step, Trace, TraceError, Verdict
+from svcrules.trace.model import Packet, Step, Trace, TraceError, Verdict
 
 SETTLE = 0.3  # seconds without a new event of the packet: its trace is complete
 SETTLE_MAX = 3.0  # and at the latest this long after its first event
@@ -97,7 +97,7 @@ def trace_kernel(
     client, or from another program on the node when ``from_node``) and says so on
     stderr. Needs CAP_NET_ADMIN. TraceError when no such packet was seen.
     """
-    packet = _checked(packet)
+    packet = packet.checked()
     sending = packet.from_node if send is None else send
     if not timeout > 0:
         raise TraceError(f"timeout must be more than 0 seconds, not {timeout}")
@@ -155,21 +155,6 @@ def _tracer(packet: Packet, backend: str, table: str, variant: str | None) -> Tr
 
         return iptables_tracer(packet, table, variant)
     raise AssertionError(backend)
-
-
-def _checked(packet: Packet) -> Packet:
-    """``packet`` with canonical addresses; TraceError for one that cannot be traced."""
-    try:
-        src, dst = ipaddress.ip_address(packet.src), ipaddress.ip_address(packet.dst)
-    except ValueError as exc:
-        raise TraceError(f"not an IP address: {exc}") from None
-    if src.version != dst.version:
-        raise TraceError(f"{packet.src} and {packet.dst} are not of one IP family")
-    if packet.proto not in PROTOCOLS:
-        raise TraceError(f"unknown protocol {packet.proto!r}: one of {', '.join(PROTOCOLS)}")
-    if not 0 < packet.port < 65536:
-        raise TraceError(f"port {packet.port} is not between 1 and 65535")
-    return packet._replace(src=str(src), dst=str(dst))
 
 
 def hostport(ip: str, port: int | None) -> str:

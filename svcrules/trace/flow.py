@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
-from svcrules.trace.model import PROTOCOLS, Affinity, Packet, Step, Trace, TraceError, Verdict
+from svcrules.trace.model import Affinity, Packet, Step, Trace, TraceError, Verdict
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+# An endpoint as both backends write it in a DNAT: "ip:port" or "[ip6]:port".
+ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d+)$")
 MAX_DEPTH = 64  # jumps and gotos in a row: svcrules' rules nest at most four deep
 
 
@@ -189,6 +192,15 @@ class Walker:
         return out
 
 
+def endpoint_key(ep: str) -> tuple[int, bytes, int]:
+    """Endpoints in address order, IPv4 first."""
+    m = ENDPOINT.match(ep)
+    if m is None:
+        return (0, ep.encode(), 0)
+    addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
+    return addr.version, addr.packed, int(m.group("port"))
+
+
 def parse_address(text: str, what: str) -> IPAddress:
     try:
         return ipaddress.ip_address(text)
@@ -198,14 +210,8 @@ def parse_address(text: str, what: str) -> IPAddress:
 
 def start(packet: Packet) -> Flow:
     """The first flow of a packet, its addresses checked."""
-    src = parse_address(packet.src, "--src")
-    dst = parse_address(packet.dst, "--dst")
-    if src.version != dst.version:
-        raise TraceError(f"--src {src} and --dst {dst} are not of the same IP family")
-    if packet.proto not in PROTOCOLS:
-        raise TraceError(f"--proto {packet.proto!r}: one of {', '.join(PROTOCOLS)}")
-    if not 0 < packet.port < 65536:
-        raise TraceError(f"--port {packet.port}: between 1 and 65535")
+    packet = packet.checked()
+    src, dst = ipaddress.ip_address(packet.src), ipaddress.ip_address(packet.dst)
     local = frozenset(parse_address(a, "--node-address") for a in packet.local)
     if packet.from_node:
         local |= {src}  # the node sends only from its own addresses
@@ -287,7 +293,6 @@ def summarize(
     flows: Sequence[Flow],
     hooks: Hooks,
     source: str,
-    endpoint_key: Callable[[str], Any] = str,
 ) -> Trace:
     """One answer from every path of the packet."""
     verdicts: set[Verdict] = {f.verdict or ("dnat" if f.endpoint else "untouched") for f in flows}

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from svcrules.trace.flow import Flow, IPAddress, Outcome, Walker, follow, start, summarize
+from svcrules.trace.flow import ENDPOINT, Flow, IPAddress, Outcome, Walker, follow, start, summarize
 from svcrules.trace.model import Packet, Trace, TraceError
 
 # Built-in chains svcrules jumps from: (table, chain) -> (hook, priority)
@@ -29,7 +29,6 @@ BUILTIN = {
     ("filter", "OUTPUT"): ("output", 0),
 }
 _WORD = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
-_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d+)$")
 
 
 class _Where:
@@ -215,7 +214,7 @@ class _Rule:
         elif name == "MASQUERADE" and args in ([], ["--random-fully"]):
             self.target = _masquerade
         elif name == "DNAT" and len(args) == 2 and args[0] == "--to-destination":
-            m = _ENDPOINT.match(args[1])
+            m = ENDPOINT.match(args[1])
             if not m:
                 raise self.where.error(f"--to-destination {args[1]!r}")
             addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
@@ -329,13 +328,6 @@ def parse(text: str) -> dict[str, IptTable]:
     return tables
 
 
-def _endpoint_key(ep: str) -> tuple[int, bytes, int]:
-    m = _ENDPOINT.match(ep)
-    assert m is not None
-    addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
-    return addr.version, addr.packed, int(m.group("port"))
-
-
 def _source(tables: list[IptTable], f: Flow) -> str:
     """Pods are what the owned ``-MASQ-NON-POD`` chain returns early for."""
     if f.from_node or f.is_local(f.src):
@@ -362,4 +354,4 @@ def trace_iptables(text: str, packet: Packet) -> Trace:
                 base.append((hook, prio, t, c))
     hooks = Walker(base)
     flows = follow(flow, hooks)
-    return summarize(packet, "iptables", flows, hooks, _source(tables, flow), _endpoint_key)
+    return summarize(packet, "iptables", flows, hooks, _source(tables, flow))

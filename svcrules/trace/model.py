@@ -6,6 +6,7 @@ The JSON form (``Trace.as_json``) is stable and documented in docs/operations.md
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -36,6 +37,24 @@ class Packet(NamedTuple):
     proto: str = "tcp"
     from_node: bool = False
     local: tuple[str, ...] = ()
+
+    def checked(self) -> Packet:
+        """This packet with canonical addresses; TraceError for one no rule can meet."""
+        src, dst = _address(self.src, "--src"), _address(self.dst, "--dst")
+        if src.version != dst.version:
+            raise TraceError(f"--src {src} and --dst {dst} are not of the same IP family")
+        if self.proto not in PROTOCOLS:
+            raise TraceError(f"--proto {self.proto!r}: one of {', '.join(PROTOCOLS)}")
+        if not 0 < self.port < 65536:
+            raise TraceError(f"--port {self.port}: between 1 and 65535")
+        return self._replace(src=str(src), dst=str(dst))
+
+
+def _address(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise TraceError(f"{what}: {text!r} is not an IP address") from None
 
 
 class Step(NamedTuple):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcrules.trace.flow import Flow, IPAddress, Outcome, Walker, follow, start, summarize
+from svcrules.trace.flow import ENDPOINT, Flow, IPAddress, Outcome, Walker, follow, start, summarize
 from svcrules.trace.model import Packet, Trace, TraceError
 
 Value = Any  # an address, a network, an int, a protocol name or a tuple of them
@@ -24,7 +24,6 @@ Element = tuple[Value, ...]
 
 PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "srcnat": 100}
 _TOKEN = re.compile(r'"[^"]*"|[{}]|[^\s{}]+')
-_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>\d+)$")
 
 
 class _Where:
@@ -274,7 +273,7 @@ class _Rule:
         if tokens[i + 1 : i + 3] != [self.family, "to"]:
             raise self.where.error(f"dnat needs '{self.family} to'")
         i += 3
-        m = _ENDPOINT.match(tokens[i])
+        m = ENDPOINT.match(tokens[i])
         if m:
             addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
             port = int(m.group("port"))
@@ -530,13 +529,6 @@ def parse(text: str) -> dict[str, NftTable]:
     return tables
 
 
-def _endpoint_key(ep: str) -> tuple[int, bytes, int]:
-    m = _ENDPOINT.match(ep)
-    assert m is not None
-    addr = ipaddress.ip_address(m.group("v4") or m.group("v6"))
-    return addr.version, addr.packed, int(m.group("port"))
-
-
 def _source(tables: list[NftTable], f: Flow) -> str:
     if f.from_node or f.is_local(f.src):
         return "node"
@@ -556,4 +548,4 @@ def trace_nft(text: str, packet: Packet) -> Trace:
         [(c.hook, c.priority, t, c) for t in tables for c in t.chains.values() if c.hook]
     )
     flows = follow(flow, hooks)
-    return summarize(packet, "nftables", flows, hooks, _source(tables, flow), _endpoint_key)
+    return summarize(packet, "nftables", flows, hooks, _source(tables, flow))

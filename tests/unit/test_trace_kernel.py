@@ -364,10 +364,10 @@ def test_conntrack_entries() -> None:
 @pytest.mark.parametrize(
     ("packet", "options", "message"),
     [
-        (Packet("192.0.2.300", CIP, 80), "", "not an IP address"),
-        (Packet(CLIENT, "2001:db8::1", 80), "", "not of one IP family"),
-        (Packet(CLIENT, CIP, 0), "", "port 0 is not between 1 and 65535"),
-        (Packet(CLIENT, CIP, 80, "icmp"), "", "unknown protocol 'icmp'"),
+        (Packet("192.0.2.300", CIP, 80), "", "--src: '192.0.2.300' is not an IP address"),
+        (Packet(CLIENT, "2001:db8::1", 80), "", "not of the same IP family"),
+        (Packet(CLIENT, CIP, 0), "", "--port 0: between 1 and 65535"),
+        (Packet(CLIENT, CIP, 80, "icmp"), "", "--proto 'icmp': one of tcp, udp, sctp"),
         (Packet(NODE, CIP, 80, "sctp", from_node=True), "", "cannot send an SCTP packet"),
         (FROM_CLIENT, "backend=ipvs", "unknown backend 'ipvs'"),
         (FROM_CLIENT, "table=kube-proxy", "may be another program's"),
