@@ -132,7 +132,7 @@ FamilyOpt = Annotated[
     FamilyChoice,
     typer.Option(
         "--family",
-        help="iptables backend: print only one family's input, ready for "
+        help="With -o iptables: print only one family's input, ready for "
         "'iptables-restore --noflush' (ipv4) or 'ip6tables-restore --noflush' (ipv6).",
     ),
 ]
