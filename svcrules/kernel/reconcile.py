@@ -21,7 +21,7 @@ from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
 from svcrules.inputs.owned import check_name
 from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
 from svcrules.kernel.nft.transport import first_error
-from svcrules.kernel.state import Meta, StateStore
+from svcrules.kernel.state import COUNTERS, Meta, StateStore
 from svcrules.kernel.stats import stats
 
 if TYPE_CHECKING:
@@ -114,6 +114,8 @@ class Change:
     compiled: str = field(default="", repr=False)
     # The compile cache to keep once the change is applied (None: keep the one there).
     cache: Cache | None = field(default=None, repr=False)
+    # Ruleset.triggers of the compiled inputs (None: nothing was compiled).
+    triggers: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -219,6 +221,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
                 compiled=new_script,
                 cache=ruleset.next_cache,
+                triggers=ruleset.triggers,
             )
     full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
     new_meta.owned = [table]
@@ -234,6 +237,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         problems=warnings + _problems_of(full),
         kernel_seconds=kernel_seconds + seconds,
         cache=ruleset.next_cache,
+        triggers=ruleset.triggers,
     )
 
 
@@ -256,7 +260,8 @@ def _timed(call: Callable[[], T]) -> tuple[T, float]:
 def _new_meta(job: Job, ruleset: Ruleset, driver: Driver, script: str, old: Meta) -> Meta:
     """What the state directory will say once ``script`` is applied."""
     meta = Meta.of_plan(ruleset.plan, driver.fingerprint_of(script) or "", ruleset.port_digests)
-    meta.failures, meta.last_success = old.failures, old.last_success
+    for name in COUNTERS:
+        setattr(meta, name, getattr(old, name))
     meta.input_digest = job.digest
     meta.table = ruleset.plan.table
     meta.backend = driver.backend
