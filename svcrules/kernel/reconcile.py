@@ -297,6 +297,7 @@ def _why_full(
 def execute(change: Change, driver: Driver, store: StateStore) -> None:
     """Send the change, verify it, remember it, clean conntrack."""
     if change.mode == "noop":
+        _keep_summary(change, store)
         return
     table = change.new_meta.table
     started = time.monotonic()
@@ -322,6 +323,22 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
         except SvcrulesError as exc:  # only a speed-up: the rules and state are in place
             change.problems.append(f"compile cache not kept: {exc}")
     change.problems += run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
+
+
+def _keep_summary(change: Change, store: StateStore) -> None:
+    """A compile that changes no rule may still change what ``svcrules serve`` answers:
+    a node's last ready endpoint of an externalTrafficPolicy Local Service turning
+    serving-terminating keeps the rules (they fall back to it) but fails the health
+    check. Save the new summary with the unchanged script then, so that the answers
+    follow (the kernel holds that script: same fingerprint)."""
+    new, old = change.new_meta, change.old_meta
+    if change.tx is None or new is old or new.health == old.health:
+        return
+    if new.fingerprint != old.fingerprint:
+        return  # not the script the kernel holds: never record it
+    new.stale = change.stale_after
+    new.last_success = time.time()
+    store.save(change.new_script, new)
 
 
 def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:

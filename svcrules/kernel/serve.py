@@ -152,6 +152,7 @@ class Server:
         self._failed: dict[Bind, str] = {}  # port -> why it could not be opened
         self._retry_at = 0.0
         self._claimed: set[Bind] = set()  # ports two Services named (logged once)
+        self._lock = threading.Lock()
 
     # Starting and stopping
 
@@ -222,7 +223,12 @@ class Server:
         return tuple(out)
 
     def refresh(self) -> None:
-        """Read the state directory again if it changed; open and close listeners."""
+        """Read the state directory again if it changed; open and close listeners (also
+        safe from another thread than ``run``'s)."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         seen = self._stat()
         if seen != self._seen:
             if not self._seen or seen[0] != self._seen[0]:
