@@ -56,6 +56,7 @@ def serve_cmd(
         str,
         typer.Option(
             "--healthz-bind-address",
+            metavar="IP:PORT",
             help="Where to answer /healthz, /livez and /metrics: IP:PORT, or [IPv6]:PORT "
             "([::] is every address of both families); empty: nowhere.",
         ),
@@ -64,6 +65,7 @@ def serve_cmd(
         str,
         typer.Option(
             "--sync-period",
+            metavar="DURATION",
             help="How often sync runs (60, 60s, 1m): /healthz answers 503 when no sync "
             "succeeded within twice this.",
         ),
