@@ -90,7 +90,7 @@ class Meta:
     invalid: list[str] = field(default_factory=list)
     # The healthCheckNodePorts this script's node serves (``svcrules serve``), saved with
     # the script so that the answers always match the rules in the kernel: one dict per
-    # Service and family (see health_entry).
+    # Service and family (see health_entries).
     health: list[dict[str, Any]] = field(default_factory=list)
     # Kept in counters.json: histogram name -> its buckets (history.Histogram), and how the
     # last run went (history.LastRun).
@@ -171,7 +171,7 @@ class StateStore:
         """The last script and its summary; (None, counters only) when there is none or
         it cannot be trusted (``damaged`` then says why)."""
         self.damaged = ""
-        meta = self._load_counters()
+        meta = self.load_counters()
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -189,9 +189,6 @@ class StateStore:
         for name in COUNTERS:
             setattr(saved, name, getattr(meta, name))
         return script, saved
-
-    def _load_counters(self) -> Meta:
-        return self.load_counters()
 
     def load_counters(self) -> Meta:
         """counters.json alone (a Meta holding only the counters): what runs added up.
