@@ -25,7 +25,17 @@ DEMO = str(ROOT / "fixtures" / "demo")
 GOLDEN = ROOT / "tests" / "golden"
 runner = CliRunner()
 SVCRULES = str(Path(sys.executable).parent / "svcrules")  # the installed command
-COMMANDS = ["compile", "explain", "check", "diff", "apply", "sync", "cleanup", "trace"]
+COMMANDS = [
+    "compile",
+    "explain",
+    "check",
+    "diff",
+    "apply",
+    "sync",
+    "cleanup",
+    "serve",
+    "trace",
+]
 
 
 def run(*args: str, input: str | None = None) -> tuple[int, str, str]:
