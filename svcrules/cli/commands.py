@@ -36,6 +36,15 @@ class Format(StrEnum):
     json = "json"
 
 
+class CheckFormat(StrEnum):
+    """What a golden file holds: the backend's rules (nft: the backend's text), their
+    JSON form, or the explain table (the decisions, for people)."""
+
+    nft = "nft"
+    json = "json"
+    explain = "explain"
+
+
 class FamilyChoice(StrEnum):
     both = "both"
     ipv4 = "ipv4"
@@ -192,9 +201,15 @@ def check_cmd(
     update: Annotated[
         bool, typer.Option("--update", help="Rewrite the golden file instead of comparing.")
     ] = False,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Format of the golden file.")] = (
-        Format.nft
-    ),
+    fmt: Annotated[
+        CheckFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="What the golden file holds: the backend's rules ('nft', also for "
+            "--backend iptables), their JSON form, or the explain table ('explain').",
+        ),
+    ] = CheckFormat.nft,
     backend: BackendOpt = BackendChoice.nftables,
     family: FamilyOpt = FamilyChoice.both,
     overrides: Overrides = NO_OVERRIDES,
@@ -202,7 +217,10 @@ def check_cmd(
     """Check the compiled rules in CI: exit 0 when everything holds, 1 when not, 2 on
     bad input. No root, no kernel, no nft needed.
 
-    --golden compares with a reviewed ruleset file and prints a unified diff.
+    --golden compares with a reviewed ruleset file and prints a unified diff. Goldens
+    leave out what changes with every change (the fingerprints) and name the Service
+    of each element of the shared sets and maps, so that changes to different Services
+    touch different lines; --format explain keeps the decisions instead of the rules.
     --packets traces every packet of a cases file through the rules of both backends
     (as 'svcrules trace' does) and prints a table of what does not hold.
 
@@ -217,7 +235,7 @@ def check_cmd(
     from svcrules.cli.golden import compare
 
     ruleset = _compile(paths, config, overrides, backend)
-    text = _text(ruleset, backend, fmt, family)
+    text = _golden_text(ruleset, backend, fmt, family)
     if update:
         golden.parent.mkdir(parents=True, exist_ok=True)
         _write(text, golden)
@@ -234,6 +252,22 @@ def check_cmd(
         return
     sys.stdout.write(diff)
     raise typer.Exit(1)
+
+
+def _golden_text(
+    ruleset: Ruleset, backend: BackendChoice, fmt: CheckFormat, family: FamilyChoice
+) -> str:
+    """What a golden file holds (svcrules.cli.golden): no volatile lines."""
+    from svcrules.cli.golden import golden_text
+    from svcrules.render.golden import normalize
+
+    if fmt is not CheckFormat.explain and (
+        family is not FamilyChoice.both or fmt is CheckFormat.json
+    ):
+        return normalize(_text(ruleset, backend, Format(fmt.value), family))
+    if family is not FamilyChoice.both:
+        _usage("--family selects rules: not for --format explain")
+    return golden_text(ruleset, backend.value, fmt.value)
 
 
 def _check_packets(
