@@ -54,8 +54,10 @@ class IptablesChoice(StrEnum):
 
 
 class DiffOutput(StrEnum):
-    summary = "summary"
+    text = "text"
+    json = "json"
     script = "script"
+    summary = "summary"  # the same as text (its earlier name)
     nft = "nft"  # the same as script (the name from before the iptables backend)
 
 
@@ -195,10 +197,12 @@ def diff_cmd(
         DiffOutput,
         typer.Option(
             "--output",
-            help="A readable summary, or the exact transaction apply would send "
-            "(an nft script, or iptables-restore inputs); 'nft' is the same as 'script'.",
+            help="text: what changes per Service port (endpoints, frontends, policies) "
+            "and in the kernel; json: the same for scripts (docs/operations.md); script: "
+            "the exact transaction apply would send (an nft script, or iptables-restore "
+            "inputs). 'summary' is the same as text, 'nft' as script.",
         ),
-    ] = DiffOutput.summary,
+    ] = DiffOutput.text,
     backend: BackendOpt = BackendChoice.nftables,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     nft: NftOpt = NftChoice.auto,
@@ -209,7 +213,7 @@ def diff_cmd(
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Show what 'apply' would change. Exit 0: nothing; 1: changes; 2: error."""
-    from svcrules.cli.report import summary
+    from svcrules.cli.report import as_json, summary
     from svcrules.kernel.reconcile import plan_change
 
     setup("text")
@@ -219,7 +223,12 @@ def diff_cmd(
         job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), policy)
         change = plan_change(job, driver, StateStore(state_dir), verify)
     _report_invalid(change)
-    sys.stdout.write(change.script if output is not DiffOutput.summary else summary(change))
+    if output in (DiffOutput.script, DiffOutput.nft):
+        sys.stdout.write(change.script)
+    elif output is DiffOutput.json:
+        sys.stdout.write(as_json(change))
+    else:
+        sys.stdout.write(summary(change))
     raise typer.Exit(1 if change.changed else 0)
 
 

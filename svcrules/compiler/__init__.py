@@ -51,7 +51,8 @@ class Ruleset:
             try:
                 render = RENDERERS[backend]
             except KeyError:
-                raise ValueError(f"unknown backend {backend!r}: one of {list(RENDERERS)}") from None
+                names = ", ".join(RENDERERS)
+                raise ValueError(f"unknown backend {backend!r}: one of {names}") from None
             self._texts[backend] = render.text(self.plan)
         return self._texts[backend]
 
