@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -65,6 +67,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     # Skip reasons are hidden without -rs; say it plainly once.
     for reason in _skip_reasons:
         terminalreporter.write_line(f"kernel tests skipped: {reason}", yellow=True)
+    # How much the trace differential test compared (only if it ran).
+    observe = sys.modules.get(f"{__package__}.observe")
+    checked: Counter[tuple[str, str]] = Counter(getattr(observe, "CHECKED", {}))
+    for backend in sorted({b for b, _verdict in checked}):
+        verdicts = {v: n for (b, v), n in sorted(checked.items()) if b == backend}
+        detail = ", ".join(f"{v} {n}" for v, n in verdicts.items())
+        terminalreporter.write_line(
+            f"trace differential: {sum(verdicts.values())} (cluster, packet) pairs checked"
+            f" on {backend} ({detail})"
+        )
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
