@@ -257,17 +257,24 @@ def check_cmd(
 def _golden_text(
     ruleset: Ruleset, backend: BackendChoice, fmt: CheckFormat, family: FamilyChoice
 ) -> str:
-    """What a golden file holds (svcrules.cli.golden): no volatile lines."""
+    """What a golden file holds (svcrules.cli.golden): no volatile lines; with
+    --family, that family's section of the golden form."""
     from svcrules.cli.golden import golden_text
+    from svcrules.render.backends import RENDERERS
     from svcrules.render.golden import normalize
 
-    if fmt is not CheckFormat.explain and (
-        family is not FamilyChoice.both or fmt is CheckFormat.json
-    ):
-        return normalize(_text(ruleset, backend, Format(fmt.value), family))
-    if family is not FamilyChoice.both:
-        _usage("--family selects rules: not for --format explain")
-    return golden_text(ruleset, backend.value, fmt.value)
+    if fmt is CheckFormat.explain:
+        if family is not FamilyChoice.both:
+            _usage("--family selects rules: not for --format explain")
+        return golden_text(ruleset, backend.value, fmt.value)
+    text = _text(ruleset, backend, Format(fmt.value), family)  # refuses what cannot be
+    if fmt is CheckFormat.json:
+        return normalize(text)
+    golden = golden_text(ruleset, backend.value, fmt.value)
+    section = RENDERERS[backend.value].family_section
+    if family is FamilyChoice.both or section is None:
+        return golden
+    return section(golden, family.value)
 
 
 def _check_packets(

@@ -191,3 +191,16 @@ def test_check_format_explain(tmp_path: Path) -> None:
     assert "+  endpoints  cluster: 198.51.100.11:8080, 198.51.100.12:8080" in res.stdout
     res = runner.invoke(app, [*args, "--family", "ipv4", "-b", "iptables"])
     assert res.exit_code == 2 and "--family" in res.stderr
+
+
+def test_check_family_section_of_the_golden_form(tmp_path: Path) -> None:
+    golden = tmp_path / "g.ipv6"
+    args = ["check", "-g", str(golden), "-b", "iptables", "--family", "ipv6", str(DEMO)]
+    assert runner.invoke(app, [*args, "--update"]).exit_code == 0
+    text = golden.read_text()
+    assert "# family ipv6" in text and "# family ipv4" not in text
+    assert "\n# kube-system/dns:dns/UDP\n-A SVCRULES-SVC-" in text
+    assert not FINGERPRINT.search(text)
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, ["check", "-g", str(golden), "--family", "ipv6", str(DEMO)])
+    assert res.exit_code == 2 and "--family" in res.stderr  # nftables has no sections
