@@ -14,6 +14,7 @@ reports everything at once. The rest say what stopped a run on a node::
             LockBusy              another run holds it (--no-wait: not a failure)
             LockTimeout           another run held it too long
         MetricsError              the metrics file cannot be written
+        ListenError               serve cannot listen on its /healthz address
         RemovalRefused            a safety limit
 
     NeedsFullReplacement          not a failure: a change only a full replacement can make
@@ -110,6 +111,10 @@ class LockTimeout(LockError):
 
 class MetricsError(SvcrulesError):
     """The metrics file cannot be written."""
+
+
+class ListenError(SvcrulesError):
+    """``svcrules serve`` cannot listen on the address it must answer on."""
 
 
 class RemovalRefused(SvcrulesError):

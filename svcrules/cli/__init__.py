@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import gc
 
-from svcrules.cli import commands, kernel_commands, trace_commands
+from svcrules.cli import commands, kernel_commands, serve_commands, trace_commands
 from svcrules.cli.app import app
 
-__all__ = ["app", "commands", "kernel_commands", "main", "trace_commands"]
+__all__ = ["app", "commands", "kernel_commands", "main", "serve_commands", "trace_commands"]
 
 
 def main() -> None:

@@ -258,6 +258,7 @@ def _plan(req: Request, store: StateStore) -> tuple[Change, Driver]:
 
 def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
     """The work shared by apply and sync, under the lock. None: skipped (lock busy)."""
+    from svcrules.kernel.history import record_success
     from svcrules.kernel.reconcile import execute
 
     require_net_admin()
@@ -273,6 +274,7 @@ def _apply(req: Request, run: Run, dry_run: bool) -> Change | None:
             change, driver = _plan(req, store)
             run.table = change.new_meta.table
             execute(change, driver, store)
+            change.problems += record_success(store, change, run.seconds()).problems
     except LockBusy as exc:
         LOG.info("skipped: %s", exc, extra={"fields": {"event": "skipped"}})
         return None
@@ -285,7 +287,7 @@ def _apply_reported(req: Request, run: Run, dry_run: bool = False) -> Change | N
     with reporting(run):
         change = _apply(req, run, dry_run)
         if change is not None and not dry_run:
-            run.succeeded(change, len(change.new_meta.invalid))
+            run.succeeded(change)
     return change
 
 

@@ -23,9 +23,9 @@ import typer
 from svcrules.cli.logs import LOG
 from svcrules.errors import NotPermitted, SvcrulesError
 from svcrules.kernel.caps import net_admin_problem
+from svcrules.kernel.history import record_failure
 from svcrules.kernel.metrics import SyncMetrics, previous_failures, write_metrics
 from svcrules.kernel.state import Meta, StateStore
-from svcrules.kernel.stats import Stats
 
 if TYPE_CHECKING:
     from svcrules.kernel.reconcile import Change  # the compiler and nft transport
@@ -54,9 +54,11 @@ class Run:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
-    def succeeded(self, change: Change, invalid: int = 0) -> None:
+    def succeeded(self, change: Change) -> None:
+        """Write the metrics of a run whose success is already recorded in the state
+        directory (history.record_success)."""
         if self.metrics_file:
-            self._metrics(change.new_meta, change, invalid)
+            self._metrics(change.new_meta)
 
     def failed(self) -> None:
         """Count the failure in the state directory (or, where that cannot be written,
@@ -66,6 +68,7 @@ class Run:
         with suppress(SvcrulesError, OSError):
             meta = store.load()[1]
         meta.failures = max(meta.failures, previous_failures(self.metrics_file)) + 1
+        record_failure(meta, self.seconds())
         try:
             store.check_dir()
             store.save_counters(meta)
@@ -73,27 +76,16 @@ class Run:
             LOG.warning("failure not recorded in the state directory: %s", exc)
         if self.metrics_file:
             try:
-                self._metrics(meta, None, 0)
+                self._metrics(meta)
             except SvcrulesError as exc:
                 LOG.error("%s", exc, extra={"fields": {"event": "failed"}})
 
-    def _metrics(self, meta: Meta, change: Change | None, invalid: int) -> None:
-        """``change`` None: the run failed; ``meta`` then holds the previous success."""
+    def _metrics(self, meta: Meta) -> None:
+        """The metrics of the state directory as ``meta`` holds it (after a failure:
+        the rules still in place, and the failed run)."""
         assert self.metrics_file is not None
-        write_metrics(
-            self.metrics_file,
-            SyncMetrics(
-                table=meta.table or self.table or "svcrules",
-                success=change is not None,
-                last_success=meta.last_success,
-                duration=self.seconds(),
-                operations=change.operations if change else 0,
-                mode=change.mode if change else "none",
-                sizes=Stats.of(meta.counts),
-                failures=meta.failures,
-                invalid_objects=invalid,
-            ),
-        )
+        table = meta.table or self.table or "svcrules"
+        write_metrics(self.metrics_file, SyncMetrics.of(meta, table))
 
 
 def describe(exc: BaseException) -> str:

@@ -40,6 +40,10 @@ class Ruleset:
     next_cache: Cache | None = field(default=None, compare=False, repr=False)
     # plan.node.port_digest of ports by id(), where the compile cache knew them.
     port_digests: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
+    # The EndpointSlices that count (a Service's, not hidden by a label) whose
+    # endpoints.kubernetes.io/last-change-trigger-time annotation is set: namespace/name
+    # -> its value (svcrules.kernel.history: network programming latency).
+    triggers: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _texts: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def text(self, backend: str) -> str:
@@ -82,11 +86,23 @@ def compile(inputs: Inputs, node: NodeConfig, on_invalid: OnInvalid = "fail") ->
     from svcrules.plan.resolve import resolve
 
     _check_mode(on_invalid)
+    triggers = trigger_times(inputs)
     if on_invalid == "fail":
-        return Ruleset(resolve(inputs, node))
+        return Ruleset(resolve(inputs, node), triggers=triggers)
     conflicts: list[Problem] = []
     plan = resolve(inputs, node, conflicts)
-    return Ruleset(plan, tuple(inputs.skipped) + tuple(conflicts))
+    return Ruleset(plan, tuple(inputs.skipped) + tuple(conflicts), triggers=triggers)
+
+
+def trigger_times(inputs: Inputs) -> dict[str, str]:
+    """Ruleset.triggers of loaded objects."""
+    from svcrules.plan.resolve import ignored_slice, slice_service
+
+    return {
+        f"{sl.metadata.namespace}/{sl.metadata.name}": sl.metadata.trigger_time
+        for sl in inputs.slices
+        if sl.metadata.trigger_time and slice_service(sl) is not None and ignored_slice(sl) is None
+    }
 
 
 def _check_mode(on_invalid: str) -> None:
@@ -158,7 +174,9 @@ class Job:
                 except NotCacheable:
                     pass
                 else:
-                    ruleset = Ruleset(done.plan, done.skipped, done.cache, done.port_digests)
+                    ruleset = Ruleset(
+                        done.plan, done.skipped, done.cache, done.port_digests, done.triggers
+                    )
                     _ = ruleset.text(backend)
                     return ruleset
             inputs = load_sources(self.sources, on_invalid)

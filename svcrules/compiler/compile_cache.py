@@ -64,6 +64,7 @@ class Info(NamedTuple):
     programmed: bool = False  # a Service that gets rules (resolve.is_programmed)
     foreign: tuple[str, ...] = ()  # ClusterIPs it leaves to another proxy (labels)
     ignored: IgnoredSlice | None = None  # an EndpointSlice hidden by a label
+    trigger: str = ""  # an EndpointSlice's last-change-trigger-time annotation
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Compiled(NamedTuple):
     skipped: tuple[Problem, ...]  # what on_invalid="skip" left out
     cache: Cache  # for the next run
     port_digests: dict[int, str]  # plan.port_digest of each planned port, by id()
+    triggers: dict[str, str]  # EndpointSlice namespace/name -> trigger time (see Ruleset)
 
 
 class NotCacheable(Exception):
@@ -215,7 +217,12 @@ def compile_plan(
     new.plans = kept
     if usable is not None and plans is usable.plans:
         new.read = usable.read
-    return Compiled(plan, (*fresh.skipped, *(skipped or ())), new, port_digests)
+    triggers = {
+        o.info.ref: o.info.trigger
+        for o in objects
+        if o.info.trigger and o.info.key is not None and o.info.ignored is None
+    }
+    return Compiled(plan, (*fresh.skipped, *(skipped or ())), new, port_digests, triggers)
 
 
 def _previous(cache: Cache, path: str, n: int) -> Split | None:
@@ -270,7 +277,8 @@ def _info(obj: Service | EndpointSlice) -> Info:
     svc = slice_service(obj)
     if svc is None:
         return Info("EndpointSlice", None, ref)
-    return Info("EndpointSlice", svc, ref, ignored=ignored_slice(obj))
+    trigger = obj.metadata.trigger_time
+    return Info("EndpointSlice", svc, ref, ignored=ignored_slice(obj), trigger=trigger)
 
 
 def _group_digest(group: list[_Object]) -> str | None:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Required
 
 from pydantic import (
     AfterValidator,
+    AliasPath,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -140,7 +141,9 @@ class ServiceSpec(K8sModel):
     internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     session_affinity: Literal["None", "ClientIP"] = "None"
     session_affinity_config: SessionAffinityConfig | None = None
-    health_check_node_port: StrictInt | None = None
+    # Where load balancers probe the node for an externalTrafficPolicy Local Service
+    # (``svcrules serve``); 0 or unset: none.
+    health_check_node_port: Annotated[StrictInt, Field(ge=0, le=65535)] | None = None
     selector: dict[str, str] | None = None
     publish_not_ready_addresses: bool = False
     traffic_distribution: str | None = None
@@ -280,6 +283,25 @@ class Endpoint(TypedDict, total=False):
     hints: EndpointHints | None
 
 
+# The EndpointSlice controller's time of the change that caused a slice's last update
+# (RFC 3339); kube-proxy measures network programming latency from it.
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+def _annotation_text(value: Any) -> str:
+    """An annotation's value, or "" for anything but a string (never an error: only a
+    metric reads it)."""
+    return value if isinstance(value, str) else ""
+
+
+class SliceMeta(ObjectMeta):
+    # Of all annotations, only the trigger time is kept (others, such as kubectl's
+    # last-applied-configuration, can be large).
+    trigger_time: Annotated[str, BeforeValidator(_annotation_text)] = Field(
+        default="", validation_alias=AliasPath("annotations", TRIGGER_TIME)
+    )
+
+
 # Conditions seen, by value: a handful of combinations, shared by every endpoint.
 _CONDITIONS: dict[tuple[tuple[str, Any], ...], EndpointConditions] = {}
 
@@ -293,7 +315,7 @@ class EndpointPort(K8sModel):
 class EndpointSlice(K8sModel):
     api_version: Literal["discovery.k8s.io/v1"] = "discovery.k8s.io/v1"
     kind: Literal["EndpointSlice"] = "EndpointSlice"
-    metadata: ObjectMeta
+    metadata: SliceMeta
     address_type: Literal["IPv4", "IPv6", "FQDN"]
     endpoints: list[Endpoint] = Field(default_factory=list)
     ports: list[EndpointPort] = Field(default_factory=list)

@@ -21,7 +21,7 @@ from svcrules.errors import KernelError, NeedsFullReplacement, SvcrulesError
 from svcrules.inputs.owned import check_name
 from svcrules.kernel.conntrack import cleanup_commands, run_cleanup
 from svcrules.kernel.nft.transport import first_error
-from svcrules.kernel.state import Meta, StateStore
+from svcrules.kernel.state import COUNTERS, Meta, StateStore
 from svcrules.kernel.stats import stats
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ class Change:
     compiled: str = field(default="", repr=False)
     # The compile cache to keep once the change is applied (None: keep the one there).
     cache: Cache | None = field(default=None, repr=False)
+    # Ruleset.triggers of the compiled inputs (None: nothing was compiled).
+    triggers: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -228,6 +230,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
                 fallback=lambda: driver.full(ruleset, table, old_script, retire),
                 compiled=new_script,
                 cache=ruleset.next_cache,
+                triggers=ruleset.triggers,
             )
     full, seconds = _timed(lambda: driver.full(ruleset, table, old_script, retire))
     new_meta.owned = [table]
@@ -243,6 +246,7 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         problems=warnings + _problems_of(full),
         kernel_seconds=kernel_seconds + seconds,
         cache=ruleset.next_cache,
+        triggers=ruleset.triggers,
     )
 
 
@@ -267,7 +271,8 @@ def _new_meta(job: Job, ruleset: Ruleset, driver: Driver, script: str, old: Meta
     meta = Meta.of_plan(
         ruleset.plan, driver.fingerprint_of(script) or "", ruleset.port_digests, previous=old
     )
-    meta.failures, meta.last_success = old.failures, old.last_success
+    for name in COUNTERS:
+        setattr(meta, name, getattr(old, name))
     meta.input_digest = job.digest
     meta.table = ruleset.plan.table
     meta.backend = driver.backend
@@ -307,6 +312,7 @@ def _why_full(
 def execute(change: Change, driver: Driver, store: StateStore) -> None:
     """Send the change, verify it, remember it, clean conntrack."""
     if change.mode == "noop":
+        _keep_summary(change, store)
         return
     table = change.new_meta.table
     started = time.monotonic()
@@ -333,6 +339,22 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
         except SvcrulesError as exc:  # only a speed-up: the rules and state are in place
             change.problems.append(f"compile cache not kept: {exc}")
     change.problems += run_cleanup(cleanup_commands(change.old_meta.udp, change.new_meta.udp))
+
+
+def _keep_summary(change: Change, store: StateStore) -> None:
+    """A compile that changes no rule may still change what ``svcrules serve`` answers:
+    a node's last ready endpoint of an externalTrafficPolicy Local Service turning
+    serving-terminating keeps the rules (they fall back to it) but fails the health
+    check. Save the new summary with the unchanged script then, so that the answers
+    follow (the kernel holds that script: same fingerprint)."""
+    new, old = change.new_meta, change.old_meta
+    if change.tx is None or new is old or new.health == old.health:
+        return
+    if new.fingerprint != old.fingerprint:
+        return  # not the script the kernel holds: never record it
+    new.stale = change.stale_after
+    new.last_success = time.time()
+    store.save(change.new_script, new)
 
 
 def cleanup(driver: Driver, store: StateStore, table: str | None) -> list[str]:

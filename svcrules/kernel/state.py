@@ -12,8 +12,11 @@ Files in the state directory:
   state, never half of each. Its first line carries a SHA-256 of the rest; a file
   that does not match (truncated, edited, damaged disk) is ignored, and the next run
   replaces the rules whole, which is always safe.
-- ``counters.json``: failures and the time of the last success (for metrics); small,
-  rewritten on every failed run without touching ``state``.
+- ``counters.json``: what runs add up (for metrics and ``svcrules serve``): failures,
+  the time of the last success, how the last run went, and the kube-proxy histograms
+  (history.py); small, rewritten after every run without touching ``state``.
+- ``triggers.json``: the last-change-trigger-time of each EndpointSlice as the last
+  successful run saw them (history.py: network programming latency).
 - ``details``: what each Service port of the script is (svcrules.plan.review), for the
   next run's change review; written before ``state`` and naming the fingerprint of the
   script it belongs to, read only when a review is printed or a change summarized. A
@@ -119,6 +122,14 @@ class Meta:
     # What --on-invalid skip left out of this script (one line per object): a run that
     # compiles nothing (same inputs) still reports them.
     invalid: list[str] = field(default_factory=list)
+    # The healthCheckNodePorts this script's node serves (``svcrules serve``), saved with
+    # the script so that the answers always match the rules in the kernel: one dict per
+    # Service and family (see health_entries).
+    health: list[dict[str, Any]] = field(default_factory=list)
+    # Kept in counters.json: histogram name -> its buckets (history.Histogram), and how the
+    # last run went (history.LastRun).
+    histograms: dict[str, Any] = field(default_factory=dict)
+    last_run: dict[str, Any] = field(default_factory=dict)
     # port id -> what the port is (svcrules.plan.review.summarize), for the next run's
     # change review: kept in the details file, not in the state file (see Details).
     details: Details = field(default_factory=Details, compare=False, repr=False)
@@ -149,6 +160,7 @@ class Meta:
             fingerprint=fingerprint,
             ports={k: d for k, (_, d) in ids.items()},
             udp={port_id(p): UdpPort.of(p) for p in ports if p.protocol == "UDP"},
+            health=health_entries(plan),
             details=Details({k: kept.get(k) or summarize(p) for k, (p, _) in ids.items()}),
         )
 
@@ -162,10 +174,33 @@ class Meta:
         meta = cls(**values)
         if not isinstance(meta.ports, dict) or not isinstance(meta.stale, list):
             raise ValueError("ports or stale of the wrong type")
+        if not isinstance(meta.health, list):
+            raise ValueError("health of the wrong type")
         return meta
 
 
-COUNTERS = ("failures", "last_success")
+def health_entries(plan: NodePlan) -> list[dict[str, Any]]:
+    """The plan's healthCheckNodePorts as the state summary keeps them. ``address``: where
+    to listen, as kube-proxy does: on the node's primary IP of the family when
+    nodePortAddresses is ``primary`` (kube-proxy's nftables default), else on every
+    address of the family ("")."""
+    where = {
+        f.family: (f.node_ip or "") if f.nodeport_mode == "primary" else "" for f in plan.families
+    }
+    return [
+        {
+            "namespace": h.namespace,
+            "name": h.name,
+            "family": h.family,
+            "port": h.port,
+            "localEndpoints": h.local_endpoints,
+            "address": where.get(h.family, ""),
+        }
+        for h in plan.health_checks
+    ]
+
+
+COUNTERS = ("failures", "last_success", "histograms", "last_run")
 
 
 class StateStore:
@@ -178,6 +213,7 @@ class StateStore:
         self.counters_path = self.dir / "counters.json"
         self.cache_path = self.dir / "compile-cache"
         self.details_path = self.dir / "details"
+        self.triggers_path = self.dir / "triggers.json"
         self.damaged = ""  # why the saved state was ignored, for the run's reason
 
     # Reading
@@ -186,7 +222,7 @@ class StateStore:
         """The last script and its summary; (None, counters only) when there is none or
         it cannot be trusted (``damaged`` then says why)."""
         self.damaged = ""
-        meta = self._load_counters()
+        meta = self.load_counters()
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -201,7 +237,8 @@ class StateStore:
         except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
             self.damaged = f"the saved state was damaged ({exc})"
             return None, meta
-        saved.failures, saved.last_success = meta.failures, meta.last_success
+        for name in COUNTERS:
+            setattr(saved, name, getattr(meta, name))
         saved.details = Details(load=lambda: self._load_details(saved.fingerprint))
         return script, saved
 
@@ -221,12 +258,42 @@ class StateStore:
             return {}
         return dict(line.split("\t", 1) for line in lines if "\t" in line)
 
-    def _load_counters(self) -> Meta:
+    def load_counters(self) -> Meta:
+        """counters.json alone (a Meta holding only the counters): what runs added up.
+        A damaged file reads as nothing counted yet; a damaged part of it as that part
+        missing."""
         try:
             raw = json.loads(self.counters_path.read_text(encoding="utf-8"))
-            return Meta(failures=int(raw["failures"]), last_success=float(raw["last_success"]))
-        except (OSError, ValueError, TypeError, KeyError):
+            meta = Meta(failures=int(raw["failures"]), last_success=float(raw["last_success"]))
+        except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
             return Meta()
+        for name in ("histograms", "last_run"):
+            value = raw.get(name)
+            if isinstance(value, dict):
+                setattr(meta, name, value)
+        return meta
+
+    def load_summary(self) -> Meta | None:
+        """The saved summary without the script, its checksum verified as ``load`` does,
+        reading the file in pieces (``svcrules serve`` reads it on every change and never
+        needs the script); None when there is none or it cannot be trusted."""
+        try:
+            with self.path.open("rb") as fh:
+                head = fh.readline(200)
+                parts = head.decode("ascii").split(" ")
+                if len(parts) != 3 or parts[0] != MAGIC or parts[1] != str(FORMAT_VERSION):
+                    return None
+                digest = hashlib.sha256()
+                meta_line = fh.readline()
+                digest.update(meta_line)
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != parts[2].strip():
+                return None
+            raw = json.loads(meta_line)
+            return Meta.from_json(raw) if isinstance(raw, dict) else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+            return None
 
     def _load_legacy(self, counters: Meta) -> Meta:
         """Format 1 (last.json + last.nft, written one after the other) cannot prove its
@@ -244,6 +311,7 @@ class StateStore:
             return counters
         meta.failures = counters.failures or int(raw.get("failures", 0) or 0)
         meta.last_success = counters.last_success or float(raw.get("last_success", 0) or 0)
+        meta.histograms, meta.last_run = counters.histograms, counters.last_run
         return meta
 
     def load_cache(self, warnings: list[str]) -> Cache | None:
@@ -322,10 +390,27 @@ class StateStore:
         data = {k: getattr(meta, k) for k in COUNTERS}
         _atomic_write(self.counters_path, (json.dumps(data, sort_keys=True) + "\n").encode())
 
+    def load_triggers(self) -> dict[str, str] | None:
+        """triggers.json: EndpointSlice namespace/name -> last-change-trigger-time as the
+        last successful run saw them; None when there is none (nothing seen yet)."""
+        try:
+            raw = json.loads(self.triggers_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("slices"), dict):
+            return None
+        return {str(k): str(v) for k, v in raw["slices"].items()}
+
+    def save_triggers(self, triggers: dict[str, str]) -> None:
+        """Not synced to disk: a copy lost in a power cut costs the latency of the
+        changes of one run (observed again, or not at all)."""
+        data = json.dumps({"slices": triggers}, sort_keys=True) + "\n"
+        _atomic_write(self.triggers_path, data.encode(), sync=False)
+
     def clear(self) -> None:
         """Forget the rules (cleanup removed them); the counters stay."""
-        others = (self.cache_path, self.details_path, *(self.dir / n for n in LEGACY_FILES))
-        for p in (self.path, *others):
+        files = (self.path, self.cache_path, self.triggers_path, self.details_path)
+        for p in (*files, *(self.dir / n for n in LEGACY_FILES)):
             try:
                 p.unlink(missing_ok=True)
             except IsADirectoryError:

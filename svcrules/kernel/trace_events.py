@@ -86,6 +86,28 @@ class Tracer(Protocol):
         ...
 
 
+class EventParser(Protocol):
+    def feed(self, lines: list[str]) -> list[Event]: ...
+
+
+class MonitorEvents:
+    """What the tracers that read a monitor command share: the monitor, the lines it
+    printed while ``start`` waited for it to listen, and the parser of its lines."""
+
+    parser: EventParser
+    _monitor: Monitor | None
+    _early: list[str]
+
+    def fileno(self) -> int:
+        assert self._monitor is not None
+        return self._monitor.fileno()
+
+    def read(self) -> list[Event]:
+        assert self._monitor is not None
+        lines, self._early = self._early + self._monitor.lines(), []
+        return self.parser.feed(lines)
+
+
 def family_of(packet: Packet) -> int:
     return ipaddress.ip_address(packet.dst).version
 

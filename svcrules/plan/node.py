@@ -95,6 +95,31 @@ class PortPlan(NamedTuple):
         )
 
 
+class HealthCheck(NamedTuple):
+    """A healthCheckNodePort to answer on this node, in one family, and the number of
+    local endpoints its answer reports (``svcrules serve``).
+
+    kube-proxy serves one for each LoadBalancer Service with externalTrafficPolicy Local
+    and a healthCheckNodePort (``NeedsHealthCheck`` in pkg/api/v1/service/util.go), and
+    counts its *ready* local endpoints, by address, over all of the Service's ports
+    (``EndpointsMap.LocalReadyEndpoints`` in pkg/proxy/endpointschangetracker.go:
+    "Terminating endpoints may still serve traffic but the health check signal should
+    fail if there are only terminating endpoints on a node"). So a node whose only local
+    endpoints are serving and terminating answers 503, and load balancers drain it, while
+    its rules still send the connections that arrive there to those endpoints. Each
+    family's proxier of kube-proxy keeps its own count, for its own family's endpoints."""
+
+    namespace: str
+    name: str
+    family: Family
+    port: int
+    local_endpoints: int
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 class PlannedService(NamedTuple):
     """What one Service contributes to the node plan before claims are settled: its
     ports in each family, with everything needed to settle claims and report them.
@@ -106,6 +131,7 @@ class PlannedService(NamedTuple):
     created: float | None  # metadata.creationTimestamp (seconds), for claims
     origin: Origin | None  # where the Service was read, for error messages
     ports: tuple[tuple[tuple[int, PortPlan], ...], tuple[tuple[int, PortPlan], ...]]
+    health: tuple[HealthCheck, ...] = ()  # per family; none unless the Service needs one
 
     def family_ports(self, family: Family) -> tuple[tuple[int, PortPlan], ...]:
         """(index in spec.ports, plan) of each port in ``family``."""
@@ -160,3 +186,5 @@ class NodePlan:
     table: str
     families: tuple[FamilyPlan, ...]  # IPv4 first, then IPv6
     ignored_slices: tuple[IgnoredSlice, ...] = ()  # sorted by namespace/name
+    # The healthCheckNodePorts to serve, by namespace/name, then family
+    health_checks: tuple[HealthCheck, ...] = ()

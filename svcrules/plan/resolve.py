@@ -34,6 +34,7 @@ from svcrules.plan.claims import check_claims
 from svcrules.plan.node import (
     Backend,
     FamilyPlan,
+    HealthCheck,
     IgnoredSlice,
     Masquerade,
     NodePlan,
@@ -302,6 +303,26 @@ def _plan_port(
     )
 
 
+def needs_health_check(svc: Service) -> int:
+    """The healthCheckNodePort to serve for ``svc``, or 0: kube-proxy's rule
+    (``NeedsHealthCheck``: type LoadBalancer, externalTrafficPolicy Local; a port of 0
+    is logged and served nowhere)."""
+    spec = svc.spec
+    if spec.type != "LoadBalancer" or spec.external_traffic_policy != "Local":
+        return 0
+    return spec.health_check_node_port or 0
+
+
+def local_ready_endpoints(
+    per_port: Iterable[list[tuple[Backend, Endpoint]]], node: NodeConfig
+) -> int:
+    """Local endpoints as kube-proxy's health check counts them: ready ones only (a
+    serving-terminating one does not count, see ``HealthCheck``), each address once
+    over all of the Service's ports."""
+    me = node.metadata.name
+    return len({b.ip for pairs in per_port for b, ep in pairs if b.node == me and _is_ready(ep)})
+
+
 def pod_cidrs(node: NodeConfig, family: Family) -> tuple[str, ...]:
     return _cidrs_in_family(node.spec.cluster_cidrs, family)
 
@@ -316,6 +337,8 @@ def plan_service(
     """Plan every port of one programmed Service (see ``programmed_services``), in
     both families, from its EndpointSlices (as ``slices_by_service`` groups them)."""
     planned: list[tuple[tuple[int, PortPlan], ...]] = []
+    health: list[HealthCheck] = []
+    health_port = needs_health_check(svc)
     for fam in (4, 6):
         family: Family = 4 if fam == 4 else 6
         cluster_ip = next(
@@ -328,13 +351,16 @@ def plan_service(
         svc_slices = slices.get(key, [])
         hidden = sorted({i.text for i in ignored.get(key, [])})
         cidrs = pod_cidrs(node, family)
+        merged = [_merge_endpoints(svc_slices, port) for port in svc.spec.ports]
         planned.append(
             tuple(
                 (idx, _plan_port(svc, port, family, cluster_ip, pairs, node, cidrs, hidden[:]))
-                for idx, port in enumerate(svc.spec.ports)
-                for pairs in (_merge_endpoints(svc_slices, port),)
+                for idx, (port, pairs) in enumerate(zip(svc.spec.ports, merged, strict=True))
             )
         )
+        if health_port and svc.spec.ports:
+            count = local_ready_endpoints(merged, node)
+            health.append(HealthCheck(*key[:2], family, health_port, count))
     ts = svc.metadata.creation_timestamp
     return PlannedService(
         svc.metadata.namespace,
@@ -342,6 +368,7 @@ def plan_service(
         ts.timestamp() if ts else None,
         origin,
         (planned[0], planned[1]),
+        tuple(health),
     )
 
 
@@ -390,6 +417,10 @@ def assemble(
             )
         )
     losers = check_claims(planned, skipped)
+    health = sorted(
+        (h for s in planned if id(s) not in losers for h in s.health),
+        key=lambda h: (h.namespace, h.name, h.family),
+    )
     if losers:
         dropped = {id(p) for s in planned if id(s) in losers for fp in s.ports for _, p in fp}
         families = [
@@ -401,6 +432,7 @@ def assemble(
         table=node.spec.table_name,
         families=tuple(families),
         ignored_slices=tuple(sorted(set(ignored), key=lambda i: (i.namespace, i.name, i.label))),
+        health_checks=tuple(health),
     )
 
 

@@ -47,6 +47,7 @@ from svcrules.kernel.tools import find_tool
 from svcrules.kernel.trace_events import (
     Event,
     Monitor,
+    MonitorEvents,
     Seen,
     family_of,
     removal_failed,
@@ -308,7 +309,7 @@ def parse_fields(words: list[str], proto: str) -> Seen:
     )
 
 
-class XtablesTracer:
+class XtablesTracer(MonitorEvents):
     """iptables-nft: the trace chain; the events from ``xtables-monitor --trace``, or
     for IPv6 from ``nft monitor`` when nft is at hand (see the module's text)."""
 
@@ -353,15 +354,6 @@ class XtablesTracer:
             if time.monotonic() >= deadline:
                 name = os.path.basename(argv[0])
                 raise KernelError(f"{name} did not start listening: {self._monitor.stderr()}")
-
-    def fileno(self) -> int:
-        assert self._monitor is not None
-        return self._monitor.fileno()
-
-    def read(self) -> list[Event]:
-        assert self._monitor is not None
-        lines, self._early = self._early + self._monitor.lines(), []
-        return self.parser.feed(lines)
 
     def resolve(self, events: list[Event]) -> list[Event]:
         if not self.by_nft:

@@ -22,6 +22,7 @@ from svcrules.kernel.trace_events import (
     TRACE_COMMENT,
     Event,
     Monitor,
+    MonitorEvents,
     family_of,
     removal_failed,
     require_tool,
@@ -40,7 +41,7 @@ def nft_parser(family: str, table: str, proto: str) -> NftParser:
     )
 
 
-class NftTracer:
+class NftTracer(MonitorEvents):
     """The temporary table, ``nft monitor``, and the rules of svcrules' table."""
 
     def __init__(self, packet: Packet, table: str) -> None:
@@ -117,15 +118,6 @@ class NftTracer:
                 return
             if time.monotonic() >= deadline:
                 raise KernelError(f"nft monitor did not start listening: {self._monitor.stderr()}")
-
-    def fileno(self) -> int:
-        assert self._monitor is not None
-        return self._monitor.fileno()
-
-    def read(self) -> list[Event]:
-        assert self._monitor is not None
-        lines, self._early = self._early + self._monitor.lines(), []
-        return self.parser.feed(lines)
 
     def resolve(self, events: list[Event]) -> list[Event]:
         """Rules of svcrules' table that nft named only by handle, looked up now."""
