@@ -38,6 +38,7 @@ def main(base: str, changed: str) -> None:
         cache_file.write_bytes(dump(first.next_cache))
         cache_file.chmod(0o600)
         old = first.nft
+        previous = Meta.of_plan(first.plan, "", first.port_digests)  # the last run's
         del first
         gc.collect()
         gc.disable()  # as the svcrules command does while compiling
@@ -67,11 +68,17 @@ def main(base: str, changed: str) -> None:
         meta = step(
             "summary (port digests, sizes)",
             lambda: (
-                Meta.of_plan(ruleset.plan, "", ruleset.port_digests),
+                Meta.of_plan(ruleset.plan, "", ruleset.port_digests, previous=previous),
                 driver.sizes(ruleset),
             )[0],
         )
-        step("state file encoded", lambda: _encode(tx.applied or ruleset.nft, meta))
+        step(
+            "state and details files encoded",
+            lambda: (
+                _encode(tx.applied or ruleset.nft, meta),
+                "".join(f"{k}\t{v}\n" for k, v in meta.details.items()).encode(),
+            ),
+        )
         step("compile cache encoded", lambda: dump(done.cache))
     total = sum(seconds for _, seconds in rows)
     for name, seconds in rows:

@@ -9,5 +9,5 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden",
         action="store_true",
-        help="Rewrite tests/golden/*.nft from fixtures/ instead of comparing (review the diff!).",
+        help="Rewrite tests/golden/* from fixtures/ instead of comparing (review the diff!).",
     )

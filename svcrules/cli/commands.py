@@ -42,10 +42,17 @@ RULE_FORMATS = Formats(
     ("nft", "json", "iptables"),
     file_hint="to write a file use --output-file {value} or redirect",
 )
-_FORMAT_BACKEND = {
+# check -o: the same, and the explain table (the decisions, for people), which any
+# backend's rules come from.
+CHECK_FORMATS = Formats(
+    (*RULE_FORMATS.choices, "explain"),
+    file_hint="the golden file itself is --golden {value}",
+)
+_FORMAT_BACKEND: dict[str, BackendChoice | None] = {
     "nft": BackendChoice.nftables,
     "json": BackendChoice.nftables,
     "iptables": BackendChoice.iptables,
+    "explain": None,
 }
 
 
@@ -82,15 +89,17 @@ def _compile(
 
 
 def rule_format(
-    output: str | None, backend: BackendChoice | None
+    output: str | None, backend: BackendChoice | None, formats: Formats = RULE_FORMATS
 ) -> tuple[BackendChoice, str | None]:
     """The backend and format of compile's and check's ``-o``: ``-o iptables`` is the
     iptables backend's text and implies it; a backend that contradicts ``-o`` is a
     usage error. Format None: the backend's own text."""
     if output is None:
         return backend or BackendChoice.nftables, None
-    fmt = RULE_FORMATS.parse(output)
+    fmt = formats.parse(output)
     implied = _FORMAT_BACKEND[fmt]
+    if implied is None:
+        return backend or BackendChoice.nftables, fmt
     if backend is not None and backend is not implied:
         what = "libnftables JSON" if fmt == "json" else f"the {implied.value} backend's text"
         usage(f"-o {fmt} is {what}, and --backend {backend.value} contradicts it: give one of them")
@@ -258,9 +267,11 @@ def check_cmd(
     output: Annotated[
         str | None,
         output_option(
-            RULE_FORMATS,
-            "Format of the golden file: nft, json or iptables (implies --backend "
-            "iptables), as compile -o prints it. Default: the backend's own text.",
+            CHECK_FORMATS,
+            "What the golden file holds: nft or iptables (the backend's rules, without "
+            "fingerprints, elements grouped by Service; iptables implies --backend "
+            "iptables), json (their JSON form) or explain (the decisions, for people). "
+            "Default: the backend's rules.",
         ),
     ] = None,
     backend: OutputBackendOpt = None,
@@ -271,7 +282,10 @@ def check_cmd(
     """Check the compiled rules in CI: exit 0 when everything holds, 1 when not, 2 on
     bad input. No root, no kernel, no nft needed.
 
-    --golden compares with a reviewed ruleset file and prints a unified diff.
+    --golden compares with a reviewed ruleset file and prints a unified diff. Goldens
+    leave out what changes with every change (the fingerprints) and name the Service
+    of each element of the shared sets and maps, so that changes to different Services
+    touch different lines; -o explain keeps the decisions instead of the rules.
     --packets traces every packet of a cases file through the rules of both backends
     (as 'svcrules trace' does) and prints a table of what does not hold.
 
@@ -281,7 +295,7 @@ def check_cmd(
       svcrules check --golden rules.golden.nft --update manifests/
       svcrules check --packets fixtures/demo-packets.yaml fixtures/demo
     """
-    backend_, fmt = rule_format(format_alias(output, old_format), backend)
+    backend_, fmt = rule_format(format_alias(output, old_format), backend, CHECK_FORMATS)
     if (golden is None) == (packets is None):
         _usage("give one of --golden FILE or --packets FILE")
     if packets is not None:
@@ -291,7 +305,7 @@ def check_cmd(
     from svcrules.cli.golden import compare
 
     ruleset = _compile(paths, config, overrides, backend_)
-    text = _text(ruleset, backend_, fmt, family)
+    text = _golden_text(ruleset, backend_, fmt, family)
     if update:
         golden.parent.mkdir(parents=True, exist_ok=True)
         _write(text, golden)
@@ -308,6 +322,29 @@ def check_cmd(
         return
     sys.stdout.write(diff)
     raise typer.Exit(1)
+
+
+def _golden_text(
+    ruleset: Ruleset, backend: BackendChoice, fmt: str | None, family: FamilyChoice
+) -> str:
+    """What a golden file holds (svcrules.cli.golden): no volatile lines; with
+    --family, that family's section of the golden form."""
+    from svcrules.cli.golden import golden_text
+    from svcrules.render.backends import RENDERERS
+    from svcrules.render.golden import normalize
+
+    if fmt == "explain":
+        if family is not FamilyChoice.both:
+            _usage("--family selects rules: not for -o explain")
+        return golden_text(ruleset, backend.value, "explain")
+    text = _text(ruleset, backend, fmt, family)  # refuses what cannot be
+    if fmt == "json":
+        return normalize(text)
+    golden = golden_text(ruleset, backend.value, "nft")  # the backend's rules
+    section = RENDERERS[backend.value].family_section
+    if family is FamilyChoice.both or section is None:
+        return golden
+    return section(golden, family.value)
 
 
 def _check_packets(

@@ -57,10 +57,10 @@ class IptablesChoice(StrEnum):
     legacy = "legacy"
 
 
-# diff -o: text for people, nft the exact transaction ("nft" also for the iptables
-# backend, whose transaction is iptables-restore input). "summary" and "script" are
-# the names of an earlier release.
-DIFF_FORMATS = Formats(("text", "nft"), aliases=(("summary", "text"), ("script", "nft")))
+# diff -o: text for people, json for scripts (docs/operations.md), nft the exact
+# transaction ("nft" also for the iptables backend, whose transaction is
+# iptables-restore input). "summary" and "script" are the names of an earlier release.
+DIFF_FORMATS = Formats(("text", "json", "nft"), aliases=(("summary", "text"), ("script", "nft")))
 
 
 class LogFormat(StrEnum):
@@ -206,8 +206,10 @@ def diff_cmd(
         str,
         output_option(
             DIFF_FORMATS,
-            "text: what changes, for people; nft: the exact transaction apply would "
-            "send (an nft script, or iptables-restore input with --backend iptables).",
+            "text: what changes per Service port (endpoints, frontends, policies) and "
+            "in the kernel; json: the same for scripts (docs/operations.md); nft: the "
+            "exact transaction apply would send (an nft script, or iptables-restore "
+            "input with --backend iptables).",
         ),
     ] = "text",
     backend: BackendOpt = BackendChoice.nftables,
@@ -224,9 +226,10 @@ def diff_cmd(
     Examples:
 
       svcrules diff --config node.yaml manifests/
+      svcrules diff -o json --config node.yaml manifests/ | jq .changes
       svcrules diff -o nft --config node.yaml manifests/ > transaction.nft
     """
-    from svcrules.cli.report import summary
+    from svcrules.cli.report import as_json, summary
     from svcrules.kernel.reconcile import plan_change
 
     fmt = DIFF_FORMATS.parse(output)
@@ -237,7 +240,12 @@ def diff_cmd(
         job, driver = _prepare(paths, config, overrides, (backend, nft, iptables), policy)
         change = plan_change(job, driver, StateStore(state_dir), verify)
     _report_invalid(change)
-    sys.stdout.write(change.script if fmt == "nft" else summary(change))
+    if fmt == "nft":
+        sys.stdout.write(change.script)
+    elif fmt == "json":
+        sys.stdout.write(as_json(change))
+    else:
+        sys.stdout.write(summary(change))
     raise typer.Exit(1 if change.changed else 0)
 
 

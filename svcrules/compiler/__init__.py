@@ -56,7 +56,8 @@ class Ruleset:
             try:
                 render = RENDERERS[backend]
             except KeyError:
-                raise ValueError(f"unknown backend {backend!r}: one of {list(RENDERERS)}") from None
+                names = ", ".join(RENDERERS)
+                raise ValueError(f"unknown backend {backend!r}: one of {names}") from None
             with phase(f"rendering {backend} rules") as p:
                 self._texts[backend] = text = render.text(self.plan)
                 p.detail = f"{text.count(chr(10)):,} lines"

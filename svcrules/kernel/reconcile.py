@@ -76,6 +76,13 @@ class Driver(Protocol):
 
     def fingerprints(self, table: str) -> dict[str, str | None]: ...
 
+    def explain_drift(
+        self, table: str, kernel: dict[str, str | None], expected: dict[str, str | None]
+    ) -> list[str]:
+        """In words, where the fingerprints the kernel holds (``fingerprints``) differ
+        from those of a text (``expected``): one line per table or place."""
+        ...
+
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> Tx: ...
 
     def full(
@@ -191,8 +198,10 @@ def plan_change(job: Job, driver: Driver, store: StateStore, verify: bool = Fals
         table = ruleset.plan.table
         kernel, seconds = _timed(lambda: driver.fingerprints(table))
         kernel_seconds += seconds
-    agree = _agree(kernel, old_expected)
-    reason = _why_full(store, driver, table, agree, old_script, old_meta, verify)
+    drift = (
+        [] if _agree(kernel, old_expected) else driver.explain_drift(table, kernel, old_expected)
+    )
+    reason = _why_full(store, driver, table, drift, old_script, old_meta, verify)
     # A full replacement also removes what svcrules made under earlier table names
     # (proven its own; others' are left alone), in the same transaction: afterwards
     # only the current name holds svcrules' rules.
@@ -264,7 +273,9 @@ def _timed(call: Callable[[], T]) -> tuple[T, float]:
 
 def _new_meta(job: Job, ruleset: Ruleset, driver: Driver, script: str, old: Meta) -> Meta:
     """What the state directory will say once ``script`` is applied."""
-    meta = Meta.of_plan(ruleset.plan, driver.fingerprint_of(script) or "", ruleset.port_digests)
+    meta = Meta.of_plan(
+        ruleset.plan, driver.fingerprint_of(script) or "", ruleset.port_digests, previous=old
+    )
     for name in COUNTERS:
         setattr(meta, name, getattr(old, name))
     meta.input_digest = job.digest
@@ -281,24 +292,28 @@ def _why_full(
     store: StateStore,
     driver: Driver,
     table: str,
-    agree: bool,
+    drift: list[str],
     old_script: str | None,
     old_meta: Meta,
     verify: bool,
 ) -> str:
     """Why the kernel must be replaced whole ("" when an incremental change may do);
-    ``agree``: whether the kernel holds the fingerprints of ``old_script``."""
+    ``drift``: where the kernel does not hold the fingerprints of ``old_script``."""
     if old_script is None:
         return f"{store.damaged}: ignored it" if store.damaged else "no saved state (first run)"
     if old_meta.table != table:
         return f"the owned table changed from {old_meta.table!r} to {table!r}"
-    if not agree:
-        return f"the kernel's {driver.backend} rules differ from what svcrules last wrote"
+    if drift:
+        return (
+            f"the kernel's {driver.backend} rules differ from what svcrules last wrote: "
+            + "; ".join(drift)
+        )
     if verify:
         with phase(f"verifying the {driver.backend} rules in the kernel"):
-            drift = driver.verify(table, old_script, old_meta.stale)
-        if drift:
-            return "verification found drift: " + "; ".join(drift[:3])
+            found = driver.verify(table, old_script, old_meta.stale)
+        if found:
+            more = f"; and {len(found) - 3} more differences" if len(found) > 3 else ""
+            return "verification found drift: " + "; ".join(found[:3]) + more
     return ""
 
 
@@ -324,7 +339,8 @@ def execute(change: Change, driver: Driver, store: StateStore) -> None:
     change.kernel_seconds += time.monotonic() - started
     expected = driver.expected(change.new_script)
     if not _agree(kernel, expected):
-        raise KernelError(f"verification failed: the kernel holds {kernel}, expected {expected}")
+        drift = "; ".join(driver.explain_drift(table, kernel, expected))
+        raise KernelError(f"verification failed: after sending, {drift}")
     change.new_meta.stale = change.stale_after
     change.new_meta.last_success = time.time()
     with phase("saving the state"):

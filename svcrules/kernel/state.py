@@ -17,6 +17,10 @@ Files in the state directory:
   (history.py); small, rewritten after every run without touching ``state``.
 - ``triggers.json``: the last-change-trigger-time of each EndpointSlice as the last
   successful run saw them (history.py: network programming latency).
+- ``details``: what each Service port of the script is (svcrules.plan.review), for the
+  next run's change review; written before ``state`` and naming the fingerprint of the
+  script it belongs to, read only when a review is printed or a change summarized. A
+  missing, damaged or mismatched one only makes the review coarse (no details).
 - ``compile-cache``: what the last compile can lend the next one (the inputs' pieces
   and each Service's plan; svcrules/compiler/compile_cache.py). Only a speed-up:
   checksummed, and a missing or unusable one means a compile from scratch.
@@ -32,7 +36,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +49,10 @@ if TYPE_CHECKING:
     from svcrules.plan.node import NodePlan, PortPlan
 
 FORMAT_VERSION = 2
+# The details file: its form (svcrules.plan.review.summarize); details of another form
+# are not read.
+DETAILS_MAGIC = "svcrules-details"
+DETAILS_VERSION = 1
 MAGIC = "svcrules-state"
 DEFAULT_STATE_DIR = "/var/lib/svcrules"
 LEGACY_FILES = ("last.json", "last.nft", "last.iptables")  # format 1: two files, not atomic
@@ -67,6 +75,32 @@ class UdpPort:
     def of(cls, p: PortPlan) -> UdpPort:
         eps = sorted({b.ip for b in (*p.cluster_backends, *p.local_backends)})
         return cls([p.cluster_ip, *p.lb_ips, *p.external_ips], p.port, p.node_port, eps)
+
+
+class Details(Mapping[str, str]):
+    """Port id -> what the port is (svcrules.plan.review.summarize): given, or read from
+    the state directory's ``details`` file the first time it is asked for (a run that
+    changes nothing never reads it)."""
+
+    def __init__(
+        self, items: dict[str, str] | None = None, load: Callable[[], dict[str, str]] | None = None
+    ) -> None:
+        self._items = items
+        self._load = load
+
+    def _map(self) -> dict[str, str]:
+        if self._items is None:
+            self._items = self._load() if self._load is not None else {}
+        return self._items
+
+    def __getitem__(self, key: str) -> str:
+        return self._map()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map())
+
+    def __len__(self) -> int:
+        return len(self._map())
 
 
 @dataclass
@@ -96,29 +130,45 @@ class Meta:
     # last run went (history.LastRun).
     histograms: dict[str, Any] = field(default_factory=dict)
     last_run: dict[str, Any] = field(default_factory=dict)
+    # port id -> what the port is (svcrules.plan.review.summarize), for the next run's
+    # change review: kept in the details file, not in the state file (see Details).
+    details: Details = field(default_factory=Details, compare=False, repr=False)
 
     @classmethod
     def of_plan(
-        cls, plan: NodePlan, fingerprint: str, digests: Mapping[int, str] | None = None
+        cls,
+        plan: NodePlan,
+        fingerprint: str,
+        digests: Mapping[int, str] | None = None,
+        previous: Meta | None = None,
     ) -> Meta:
         """The summary of ``plan``; ``digests``: the port_digest of ports by id(), as a
-        compile with its cache knows them without computing them again."""
+        compile with its cache knows them without computing them again. A port whose
+        digest ``previous`` holds too keeps the details ``previous`` has for it, so that
+        a run summarizes only the ports that changed."""
         from svcrules.plan.node import port_digest
+        from svcrules.plan.review import summarize
 
         known = digests or {}
         ports = [p for f in plan.families for p in f.ports]
+        ids = {port_id(p): (p, known.get(id(p)) or port_digest(p)) for p in ports}
+        kept: Mapping[str, str] = {}
+        if previous is not None and previous.ports:
+            old, saved = previous.ports, previous.details
+            kept = {k: saved[k] for k, (_, d) in ids.items() if old.get(k) == d and k in saved}
         return cls(
             fingerprint=fingerprint,
-            ports={port_id(p): known.get(id(p)) or port_digest(p) for p in ports},
+            ports={k: d for k, (_, d) in ids.items()},
             udp={port_id(p): UdpPort.of(p) for p in ports if p.protocol == "UDP"},
             health=health_entries(plan),
+            details=Details({k: kept.get(k) or summarize(p) for k, (p, _) in ids.items()}),
         )
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Meta:
         """Only known fields; a value of the wrong shape raises (TypeError, ValueError,
         KeyError, AttributeError), which the loader reads as damaged state."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"details"}
         values = {k: v for k, v in raw.items() if k in names}
         values["udp"] = {k: UdpPort(**v) for k, v in dict(values.get("udp", {})).items()}
         meta = cls(**values)
@@ -162,6 +212,7 @@ class StateStore:
         self.path = self.dir / "state"
         self.counters_path = self.dir / "counters.json"
         self.cache_path = self.dir / "compile-cache"
+        self.details_path = self.dir / "details"
         self.triggers_path = self.dir / "triggers.json"
         self.damaged = ""  # why the saved state was ignored, for the run's reason
 
@@ -188,7 +239,24 @@ class StateStore:
             return None, meta
         for name in COUNTERS:
             setattr(saved, name, getattr(meta, name))
+        saved.details = Details(load=lambda: self._load_details(saved.fingerprint))
         return script, saved
+
+    def _load_details(self, fingerprint: str) -> dict[str, str]:
+        """The details of the script with ``fingerprint``; {} when there are none that
+        can be trusted for it (the review is then coarse)."""
+        try:
+            data = self.details_path.read_bytes()
+            head, _, body = data.partition(b"\n")
+            magic, version, digest, of = head.decode("ascii").split(" ")
+            if (magic, version, of) != (DETAILS_MAGIC, str(DETAILS_VERSION), fingerprint):
+                return {}
+            if hashlib.sha256(body).hexdigest() != digest:
+                return {}
+            lines = body.decode("utf-8").splitlines()
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        return dict(line.split("\t", 1) for line in lines if "\t" in line)
 
     def load_counters(self) -> Meta:
         """counters.json alone (a Meta holding only the counters): what runs added up.
@@ -286,13 +354,30 @@ class StateStore:
                 tmp.unlink()
 
     def save(self, script: str, meta: Meta) -> None:
-        """Replace the state and the counters (the state first: it is what matters)."""
+        """Replace the state and the counters (the state first: it is what matters),
+        after the details (which name the state they belong to)."""
         self.check_dir()
         self._remove_temp_files()
-        _atomic_write(self.path, _encode(script, meta))
+        self._save_details(meta)
+        try:
+            _atomic_write(self.path, _encode(script, meta))
+        except StateError:
+            with contextlib.suppress(OSError):  # they describe a state not saved
+                self.details_path.unlink(missing_ok=True)
+            raise
         self.save_counters(meta)
         for name in LEGACY_FILES:
             (self.dir / name).unlink(missing_ok=True)
+
+    def _save_details(self, meta: Meta) -> None:
+        """Not synced, and a failure is no error: details only make the review finer."""
+        body = "".join(f"{k}\t{v}\n" for k, v in meta.details.items()).encode("utf-8")
+        head = f"{DETAILS_MAGIC} {DETAILS_VERSION} {hashlib.sha256(body).hexdigest()}"
+        try:
+            _atomic_write(self.details_path, f"{head} {meta.fingerprint}\n".encode() + body, False)
+        except StateError:
+            with contextlib.suppress(OSError):
+                self.details_path.unlink(missing_ok=True)
 
     def save_cache(self, cache: Cache) -> None:
         """Replace the compile cache. Not synced to disk: a copy torn by a power cut fails
@@ -324,7 +409,7 @@ class StateStore:
 
     def clear(self) -> None:
         """Forget the rules (cleanup removed them); the counters stay."""
-        files = (self.path, self.cache_path, self.triggers_path)
+        files = (self.path, self.cache_path, self.triggers_path, self.details_path)
         for p in (*files, *(self.dir / n for n in LEGACY_FILES)):
             try:
                 p.unlink(missing_ok=True)
@@ -339,7 +424,7 @@ def _encode(script: str, meta: Meta) -> bytes:
     # Service ports' dict: a third of a second at 50,000 Services).
     data = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}
     data["udp"] = {k: vars(v) for k, v in meta.udp.items()}
-    for k in COUNTERS:
+    for k in (*COUNTERS, "details"):
         data.pop(k)
     body = (json.dumps(data, sort_keys=True) + "\n" + script).encode("utf-8")
     return f"{MAGIC} {FORMAT_VERSION} {hashlib.sha256(body).hexdigest()}\n".encode() + body

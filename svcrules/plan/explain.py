@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from svcrules.plan.node import Backend, Masquerade, NodePlan, PortPlan, Route
 
-_MASQ = {
+MASQUERADE: dict[str, str] = {
     Masquerade.ALWAYS: "masquerade every source",
     Masquerade.NON_POD: "masquerade sources outside clusterCIDRs",
     Masquerade.NEVER: "no masquerade (clusterCIDRs unset)",
@@ -12,7 +12,7 @@ _MASQ = {
 }
 
 
-def _hostport(ip: str, port: int) -> str:
+def hostport(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
@@ -20,7 +20,7 @@ def _backends(backends: tuple[Backend, ...]) -> str:
     if not backends:
         return "none"
     return ", ".join(
-        _hostport(b.ip, b.port) + (" (terminating)" if b.terminating else "") for b in backends
+        hostport(b.ip, b.port) + (" (terminating)" if b.terminating else "") for b in backends
     )
 
 
@@ -29,16 +29,16 @@ def _route(route: Route, masq: Masquerade) -> str:
         return "REJECT (no usable endpoint)"
     if route is Route.DROP:
         return "DROP (no local endpoint)"
-    return f"-> {route.value} endpoints; {_MASQ[masq]}"
+    return f"-> {route.value} endpoints; {MASQUERADE[masq]}"
 
 
 def _block(p: PortPlan) -> list[str]:
     fam = "IPv4" if p.family == 4 else "IPv6"
-    front = [f"clusterIP {_hostport(p.cluster_ip, p.port)}"]
+    front = [f"clusterIP {hostport(p.cluster_ip, p.port)}"]
     if p.node_port:
         front.append(f"nodePort {p.node_port}")
-    front += [f"loadBalancer {_hostport(ip, p.port)}" for ip in p.lb_ips]
-    front += [f"externalIP {_hostport(ip, p.port)}" for ip in p.external_ips]
+    front += [f"loadBalancer {hostport(ip, p.port)}" for ip in p.lb_ips]
+    front += [f"externalIP {hostport(ip, p.port)}" for ip in p.external_ips]
     lines = [
         f"{p.key} ({fam})",
         f"  frontends  {', '.join(front)}",

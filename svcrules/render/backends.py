@@ -1,5 +1,5 @@
 """The renderers, by backend name: what ``Ruleset.text(backend)`` returns, and the
-other forms a backend can print (``compile --format json``, ``compile --family``).
+other forms a backend can print (``compile -o json``, ``compile --family``).
 
 The kernel side of each backend (its driver and fake) is registered in
 svcrules/kernel/registry.py under the same name."""
@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from svcrules.plan.node import NodePlan
-from svcrules.render.iptables.layout import family_section, render_iptables
+from svcrules.render.golden import normalize
+from svcrules.render.iptables.layout import family_section, render_iptables, render_iptables_golden
 from svcrules.render.nftables.json_form import render_json
-from svcrules.render.nftables.layout import render_nft
+from svcrules.render.nftables.layout import render_nft, render_nft_golden
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,18 @@ class Renderer:
     json: Callable[[NodePlan], str] | None = None
     # One family's part of the text ("ipv4", "ipv6"), where the text holds one per family.
     family_section: Callable[[str, str], str] | None = None
+    # The text as a golden file keeps it (svcrules.render.golden); None: the text with
+    # its volatile parts normalized.
+    golden: Callable[[NodePlan], str] | None = None
+
+    def golden_text(self, plan: NodePlan, text: str) -> str:
+        """The golden form of ``text``, the backend's text of ``plan``."""
+        return self.golden(plan) if self.golden is not None else normalize(text)
 
 
 RENDERERS: dict[str, Renderer] = {
-    "nftables": Renderer(render_nft, json=render_json),
-    "iptables": Renderer(render_iptables, family_section=family_section),
+    "nftables": Renderer(render_nft, json=render_json, golden=render_nft_golden),
+    "iptables": Renderer(
+        render_iptables, family_section=family_section, golden=render_iptables_golden
+    ),
 }

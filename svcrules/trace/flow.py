@@ -328,7 +328,8 @@ def summarize(
     timeouts = {f.affinity_timeout for f in flows if f.affinity_timeout is not None}
     if timeouts:
         if len(timeouts) > 1:
-            raise TraceError(f"one Service with several affinity timeouts: {sorted(timeouts)}")
+            seconds = ", ".join(f"{t}s" for t in sorted(timeouts))
+            raise TraceError(f"one Service with several affinity timeouts: {seconds}")
         sticky = all(second_packet(f, packet, hooks) == {f.endpoint} for f in flows)
         affinity = Affinity(timeouts.pop(), sticky)
     return Trace(

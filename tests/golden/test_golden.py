@@ -1,5 +1,7 @@
-"""Golden files: fixtures/<case>/ compiles to tests/golden/<case>.nft (nftables) and
-tests/golden/<case>.iptables (iptables), byte for byte.
+"""Golden files: fixtures/<case>/ compiles to tests/golden/<case>.nft (nftables),
+tests/golden/<case>.iptables (iptables) and tests/golden/<case>.explain (the explain
+table), in the form ``svcrules check --golden`` writes (svcrules.cli.golden): no
+fingerprints, and the nftables elements grouped under the Service they belong to.
 
 Goldens pin the text; the kernel tests prove the behaviour. Regenerate with
 ``scripts/test tests/golden --update-golden`` and review the diff like code.
@@ -12,22 +14,26 @@ from pathlib import Path
 import pytest
 
 import svcrules
-from svcrules.cli.golden import compare
+from svcrules.cli.golden import compare, golden_text
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = sorted(p.name for p in (ROOT / "fixtures").iterdir() if p.is_dir())
 GOLDEN = Path(__file__).resolve().parent
 
+# (backend, form) -> the golden's suffix
+SUFFIX = {
+    ("nftables", "nft"): "nft",
+    ("iptables", "nft"): "iptables",
+    ("nftables", "explain"): "explain",
+}
 
-SUFFIX = {"nftables": "nft", "iptables": "iptables"}
 
-
-@pytest.mark.parametrize("backend", sorted(SUFFIX))
+@pytest.mark.parametrize(("backend", "form"), sorted(SUFFIX))
 @pytest.mark.parametrize("case", CASES)
-def test_golden(case: str, backend: str, request: pytest.FixtureRequest) -> None:
+def test_golden(case: str, backend: str, form: str, request: pytest.FixtureRequest) -> None:
     ruleset = svcrules.compile_paths([str(ROOT / "fixtures" / case)], backend=backend)
-    text = ruleset.text(backend)
-    golden = GOLDEN / f"{case}.{SUFFIX[backend]}"
+    text = golden_text(ruleset, backend, form)
+    golden = GOLDEN / f"{case}.{SUFFIX[(backend, form)]}"
     if request.config.getoption("--update-golden"):
         golden.write_text(text, encoding="utf-8")
         return

@@ -6,6 +6,7 @@ state directory in a temporary folder.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from tests.k8s import Obj, dump, endpoint_slice, service
 
 from .backends import BACKENDS
 from .lab import Lab
-from .nodes import CIP_B, Node, node_for, ops, svc_a, svc_b
+from .nodes import CIP_B, IptablesNode, Node, node_for, ops, svc_a, svc_b
 from .test_semantics import CIP, CLIENT, FOREIGN, NODE, dropped, eps, ok, refused
 
 
@@ -159,6 +160,48 @@ def test_refused_incremental_change_falls_back_to_full_replacement(lab: Lab, nod
     assert "192.0.2.77" not in lab.nft("list", "map", "ip", "svcrules", map_name)
     assert lab.backends(ok(lab.probe("client", CIP, 80, count=24))) == {"pod2", "pod3"}
     assert node.run("diff", "--verify").returncode == 0
+
+
+def test_diff_reviews_what_changes_on_the_node(lab: Lab, any_node: Node) -> None:
+    """diff against the live node: what each Service port gains and loses, as text and
+    JSON; and drift, in words."""
+    node = any_node
+    node.apply(*svc_a("pod2", "pod3"), *svc_b("pod4"))
+    node.write(*svc_a("pod2", "pod4"), *svc_b("pod4", port=81))
+    proc = node.run("diff")
+    assert proc.returncode == 1, proc.stderr
+    assert (
+        "Service ports: 0 added, 0 removed, 2 changed\n"
+        "  ~ default/a:http/TCP IPv4\n"
+        "      endpoint 198.51.100.13:8080 removed\n"
+        "      endpoint 198.51.100.14:8080 added (local)\n"
+        "  ~ default/b:http/TCP IPv4\n"
+        "      frontend clusterIP 203.0.113.20:80 removed\n"
+        "      frontend clusterIP 203.0.113.20:81 added\n"
+        "Kernel: incremental update, "
+    ) in proc.stdout, proc.stdout
+    proc = node.run("diff", "-o", "json")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 1 and doc["mode"] == "incremental"
+    a, b = doc["changes"]
+    assert [e["endpoint"] for e in a["endpoints"]["removed"]] == ["198.51.100.13:8080"]
+    assert b["frontends"]["added"] == [{"type": "clusterIP", "address": CIP_B, "port": 81}]
+    node.apply(*svc_a("pod2", "pod4"), *svc_b("pod4", port=81))
+    proc = node.run("diff", "-o", "json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["changes"] == []
+    # Someone empties the fingerprint behind svcrules' back.
+    if isinstance(node, IptablesNode):
+        node.ipt("-t", "nat", "-F", "SVCRULES-STATE")
+        drift = (
+            "ipv4 nat: SVCRULES-STATE, or a jump from a built-in chain to svcrules' chains, missing"
+        )
+    else:
+        lab.nft("flush", "set", "ip", "svcrules", "state")
+        drift = "table ip svcrules: missing, or no svcrules fingerprint in the state set"
+    proc = node.run("diff")
+    assert proc.returncode == 1 and "Kernel: full replacement (the kernel's" in proc.stdout
+    assert drift in proc.stdout and "('" not in proc.stdout, proc.stdout
+    assert drift in json.loads(node.run("diff", "-o", "json").stdout)["reason"]
 
 
 def test_drift_and_cleanup_leave_other_tables_alone(lab: Lab, node: Node) -> None:

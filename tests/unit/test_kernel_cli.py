@@ -69,6 +69,23 @@ def test_diff_apply_sync_cleanup(
     inputs = write(tmp_path, "12")
     res = runner.invoke(app, ["diff", "-o", "nft", inputs, *state])
     assert res.exit_code == 1 and "198.51.100.12" in res.stdout
+    res = runner.invoke(app, ["diff", inputs, *state])
+    assert (
+        res.exit_code == 1
+        and (
+            "  ~ default/web:http/TCP IPv4\n"
+            "      endpoint 198.51.100.11:8080 removed\n"
+            "      endpoint 198.51.100.12:8080 added (local)\n"
+        )
+        in res.stdout
+    )
+    for same in ("text", "summary"):
+        assert runner.invoke(app, ["diff", "--output", same, inputs, *state]).stdout == res.stdout
+    res = runner.invoke(app, ["diff", "-o", "json", inputs, *state])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 1 and doc["mode"] == "incremental" and doc["changed"] is True
+    (web,) = doc["changes"]
+    assert [e["endpoint"] for e in web["endpoints"]["added"]] == ["198.51.100.12:8080"]
     prom = tmp_path / "m.prom"
     res = runner.invoke(app, ["sync", inputs, *state, "--metrics-file", str(prom)])
     assert res.exit_code == 0 and "incremental" in res.stderr, res.stderr
@@ -107,6 +124,8 @@ def test_diff_output_formats_and_their_old_names(tmp_path: Path, kernels: dict[s
     nft = runner.invoke(app, ["diff", "-o", "nft", inputs, *state])
     assert (text.exit_code, nft.exit_code) == (1, 1)
     assert text.stdout.startswith("Service ports:") and "table ip svcrules" in nft.stdout
+    doc = runner.invoke(app, ["diff", "-o", "json", inputs, *state]).stdout
+    assert json.loads(doc)["mode"] == "full"
     for args, same in [
         (["-o", "text"], text),
         (["--output", "summary"], text),

@@ -94,7 +94,7 @@ def test_state_round_trip_and_counters_apart(tmp_path: Path) -> None:
     script, back = store.load()
     assert script == "script\nwith lines\n" and back.ports == {"a": "d"}
     assert (back.failures, back.last_success, back.table) == (3, 12.5, "svcrules")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["counters.json", "state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counters.json", "details", "state"]
 
 
 @pytest.mark.parametrize(

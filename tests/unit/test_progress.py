@@ -3,6 +3,7 @@ nothing at all when it is not; with -v, one line per phase either way."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pty
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import svcrules
 from svcrules import progress
 from svcrules.cli.logs import LOG, setup
 from svcrules.cli.progress import Display, watching
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = (ROOT / "fixtures/kubectl-list/all.yaml").read_bytes()
-GOLDEN = (ROOT / "tests/golden/kubectl-list.nft").read_bytes()
+RULES = svcrules.compile_paths(["-"], stdin=io.StringIO(KUBECTL.decode())).nft.encode()
 SVCRULES = str(Path(sys.executable).parent / "svcrules")
 
 
@@ -66,7 +68,7 @@ def test_not_a_terminal_nothing_on_stderr() -> None:
     )
     time.sleep(1.2)
     out, err = proc.communicate(KUBECTL, timeout=60)
-    assert proc.returncode == 0 and out == GOLDEN
+    assert proc.returncode == 0 and out == RULES
     assert err == b""
 
 
@@ -78,7 +80,7 @@ def test_a_terminal_sees_a_transient_spinner() -> None:
         shown = _drain(master)
     finally:
         os.close(master)
-    assert out == GOLDEN  # stdout holds the rules and nothing of the display
+    assert out == RULES  # stdout holds the rules and nothing of the display
     assert b"reading inputs" in shown
     assert b"\x1b[2K" in shown  # ... and the line is erased again (transient)
     assert b"info:" not in shown  # without -v no log lines
@@ -92,7 +94,7 @@ def test_a_terminal_with_verbose_sees_both() -> None:
         shown = _drain(master).decode()
     finally:
         os.close(master)
-    assert out == GOLDEN
+    assert out == RULES
     assert "svcrules: info: reading inputs: 1 file" in shown
     assert "svcrules: info: rendering nftables rules:" in shown
 
@@ -112,7 +114,7 @@ def test_a_quick_run_shows_no_spinner() -> None:
         shown = _drain(master)
     finally:
         os.close(master)
-    assert proc.stdout == GOLDEN
+    assert proc.stdout == RULES
     assert shown == b""
 
 

@@ -93,6 +93,28 @@ class IptablesDriver:
                 out[f"{fam} {tbl}"] = found
         return out
 
+    def explain_drift(
+        self, table: str, kernel: dict[str, str | None], expected: dict[str, str | None]
+    ) -> list[str]:
+        """Which tables' ``<P>-STATE`` chains do not hold the expected fingerprint, and
+        why."""
+        state = f"{chain_prefix(table)}-STATE"
+        gone = [p for p in sorted(expected) if not kernel.get(p)]
+        other = [p for p, want in sorted(expected.items()) if kernel.get(p) not in (None, want)]
+        out = []
+        if gone:
+            out.append(
+                f"{', '.join(gone)}: {state}, or a jump from a built-in chain to svcrules' "
+                "chains, missing (deleted or flushed behind svcrules' back)"
+            )
+        if other:
+            out.append(
+                f"{', '.join(other)}: {state} holds another fingerprint than svcrules last "
+                "wrote (changed behind svcrules' back, or by another svcrules with the same "
+                "table name)"
+            )
+        return out
+
     def incremental(self, old: str, ruleset: Ruleset, stale: set[str]) -> RestoreTransaction:
         before, after = parse_restore(old), parse_restore(ruleset.iptables)
         tx = diff_restore(before, after)
@@ -231,8 +253,8 @@ class IptablesDriver:
                 elif a != b:
                     diff = len(set(a) ^ set(b))
                     problems.append(
-                        f"{fam} {tbl} {name}: rules differ ({len(a)} expected, {len(b)} in "
-                        f"the kernel, {diff} not in both)"
+                        f"{fam} {tbl} {name}: rules differ: {len(a)} expected, the kernel "
+                        f"holds {len(b)}, {diff} not in both"
                     )
             if sorted(w.jumps) != sorted(h.jumps):
                 problems.append(
@@ -289,10 +311,17 @@ def _count_differences(want: Parsed, have: Parsed) -> list[str]:
         w = want.get(part, RestoreTable())
         h = have.get(part, RestoreTable())
         for name in sorted(set(w.chains) | set(h.chains)):
-            a = len(w.chains[name]) if name in w.chains else None
-            b = len(h.chains[name]) if name in h.chains else None
-            if a != b:
-                problems.append(f"{part[0]} {part[1]} {name}: expected {a}, kernel has {b}")
+            where = f"{part[0]} {part[1]} {name}"
+            if name not in h.chains:
+                problems.append(f"{where}: missing")
+            elif name not in w.chains:
+                problems.append(f"{where}: should not exist")
+            elif len(w.chains[name]) != len(h.chains[name]):
+                expected = len(w.chains[name])
+                problems.append(
+                    f"{where}: {expected} rule{'' if expected == 1 else 's'} expected, the "
+                    f"kernel holds {len(h.chains[name])}"
+                )
         if len(w.jumps) != len(h.jumps):
             problems.append(
                 f"{part[0]} {part[1]}: expected {len(w.jumps)} jumps from built-in "

@@ -95,7 +95,9 @@ class Iptables:
 
     def __init__(self, variant: str = "auto") -> None:
         if variant not in VARIANTS:
-            raise KernelError(f"unknown iptables variant {variant!r}: use one of {VARIANTS}")
+            raise KernelError(
+                f"unknown iptables variant {variant!r}: use one of {', '.join(VARIANTS)}"
+            )
         suffix = "" if variant == "auto" else f"-{variant}"
         self._tools: dict[tuple[str, str], str] = {}
         for family, base in (("ipv4", "iptables"), ("ipv6", "ip6tables")):

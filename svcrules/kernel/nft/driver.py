@@ -105,6 +105,30 @@ class NftDriver:
             out[fam] = state_fingerprint(" ".join(f'comment "{c}"' for c in comments))
         return out
 
+    def explain_drift(
+        self, table: str, kernel: dict[str, str | None], expected: dict[str, str | None]
+    ) -> list[str]:
+        """Which tables' state sets do not hold the expected fingerprint, and why."""
+        gone = [f"{f} {table}" for f, want in sorted(expected.items()) if not kernel.get(f)]
+        other = [
+            f"{f} {table}"
+            for f, want in sorted(expected.items())
+            if kernel.get(f) and kernel.get(f) != want
+        ]
+        out = []
+        if gone:
+            out.append(
+                f"{_tables_named(gone)}: missing, or no svcrules fingerprint in the state "
+                "set (deleted or emptied behind svcrules' back)"
+            )
+        if other:
+            out.append(
+                f"{_tables_named(other)}: another fingerprint than svcrules last wrote "
+                "(changed behind svcrules' back, or by another svcrules with the same "
+                "table name)"
+            )
+        return out
+
     def _state_comments(self, fam: str, table: str) -> list[str]:
         """The element comments of ``set FAM TABLE state`` ([] when there is none)."""
         return [
@@ -413,25 +437,48 @@ def _affinity_entry(item: Any) -> tuple[int, str] | None:
     return ident, text
 
 
+def _tables_named(tables: list[str]) -> str:
+    """``table ip t`` / ``tables ip t and ip6 t``."""
+    if len(tables) == 1:
+        return f"table {tables[0]}"
+    return f"tables {' and '.join(tables)}"
+
+
 def _compare(want: dict[str, Any], have: dict[str, Any], lingering: set[str]) -> list[str]:
+    """In words, each object whose content differs between ``want`` (the script, as nft
+    lists it) and ``have`` (the kernel): Content, or (kind, count) when only names and
+    counts could be compared."""
     problems = []
     for name in sorted(set(want) | set(have)):
         if name in lingering and name not in want:
             continue
         a, b = want.get(name), have.get(name)
-        if a == b:
-            continue
-        if isinstance(a, Content) and isinstance(b, Content):
-            problems.append(f"{name}: {a.differences(b)}")
-        else:
-            problems.append(f"{name}: expected {_short(a)}, kernel has {_short(b)}")
+        if a != b:
+            problems.append(_difference(name, a, b))
     return problems
 
 
-def _short(value: Any) -> str:
-    if value is None:
-        return "none"
-    return value.kind if isinstance(value, Content) else str(value)
+def _kind(value: Any) -> str:
+    return str(value.kind if isinstance(value, Content) else value[0])
+
+
+def _difference(name: str, want: Any, have: Any) -> str:
+    family, _, obj = name.partition(" ")
+    where = f"{_kind(want if want is not None else have)} {family} {obj}"
+    if have is None:
+        return f"{where}: missing from the kernel"
+    if want is None:
+        return f"{where}: in the kernel, but svcrules did not write it"
+    if _kind(want) != _kind(have):
+        return f"{family} {obj}: svcrules wrote a {_kind(want)}, the kernel holds a {_kind(have)}"
+    if isinstance(want, Content) and isinstance(have, Content):
+        return f"{where}: {want.differences(have)}"
+    what = "rule" if _kind(want) == "chain" else "element"
+    return f"{where}: {_plural(want[1], what)} expected, the kernel holds {have[1]}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 @dataclass(frozen=True)
@@ -443,14 +490,56 @@ class Content:
     items: tuple[str, ...]
 
     def differences(self, have: Content) -> str:
-        if self.kind != have.kind or self.declaration != have.declaration:
-            return f"declared differently ({self.declaration} / {have.declaration})"
+        """What differs, in words (the objects are of the same kind)."""
+        if self.declaration != have.declaration:
+            mine, theirs = json.loads(self.declaration), json.loads(have.declaration)
+            keys = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k))
+            return f"declared differently (its {', '.join(keys)})"
         if self.kind == "chain":
-            return f"rules differ ({len(self.items)} expected, {len(have.items)} in the kernel)"
+            apart = len(set(self.items) ^ set(have.items))
+            order = f", {apart} not in both" if apart else ", in another order"
+            return (
+                f"rules differ: {len(self.items)} expected, the kernel holds "
+                f"{len(have.items)}{order}"
+            )
         missing = sorted(set(self.items) - set(have.items))
         extra = sorted(set(have.items) - set(self.items))
-        shown = f"; e.g. {(missing or extra)[0][:200]}" if missing or extra else ""
-        return f"{len(missing)} elements missing, {len(extra)} unexpected{shown}"
+        parts = []
+        for items, what in ((missing, "missing"), (extra, "svcrules did not write")):
+            if items:
+                more = ", ..." if len(items) > 1 else ""
+                parts.append(
+                    f"{_plural(len(items), 'element')} {what} ({_element(items[0])}{more})"
+                )
+        return "; ".join(parts) or "elements differ"
+
+
+def _element(listed: str) -> str:
+    """An element of nft's JSON listing as nft writes it (``a . b : goto c``)."""
+    return _spell(json.loads(listed))[:200]
+
+
+def _spell(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 2:  # a map element: key, data
+        return f"{_spell(value[0])} : {_spell(value[1])}"
+    if isinstance(value, dict) and len(value) == 1:
+        kind, body = next(iter(value.items()))
+        if kind == "concat" and isinstance(body, list):
+            return " . ".join(_spell(v) for v in body)
+        if kind == "prefix" and isinstance(body, dict):
+            return f"{_spell(body.get('addr'))}/{body.get('len')}"
+        if kind == "range" and isinstance(body, list):
+            return "-".join(_spell(v) for v in body)
+        if kind == "elem" and isinstance(body, dict):
+            note = body.get("comment")
+            return _spell(body.get("val")) + (f' comment "{note}"' if note else "")
+        if kind in ("goto", "jump") and isinstance(body, dict):
+            return f"{kind} {body.get('target')}"
+        if body is None:
+            return str(kind)  # a verdict: accept, drop, ...
+    if isinstance(value, str | int):
+        return str(value)
+    return json.dumps(value, sort_keys=True)
 
 
 def _norm(value: Any) -> Any:

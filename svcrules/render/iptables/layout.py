@@ -49,6 +49,7 @@ from svcrules.plan.program import (
     program,
 )
 from svcrules.plan.program import Pick as ProgramPick
+from svcrules.render.golden import FINGERPRINT as GOLDEN_FINGERPRINT
 from svcrules.render.names import comment, digest32
 from svcrules.render.templates import render
 
@@ -125,9 +126,23 @@ class FamilyRules:
     endpoints: list[Endpoint] = field(default_factory=list)
     cluster_ips: list[str] = field(default_factory=list)  # outside every serviceCIDR
     cidr_cluster_ips: list[str] = field(default_factory=list)  # inside one
+    # The golden form only (layout_family(owners=True)): chain -> the Service port it
+    # belongs to. Its declarations are then grouped by owner, and each chain's rules
+    # printed as a block, under a comment line naming the owner and ended by a blank
+    # line (iptables-restore skips both).
+    owners: dict[str, str] | None = None
 
     def chain(self, kind: str) -> str:
         return f"{self.prefix}-{kind}"
+
+    def declared(self, names: list[str]) -> list[tuple[str, list[str]]]:
+        """(owner, chains) to declare: the node's own chains first (owner ""), then, in
+        the golden form, each owner's in owner order."""
+        owners = self.owners or {}
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(owners.get(name, ""), []).append(name)
+        return sorted(groups.items())
 
     @property
     def nat_chains(self) -> list[str]:
@@ -271,8 +286,9 @@ def _nodeport_jumps(scope: NodePortScope, host: str) -> list[str]:
     return [f" -d {d}{local}" for d in dests]
 
 
-def layout_family(fp: FamilyProgram, node_name: str) -> FamilyRules:
-    """Name and spell one family's program as iptables chains."""
+def layout_family(fp: FamilyProgram, node_name: str, owners: bool = False) -> FamilyRules:
+    """Name and spell one family's program as iptables chains; with ``owners``, for the
+    golden form, also whose each per-Service chain is."""
     prefix = chain_prefix(fp.table)
     host = "/32" if fp.family == 4 else "/128"
     mark = f"0x{fp.masquerade_mark:08x}"
@@ -328,11 +344,16 @@ def layout_family(fp: FamilyProgram, node_name: str) -> FamilyRules:
     inside = {ip for ip in ips if any(ip_in_cidr(ip, c) for c in fp.service_cidrs)}
     fam.cidr_cluster_ips = [ip for ip in ips if ip in inside]
     fam.cluster_ips = [ip for ip in ips if ip not in inside]
+    if owners:
+        # An endpoint's and a firewall's comment start with their Service port's key.
+        fam.owners = {speller.chain(c.id): comment(c.id.key, 512) for c in fp.chains}
+        fam.owners.update({e.chain: e.comment.split(" ", 1)[0] for e in fam.endpoints})
+        fam.owners.update({w.chain: w.comment.split(" ", 1)[0] for w in fam.firewalls})
     return fam
 
 
-def layout(plan: NodePlan) -> list[FamilyRules]:
-    return [layout_family(f, plan.node_name) for f in program(plan).families]
+def layout(plan: NodePlan, owners: bool = False) -> list[FamilyRules]:
+    return [layout_family(f, plan.node_name, owners) for f in program(plan).families]
 
 
 _STATE = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')
@@ -365,6 +386,19 @@ def render_iptables(plan: NodePlan) -> str:
             pos = m.end()
     out.append(text[pos:])
     return "".join(out)
+
+
+def render_iptables_golden(plan: NodePlan) -> str:
+    """The golden form (``svcrules check --golden``): the same rules in the same
+    order, each per-Service chain declared and filled under a comment naming its
+    Service port, and no fingerprints (``<fingerprint>``). iptables-restore still
+    loads it."""
+    return render(
+        "iptables/ruleset.j2",
+        families=layout(plan, owners=True),
+        node_label=comment(plan.node_name, 90),
+        fingerprint=GOLDEN_FINGERPRINT,
+    )
 
 
 def part_fingerprints(text: str) -> dict[str, str | None]:

@@ -23,6 +23,7 @@ from svcrules.inputs.addr import collapse_cidrs, ip_sort_key
 from svcrules.plan import program as prog
 from svcrules.plan.node import NodePlan
 from svcrules.plan.program import FamilyProgram, Program, Role, Selection, Terminal
+from svcrules.render.golden import FINGERPRINT as GOLDEN_FINGERPRINT
 from svcrules.render.names import chain_name, comment, digest
 from svcrules.render.nftables.fingerprint import PLACEHOLDER, stamp
 from svcrules.render.nftables.rules import (
@@ -95,6 +96,10 @@ class Table:
     affinity_slots: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     hairpin: tuple[str, ...] = ()
     chains: list[NftChain] = field(default_factory=list)  # in listing order
+    # The golden form only (layout_family(owners=True)): set or map name -> the Service
+    # (port) each element belongs to, in the order of its elements above. The elements
+    # are then printed grouped under a comment line naming it (see _grouped).
+    owners: dict[str, list[str]] | None = None
 
     # Elements spelled as the template prints them, one string each: the template joins
     # them (printing field by field made it yield several pieces per element, most of
@@ -102,39 +107,73 @@ class Table:
 
     @property
     def service_ip_elements(self) -> list[str]:
-        return [
-            f"{ip} . {proto} . {port} : {verdict}" for ip, proto, port, verdict in self.service_ips
-        ]
+        return self._grouped(
+            "service-ips",
+            [
+                f"{ip} . {proto} . {port} : {verdict}"
+                for ip, proto, port, verdict in self.service_ips
+            ],
+        )
 
     @property
     def nodeport_elements(self) -> list[str]:
-        return [f"{proto} . {port} : {verdict}" for proto, port, verdict in self.nodeports]
+        return self._grouped(
+            "service-nodeports",
+            [f"{proto} . {port} : {verdict}" for proto, port, verdict in self.nodeports],
+        )
 
     @property
     def firewall_elements(self) -> list[str]:
-        return [f"{ip} . {proto} . {port}" for ip, proto, port in self.fw_frontends]
+        return self._grouped(
+            "firewall-ips", [f"{ip} . {proto} . {port}" for ip, proto, port in self.fw_frontends]
+        )
 
     @property
     def allow_elements(self) -> list[str]:
-        return [f"{ip} . {proto} . {port} . {cidr}" for ip, proto, port, cidr in self.fw_allow]
+        return self._grouped(
+            "firewall-allow",
+            [f"{ip} . {proto} . {port} . {cidr}" for ip, proto, port, cidr in self.fw_allow],
+        )
 
     @property
     def backend_elements(self) -> list[tuple[str, list[str]]]:
         return [
-            (name, [f"{slot} : {ip} . {port}" for slot, ip, port in entries])
+            (name, self._grouped(name, [f"{slot} : {ip} . {port}" for slot, ip, port in entries]))
             for name, (_, entries) in self.backends.items()
         ]
 
     @property
     def affinity_elements(self) -> list[tuple[str, list[str]]]:
         return [
-            (name, [f"{slot} : goto {aep}" for slot, aep in entries])
+            (name, self._grouped(name, [f"{slot} : goto {aep}" for slot, aep in entries]))
             for name, entries in self.affinity_slots.items()
         ]
 
     @property
     def hairpin_elements(self) -> list[str]:
-        return [f"{ip} . {ip}" for ip in self.hairpin]
+        return self._grouped("hairpin", [f"{ip} . {ip}" for ip in self.hairpin])
+
+    @property
+    def plain_set_elements(self) -> list[tuple[SetDecl, list[str]]]:
+        return [(d, self._grouped(d.name, list(items))) for d, items in self.plain_sets]
+
+    def _grouped(self, name: str, items: list[str]) -> list[str]:
+        """``items`` as printed: in the golden form, grouped by owner (owners in sorted
+        order, each group's elements in their own order) with a comment line before each
+        group, carried by the group's first element so that the template's join leaves
+        the comment without a comma. nft reads comments inside an element block."""
+        labels = self.owners.get(name) if self.owners is not None else None
+        if labels is None:
+            return items
+        out: list[str] = []
+        last = None
+        for i in sorted(range(len(items)), key=lambda i: labels[i]):
+            if labels[i] != last:
+                last = labels[i]
+                out.append(f"# {last}\n\t\t\t{items[i]}")
+            else:
+                out.append(items[i])
+        return out
 
     @property
     def chain_text(self) -> list[tuple[str, str]]:
@@ -226,6 +265,8 @@ class _Picks:
 
     def __init__(self, table: Table, fp: FamilyProgram) -> None:
         self.table = table
+        # The golden form: the selection whose endpoint each slot holds.
+        self.slot_owners: dict[int, str] | None = None
         self.bases = _allocate(
             [(s.key, len(s.endpoints)) for s in fp.selections], SLOT_BITS, 1 << BLOCK_BITS
         )
@@ -245,6 +286,11 @@ class _Picks:
         base = self.bases[sel.key]
         bucket = (base >> SLOT_BITS) % BUCKETS
         size = len(sel.endpoints)
+        if self.slot_owners is not None:
+            label = _label(sel.port_key)
+            if sel.key.endswith("#local"):
+                label += " (local endpoints)"
+            self.slot_owners.update(dict.fromkeys(range(base, base + size), label))
         if sel.affinity is None:
             name = f"{BACKENDS_MAP}{sel.protocol}-{bucket:04d}"
             entries = self.table.backends.setdefault(name, (sel.protocol, []))[1]
@@ -289,8 +335,43 @@ def _chain(c: prog.Chain, picks: _Picks, names: _Names) -> NftChain:
     return NftChain(names[c.id], comment(c.id.key), None, tuple(rules))
 
 
-def layout_family(fp: FamilyProgram, node_name: str) -> Table:
-    """Name and spell one family's program as nft objects."""
+def _label(key: str) -> str:
+    """An owner as the golden form's comment lines name it: nothing a user writes
+    reaches the text unfiltered (the keys are validated names anyway)."""
+    return comment(key, 512)
+
+
+def _owners(table: Table, fp: FamilyProgram, slots: dict[int, str]) -> dict[str, list[str]]:
+    """Set or map name -> the owner of each element, in the table's element order: the
+    Service port of a frontend or endpoint slot; the Service of a ClusterIP; for the
+    hairpin set, the first Service (by name) with that endpoint on this node."""
+    frontends = {(f.address, f.protocol, f.port): f.key for f in fp.dispatch}
+    services: dict[str, str] = {}
+    for f in sorted(fp.dispatch, key=lambda f: f.kind is not prog.FrontendKind.CLUSTER_IP):
+        services.setdefault(f.address, f.key.split(":", 1)[0])
+    hairpin: dict[str, str] = {}
+    for sel in sorted(fp.selections, key=lambda s: s.key):
+        for b, may in zip(sel.endpoints, sel.hairpin, strict=True):
+            if may:
+                hairpin.setdefault(b.ip, sel.port_key.split(":", 1)[0])
+    out = {
+        "service-ips": [_label(frontends[(ip, p, n)]) for ip, p, n, _ in table.service_ips],
+        "service-nodeports": [_label(f.key) for f in fp.nodeports],
+        "firewall-ips": [_label(w.key) for w in fp.firewalls],
+        "firewall-allow": [_label(frontends[(ip, p, n)]) for ip, p, n, _ in table.fw_allow],
+        "cluster-ips": [_label(services.get(ip, "")) for ip in fp.cluster_ips],
+        "hairpin": [_label(hairpin.get(ip, "")) for ip in table.hairpin],
+    }
+    for name, (_, entries) in table.backends.items():
+        out[name] = [slots[slot] for slot, _, _ in entries]
+    for name, aeps in table.affinity_slots.items():
+        out[name] = [slots[slot] for slot, _ in aeps]
+    return out
+
+
+def layout_family(fp: FamilyProgram, node_name: str, owners: bool = False) -> Table:
+    """Name and spell one family's program as nft objects; with ``owners``, for the
+    golden form, also whose each element of the shared sets and maps is."""
     fam = Fam.of(fp.family)
     table = Table(
         family=fam.name,
@@ -301,6 +382,8 @@ def layout_family(fp: FamilyProgram, node_name: str) -> Table:
         hairpin=fp.hairpin,
     )
     picks = _Picks(table, fp)
+    if owners:
+        picks.slot_owners = {}
     names = _Names(fp)
     chains = sorted((_chain(c, picks, names) for c in fp.chains), key=lambda c: c.name)
     aeps = sorted(picks.endpoint_chains.values(), key=lambda c: c.name)
@@ -323,15 +406,17 @@ def layout_family(fp: FamilyProgram, node_name: str) -> Table:
         table.decls[name] = backends_map(fam, name, protocol)
     for name in table.affinity_slots:
         table.decls[name] = affinity_map(name)
+    if picks.slot_owners is not None:
+        table.owners = _owners(table, fp, picks.slot_owners)
     return table
 
 
-def layout_program(program: Program) -> list[Table]:
-    return [layout_family(f, program.node_name) for f in program.families]
+def layout_program(program: Program, owners: bool = False) -> list[Table]:
+    return [layout_family(f, program.node_name, owners) for f in program.families]
 
 
-def layout(plan: NodePlan) -> list[Table]:
-    return layout_program(prog.program(plan))
+def layout(plan: NodePlan, owners: bool = False) -> list[Table]:
+    return layout_program(prog.program(plan), owners)
 
 
 def render_nft(plan: NodePlan) -> str:
@@ -342,3 +427,14 @@ def render_nft(plan: NodePlan) -> str:
 
 def render_tables(tables: list[Table]) -> str:
     return stamp(render("nftables/ruleset.nft.j2", tables=tables, fingerprint=PLACEHOLDER))
+
+
+def render_nft_golden(plan: NodePlan) -> str:
+    """The golden form of the nft script (``svcrules check --golden``): the same tables
+    and elements, with each element of the shared sets and maps grouped under a comment
+    line naming its Service port, and the fingerprints (which change with any change)
+    left as ``<fingerprint>``. It still loads with ``nft -f``; only the order of
+    elements inside a set or map differs from the compiled script, which nft does not
+    keep anyway."""
+    tables = layout(plan, owners=True)
+    return render("nftables/ruleset.nft.j2", tables=tables, fingerprint=GOLDEN_FINGERPRINT)
