@@ -76,7 +76,7 @@ def _compile(
     allow_empty: bool = True,
 ) -> Ruleset:
     if not paths:
-        _usage("no input given (PATHS or -f: a file, a directory or '-')")
+        usage("no input given (PATHS or -f: a file, a directory or '-')")
     from svcrules.compiler import compile_paths
 
     try:
@@ -114,13 +114,13 @@ def _text(ruleset: Ruleset, backend: BackendChoice, fmt: str | None, family: Fam
     if fmt == "json":
         assert row.json is not None  # rule_format: json is the nftables backend's
         if family is not FamilyChoice.both:
-            _usage("--family selects one family's iptables-restore input: not for -o json")
+            usage("--family selects one family's iptables-restore input: not for -o json")
         return row.json(ruleset.plan)
     if family is FamilyChoice.both:
         return ruleset.text(backend.value)
     if row.family_section is None:
         with_sections = [n for n, r in RENDERERS.items() if r.family_section]
-        _usage(
+        usage(
             f"--family selects one family's input: only for -o iptables "
             f"(--backend {' or '.join(with_sections)})"
         )
@@ -131,10 +131,6 @@ def node_ips(ruleset: Ruleset) -> list[str]:
     """The NodeConfig's nodeIPs (one per family), which trace takes as the node's own
     addresses."""
     return [f.node_ip for f in ruleset.plan.families if f.node_ip]
-
-
-def _usage(message: str) -> NoReturn:
-    usage(message)
 
 
 FamilyOpt = Annotated[
@@ -210,7 +206,7 @@ def compile_cmd(
     """
     backend_, fmt = rule_format(format_alias(output, old_format), backend)
     if explain and fmt is not None:
-        _usage(f"--explain prints the explain table, -o {fmt} the rules: give one of them")
+        usage(f"--explain prints the explain table, -o {fmt} the rules: give one of them")
     ruleset = _compile(paths, config, overrides, backend_, allow_empty)
     if explain:
         from svcrules.plan.explain import explain_text
@@ -297,7 +293,7 @@ def check_cmd(
     """
     backend_, fmt = rule_format(format_alias(output, old_format), backend, CHECK_FORMATS)
     if (golden is None) == (packets is None):
-        _usage("give one of --golden FILE or --packets FILE")
+        usage("give one of --golden FILE or --packets FILE")
     if packets is not None:
         _check_packets(packets, paths, config, overrides)
         return
@@ -335,7 +331,7 @@ def _golden_text(
 
     if fmt == "explain":
         if family is not FamilyChoice.both:
-            _usage("--family selects rules: not for -o explain")
+            usage("--family selects rules: not for -o explain")
         return golden_text(ruleset, backend.value, "explain")
     text = _text(ruleset, backend, fmt, family)  # refuses what cannot be
     if fmt == "json":

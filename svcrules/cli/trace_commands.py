@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,6 +26,7 @@ from svcrules.cli.options import (
     Paths,
     node_options,
     output_option,
+    usage,
     verbosity,
 )
 from svcrules.errors import SvcrulesError
@@ -132,14 +133,13 @@ def trace_cmd(
     """
     fmt = TRACE_FORMATS.parse(output)
     if not dst or port is None:
-        print("svcrules: error: --dst and --port are required", file=sys.stderr)
-        raise typer.Exit(2)
+        usage("--dst and --port are required")
     from svcrules.trace import Packet, trace
     from svcrules.trace.model import local_addresses
 
     if kernel and not paths:
         if src is None:
-            _usage("--src is required (with --kernel and no inputs to take the nodeIP from)")
+            usage("--src is required (with --kernel and no inputs to take the nodeIP from)")
         table = overrides.table_name or "svcrules"
         packet = Packet(src, dst, port, proto.value, from_node, tuple(node_address or []))
         _show(_kernel(packet, backend, table, timeout, iptables), None, fmt)
@@ -149,7 +149,7 @@ def trace_cmd(
     if src is None:
         same = [ip for ip in ips if (":" in ip) == (":" in dst)]
         if not from_node or not same:
-            _usage("--src is required (without --from-node)")
+            usage("--src is required (without --from-node)")
         src = same[0]
     local = local_addresses(ips, node_address or [])
     packet = Packet(src, dst, port, proto.value, from_node, local)
@@ -163,11 +163,6 @@ def trace_cmd(
     seen = _kernel(packet, backend, ruleset.plan.table, timeout, iptables)
     if not _show(seen, predicted, fmt):
         raise typer.Exit(1)
-
-
-def _usage(message: str) -> NoReturn:
-    print(f"svcrules: error: {message}", file=sys.stderr)
-    raise typer.Exit(2)
 
 
 def _kernel(
