@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 from svcrules.compiler import compile_paths
-from svcrules.trace import Packet, nft
-from svcrules.trace import iptables as ipt
-from svcrules.trace.flow import Walker, follow, start
+from svcrules.trace import Packet
+from svcrules.trace.backends import tracer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate
@@ -38,22 +37,6 @@ def _packets(objs: list[dict[str, object]], count: int) -> list[Packet]:
         port = spec["ports"][0]["port"]
         out.append(Packet("192.0.2.100", spec["clusterIPs"][0], port, "tcp", False, ("192.0.2.1",)))
     return out
-
-
-def _walker(backend: str, text: str) -> Walker:
-    if backend == "nftables":
-        tables = [t for t in nft.parse(text).values() if t.family == "ip"]
-        return Walker(
-            [(c.hook, c.priority, t, c) for t in tables for c in t.chains.values() if c.hook]
-        )
-    tables4 = [t for t in ipt.parse(text).values() if t.family == "ipv4"]
-    base = [
-        (*ipt.BUILTIN[(t.name, c.name)], t, c)
-        for t in tables4
-        for c in t.chains.values()
-        if (t.name, c.name) in ipt.BUILTIN
-    ]
-    return Walker(base)
 
 
 def measure(size: int, count: int) -> list[dict[str, object]]:
@@ -74,14 +57,14 @@ def _row(
 ) -> dict[str, object]:
     packets = _packets(objs, count)
     t0 = time.perf_counter()
-    walker = _walker(backend, text)
-    first = follow(start(packets[0]), walker)
+    follow = tracer(text, backend)  # what trace and check --packets call
+    first = follow(packets[0])
     one = time.perf_counter() - t0
     t0 = time.perf_counter()
     for p in packets:
-        follow(start(p), walker)
+        follow(p)
     each = (time.perf_counter() - t0) / len(packets)
-    assert all(f.endpoint for f in first)
+    assert first.verdict == "dnat"
     return {
         "services": size,
         "backend": backend,

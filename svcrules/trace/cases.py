@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from svcrules.errors import InputError, Origin, Problem
 from svcrules.inputs.load import validation_problems
 from svcrules.inputs.parse import documents
-from svcrules.trace.backends import trace
+from svcrules.trace.backends import tracer
 from svcrules.trace.model import Packet, Trace, TraceError
 
 Backend = Literal["nftables", "iptables"]
@@ -106,12 +106,13 @@ def check(
 ) -> list[Failure]:
     """Every case against every backend's text; what does not hold."""
     local = tuple(dict.fromkeys([*node_ips, *cases.node_addresses]))
+    tracers = {backend: tracer(text, backend) for backend, text in texts.items()}
     failures = []
     for i, case in enumerate(cases.cases):
         packet = Packet(case.src, case.dst, case.port, case.proto, case.from_node, local)
-        for backend, text in texts.items():
+        for backend, follow in tracers.items():
             try:
-                t = trace(text, backend, packet)
+                t = follow(packet)
             except TraceError as exc:
                 where = Origin(path, 1) if path else None
                 raise InputError([Problem(where, f"cases[{i}]", str(exc))]) from None

@@ -341,17 +341,25 @@ def _source(tables: list[IptTable], f: Flow) -> str:
     return "outside"
 
 
-def trace_iptables(text: str, packet: Packet) -> Trace:
-    """Follow a packet through the iptables text of its family."""
-    flow = start(packet)
-    family = f"ipv{flow.family}"
-    tables = [t for t in parse(text).values() if t.family == family]
-    base = []
-    for t in tables:
-        for c in t.chains.values():
-            if (t.name, c.name) in BUILTIN:
-                hook, prio = BUILTIN[(t.name, c.name)]
-                base.append((hook, prio, t, c))
-    hooks = Walker(base)
-    flows = follow(flow, hooks)
-    return summarize(packet, "iptables", flows, hooks, _source(tables, flow))
+def iptables_tracer(text: str) -> Callable[[Packet], Trace]:
+    """Parse an iptables text once; trace packets through the section of their family."""
+    tables = parse(text)
+    walkers: dict[str, tuple[list[IptTable], Walker]] = {}
+
+    def run(packet: Packet) -> Trace:
+        flow = start(packet)
+        family = f"ipv{flow.family}"
+        if family not in walkers:
+            mine = [t for t in tables.values() if t.family == family]
+            base = [
+                (*BUILTIN[(t.name, c.name)], t, c)
+                for t in mine
+                for c in t.chains.values()
+                if (t.name, c.name) in BUILTIN
+            ]
+            walkers[family] = mine, Walker(base)
+        mine, hooks = walkers[family]
+        flows = follow(flow, hooks)
+        return summarize(packet, "iptables", flows, hooks, _source(mine, flow))
+
+    return run

@@ -539,13 +539,20 @@ def _source(tables: list[NftTable], f: Flow) -> str:
     return "outside"
 
 
-def trace_nft(text: str, packet: Packet) -> Trace:
-    """Follow a packet through an nft script: only the tables of its family."""
-    flow = start(packet)
-    family = "ip" if flow.family == 4 else "ip6"
-    tables = [t for t in parse(text).values() if t.family == family]
-    hooks = Walker(
-        [(c.hook, c.priority, t, c) for t in tables for c in t.chains.values() if c.hook]
-    )
-    flows = follow(flow, hooks)
-    return summarize(packet, "nftables", flows, hooks, _source(tables, flow))
+def nft_tracer(text: str) -> Callable[[Packet], Trace]:
+    """Parse an nft script once; trace packets through the tables of their family."""
+    tables = parse(text)
+    walkers: dict[str, tuple[list[NftTable], Walker]] = {}
+
+    def run(packet: Packet) -> Trace:
+        flow = start(packet)
+        family = "ip" if flow.family == 4 else "ip6"
+        if family not in walkers:
+            mine = [t for t in tables.values() if t.family == family]
+            base = [(c.hook, c.priority, t, c) for t in mine for c in t.chains.values() if c.hook]
+            walkers[family] = mine, Walker(base)
+        mine, hooks = walkers[family]
+        flows = follow(flow, hooks)
+        return summarize(packet, "nftables", flows, hooks, _source(mine, flow))
+
+    return run
