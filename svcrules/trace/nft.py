@@ -126,20 +126,24 @@ def _selector(tokens: list[str], i: int, family: str, where: _Where) -> tuple[Ge
     raise where.error(f"unknown expression at {' '.join(t[:3])!r}")
 
 
-def _key(tokens: list[str], i: int, family: str, where: _Where) -> tuple[list[Getter], int, bool]:
-    """A selector or a concatenation (``a . b . c``): getters, next index, random."""
+def _key(
+    tokens: list[str], i: int, family: str, where: _Where
+) -> tuple[list[Getter], int, bool, str]:
+    """A selector or a concatenation (``a . b . c``): getters, next index, whether
+    the key is drawn at random, and the kind of its first selector."""
     getters: list[Getter] = []
-    random = False
+    kinds: list[str] = []
     while True:
         g, i, kind = _selector(tokens, i, family, where)
         getters.append(g)
-        random |= kind == "random"
+        kinds.append(kind)
         if i < len(tokens) and tokens[i] == ".":
             i += 1
             continue
+        random = "random" in kinds
         if random and len(getters) > 1:
             raise where.error("numgen random inside a concatenation")
-        return getters, i, random
+        return getters, i, random, kinds[0]
 
 
 def _keys(getters: list[Getter], flow: Flow, random: bool) -> list[tuple[float, Element]]:
@@ -198,8 +202,7 @@ class _Rule:
             return self._statement(tokens, i, sets)
         if t == "update" or tokens[i : i + 3] == ["meta", "mark", "set"]:
             return self._statement(tokens, i, sets)
-        kind = _selector(tokens, i, self.family, self.where)[2]
-        getters, i, random = _key(tokens, i, self.family, self.where)
+        getters, i, random, kind = _key(tokens, i, self.family, self.where)
         op = tokens[i] if i < len(tokens) else ""
         if op == "vmap":
             width = 1 if random else len(getters)
@@ -279,7 +282,7 @@ class _Rule:
             port = int(m.group("port"))
             self.statements.append(lambda f: [(self._translate(f, addr, port), "accept")])
             return i + 1
-        getters, i, random = _key(tokens, i, self.family, self.where)
+        getters, i, random, _kind = _key(tokens, i, self.family, self.where)
         if tokens[i] != "map":
             raise self.where.error("dnat to: an endpoint or a map lookup")
         width = 1 if random else len(getters)
@@ -291,7 +294,7 @@ class _Rule:
         if tokens[i + 2] != "{" or "}" not in tokens[i:]:
             raise self.where.error("update @set { element }")
         end = tokens.index("}", i)
-        getters, j, random = _key(tokens, i + 3, self.family, self.where)
+        getters, j, random, _kind = _key(tokens, i + 3, self.family, self.where)
         target = _set_name(tokens[i + 1], sets, self.where, len(getters), "")
         timeout: int | None = None
         if tokens[j : j + 1] == ["timeout"]:
