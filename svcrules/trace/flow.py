@@ -3,8 +3,8 @@
 A packet's path forks where the rules draw at random (``numgen random``,
 ``statistic --probability``); each fork is a ``Flow`` that carries its own
 probability, its own translation and the rules it matched. ``follow`` walks the
-hooks in the order the kernel does for a new connection, asking the backend's
-interpreter (a ``Hooks``) to run each; ``summarize`` turns the finished flows into
+hooks in the order the kernel does for a new connection, asking a ``Walker`` over
+the backend's parsed chains to run each; ``summarize`` turns the finished flows into
 one answer, and refuses (``TraceError``) when they disagree in a way no answer
 could say.
 """
@@ -67,12 +67,6 @@ class Flow:
     def dnat(self, addr: IPAddress, port: int) -> None:
         self.dst, self.port = addr, port
         self.endpoint = f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
-
-
-class Hooks(Protocol):
-    """A backend's interpreter: run every base chain of one hook, in priority order."""
-
-    def run(self, flow: Flow, hook: str) -> list[Flow]: ...
 
 
 # (flow, verdict): None to go on with the next rule; "miss" when a map lookup found
@@ -218,7 +212,7 @@ def start(packet: Packet) -> Flow:
     return Flow(src, dst, packet.port, packet.proto, packet.from_node, local, dst, packet.port)
 
 
-def follow(flow: Flow, hooks: Hooks) -> list[Flow]:
+def follow(flow: Flow, hooks: Walker) -> list[Flow]:
     """Every path of a new connection through the hooks: output then postrouting for
     the node's own packets; prerouting, then input (to the node itself) or forward and
     postrouting, for arriving ones (the route follows the address DNAT chose)."""
@@ -241,7 +235,7 @@ def follow(flow: Flow, hooks: Hooks) -> list[Flow]:
     return done
 
 
-def second_packet(leaf: Flow, packet: Packet, hooks: Hooks) -> set[str | None]:
+def second_packet(leaf: Flow, packet: Packet, hooks: Walker) -> set[str | None]:
     """Where a second connection from the same client goes, given what the first
     one recorded for ClientIP affinity (the endpoints it can reach)."""
     again = start(packet)
@@ -291,7 +285,7 @@ def summarize(
     packet: Packet,
     backend: str,
     flows: Sequence[Flow],
-    hooks: Hooks,
+    hooks: Walker,
     source: str,
 ) -> Trace:
     """One answer from every path of the packet."""
