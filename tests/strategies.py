@@ -12,10 +12,13 @@ PROTOCOLS = ["TCP", "UDP", "SCTP"]
 
 
 @st.composite
-def clusters(draw: st.DrawFn, max_services: int = 6, maglev: bool = True) -> list[Obj]:
+def clusters(
+    draw: st.DrawFn, max_services: int = 6, maglev: bool = True, split: bool = False
+) -> list[Obj]:
     """A NodeConfig plus Services and EndpointSlices that compile without error; with
     ``maglev``, some Services use Maglev (the iptables backend refuses it). Slices carry
-    weights either way."""
+    weights either way; with ``split``, a family's endpoints are sometimes in two slices
+    of different weights, so that one pick gives endpoints unequal shares."""
     n = draw(st.integers(min_value=0, max_value=max_services))
     cluster_ips = draw(st.lists(st.integers(2, 120), min_size=n, max_size=n, unique=True))
     node_ports = iter(
@@ -93,11 +96,16 @@ def clusters(draw: st.DrawFn, max_services: int = 6, maglev: bool = True) -> lis
                 {"name": p["name"], "port": 9000 + k, "protocol": p["protocol"]}
                 for k, p in enumerate(ports)
             ]
-            sl = endpoint_slice(name, eps, ports=ep_ports, family=fam)
-            weight = draw(WEIGHTS)
-            if weight:
-                sl["metadata"]["annotations"] = dict([weight])
-            objs.append(sl)
+            # Sometimes two slices, each with its own weight: unequal shares in one pick.
+            cut = draw(st.integers(0, len(eps))) if split else 0
+            groups = [eps[cut:], eps[:cut]] if cut else [eps]
+            for k, group in enumerate(groups):
+                sl_name = f"{name}-{fam.lower()}" + ("-b" if k else "")
+                sl = endpoint_slice(name, group, ports=ep_ports, family=fam, name=sl_name)
+                weight = draw(WEIGHTS)
+                if weight:
+                    sl["metadata"]["annotations"] = dict([weight])
+                objs.append(sl)
     return objs
 
 

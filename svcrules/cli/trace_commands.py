@@ -90,6 +90,18 @@ def trace_cmd(
         typer.Option("--port", min=1, max=65535, metavar="PORT", help="Destination port."),
     ] = None,
     proto: Annotated[Proto, typer.Option("--proto", help="Transport protocol.")] = Proto.tcp,
+    sport: Annotated[
+        int | None,
+        typer.Option(
+            "--sport",
+            min=1,
+            max=65535,
+            metavar="PORT",
+            help="Source port. Known, the slot a Maglev hash (jhash) gives the packet is "
+            "computed as the kernel does, instead of every slot being taken as equally "
+            "likely. With --kernel and --from-node, the packet is sent from it.",
+        ),
+    ] = None,
     from_node: Annotated[
         bool,
         typer.Option(
@@ -128,6 +140,8 @@ def trace_cmd(
           --dst 203.0.113.10 --port 80
       svcrules trace fixtures/demo --from-node --dst 192.0.2.1 \\
           --port 30080 -o json
+      svcrules trace fixtures/demo --src 198.51.100.12 \\
+          --dst 203.0.113.10 --port 80 --sport 40000   # a Maglev pick, exactly
       svcrules trace --kernel --src 192.0.2.100 \\
           --dst 203.0.113.10 --port 80          # as root, on the node
     """
@@ -141,7 +155,7 @@ def trace_cmd(
         if src is None:
             usage("--src is required (with --kernel and no inputs to take the nodeIP from)")
         table = overrides.table_name or "svcrules"
-        packet = Packet(src, dst, port, proto.value, from_node, tuple(node_address or []))
+        packet = Packet(src, dst, port, proto.value, from_node, tuple(node_address or []), sport)
         _show(_kernel(packet, backend, table, timeout, iptables), None, fmt)
         return
     ruleset = _compile(paths, config, overrides, backend)
@@ -152,7 +166,7 @@ def trace_cmd(
             usage("--src is required (without --from-node)")
         src = same[0]
     local = local_addresses(ips, node_address or [])
-    packet = Packet(src, dst, port, proto.value, from_node, local)
+    packet = Packet(src, dst, port, proto.value, from_node, local, sport)
     try:
         predicted = trace(ruleset.text(backend.value), backend.value, packet)
     except SvcrulesError as exc:

@@ -116,7 +116,7 @@ def trace_kernel(
     if problem := net_admin_problem():
         raise NotPermitted(problem)
     tracer = _tracer(packet, backend, table, iptables_variant)
-    collector = Collector(packet)
+    collector = Collector(packet, packet.sport)
     with _terminate_as_interrupt():
         try:
             tracer.start(time.monotonic() + READY_TIMEOUT)
@@ -191,13 +191,16 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def send_packet(packet: Packet, timeout: float) -> int:
-    """Send the first packet of a connection from ``packet.src``; return its source
-    port. What happens to it is the trace's to tell, not the socket's."""
+    """Send the first packet of a connection from ``packet.src`` (and ``packet.sport``,
+    if given); return its source port. What happens to it is the trace's to tell, not
+    the socket's."""
     family = socket.AF_INET if family_of(packet) == 4 else socket.AF_INET6
     kind = socket.SOCK_STREAM if packet.proto == "tcp" else socket.SOCK_DGRAM
     with socket.socket(family, kind) as sock:
         try:
-            sock.bind((packet.src, 0))
+            if packet.sport is not None:  # the same port again soon: TIME_WAIT allows it
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((packet.src, packet.sport or 0))
         except OSError as exc:
             raise TraceError(
                 f"cannot send from {packet.src}: {exc.strerror or exc}; with --send the "

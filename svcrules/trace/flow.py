@@ -18,7 +18,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from svcrules.trace.model import Affinity, Packet, Step, Trace, TraceError, Verdict
+from svcrules.trace.model import Affinity, Packet, Pick, Step, Trace, TraceError, Verdict
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -51,6 +51,8 @@ class Flow:
     pins: frozenset[Hashable] = frozenset()
     recorded: tuple[Hashable, ...] = ()
     affinity_timeout: int | None = None
+    sport: int | None = None  # the source port, when the question gives it
+    picks: tuple[Pick, ...] = ()  # the rules that drew a slot on this path
 
     @property
     def family(self) -> int:
@@ -59,6 +61,12 @@ class Flow:
     def fork(self, prob: float) -> Flow:
         """A copy that takes this path with probability ``prob`` of the current one."""
         return replace(self, prob=self.prob * prob, path=list(self.path))
+
+    def picked(self, pick: Pick) -> Flow:
+        """This flow, having passed ``pick`` (once, however many of its rules ran)."""
+        if pick not in self.picks:
+            self.picks = (*self.picks, pick)
+        return self
 
     def is_local(self, addr: IPAddress) -> bool:
         """``fib ... type local`` / ``addrtype LOCAL``: one of the node's addresses."""
@@ -209,7 +217,17 @@ def start(packet: Packet) -> Flow:
     local = frozenset(parse_address(a, "--node-address") for a in packet.local)
     if packet.from_node:
         local |= {src}  # the node sends only from its own addresses
-    return Flow(src, dst, packet.port, packet.proto, packet.from_node, local, dst, packet.port)
+    return Flow(
+        src,
+        dst,
+        packet.port,
+        packet.proto,
+        packet.from_node,
+        local,
+        dst,
+        packet.port,
+        sport=packet.sport,
+    )
 
 
 def follow(flow: Flow, hooks: Walker) -> list[Flow]:
@@ -281,6 +299,23 @@ def _merge_paths(flows: Sequence[Flow]) -> tuple[Step, ...]:
     )
 
 
+def _balancing(flows: Sequence[Flow], endpoints: Sequence[str]) -> tuple[Pick, ...]:
+    """The picks on the paths, in path order, each with how many of its slots lead to
+    each endpoint: its table's size times the endpoint's share of the paths through it
+    (none where the slot was computed: only that one was followed)."""
+    out: list[Pick] = []
+    for pick in dict.fromkeys(p for f in flows for p in f.picks):
+        through = [f for f in flows if pick in f.picks]
+        if pick.size is None or pick.slot is not None:
+            out.append(pick)
+            continue
+        total = sum(f.prob for f in through)
+        share = {ep: sum(f.prob for f in through if f.endpoint == ep) / total for ep in endpoints}
+        slots = tuple((ep, round(share[ep] * pick.size)) for ep in endpoints if share[ep] > 0)
+        out.append(pick._replace(slots=slots))
+    return tuple(out)
+
+
 def summarize(
     packet: Packet,
     backend: str,
@@ -331,6 +366,7 @@ def summarize(
         backend,
         "dnat",
         endpoints=endpoints,
+        balancing=_balancing(flows, endpoints),
         probabilities={ep: round(probs[ep], 6) for ep in endpoints},
         masquerade=everywhere,
         masqueraded=masqueraded,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from svcrules.trace.flow import ENDPOINT, Flow, IPAddress, Outcome, Walker, follow, start, summarize
-from svcrules.trace.model import Packet, Trace, TraceError
+from svcrules.trace.model import Packet, Pick, Trace, TraceError
 
 # Built-in chains svcrules jumps from: (table, chain) -> (hook, priority)
 BUILTIN = {
@@ -70,6 +70,7 @@ class _Rule:
         self.family = family
         self.matches: list[Callable[[Flow], bool]] = []
         self.branch: float | None = None  # -m statistic: matches with this probability
+        self.pick: Pick | None = None  # -m statistic: the cascade of its chain
         self.affinity: int | None = None  # -m recent --rcheck --seconds N
         self.target: Callable[[Flow], list[Outcome]] | None = None
         self.sets_mark = False
@@ -233,6 +234,9 @@ class _Rule:
             return self.target(f) if self.target else [(f, None)]
         taken = f.fork(self.branch)
         skipped = f.fork(1.0 - self.branch)
+        if self.pick is not None:  # the cascade's last rule has no statistic: no need
+            taken.picked(self.pick)
+            skipped.picked(self.pick)
         outcomes = self.target(taken) if self.target else [(taken, None)]
         return [*outcomes, (skipped, "miss")]
 
@@ -314,7 +318,10 @@ def parse(text: str) -> dict[str, IptTable]:
         elif m := re.fullmatch(r"-A (\S+) (.*)", s):
             if m.group(1) not in table.chains:
                 raise where.error(f"chain {m.group(1)} is not declared")
-            table.chains[m.group(1)].rules.append(_Rule(m.group(2), where, table.version))
+            rule = _Rule(m.group(2), where, table.version)
+            if rule.branch is not None:  # a random pick: a cascade of these
+                rule.pick = Pick("random", table.label, m.group(1), "")
+            table.chains[m.group(1)].rules.append(rule)
         else:
             raise where.error("unknown line")
     if table is not None:

@@ -37,6 +37,7 @@ class Packet(NamedTuple):
     proto: str = "tcp"
     from_node: bool = False
     local: tuple[str, ...] = ()
+    sport: int | None = None  # the source port: known, a Maglev hash of the flow is computed
 
     def checked(self) -> Packet:
         """This packet with canonical addresses; TraceError for one no rule can meet."""
@@ -47,6 +48,8 @@ class Packet(NamedTuple):
             raise TraceError(f"--proto {self.proto!r}: one of {', '.join(PROTOCOLS)}")
         if not 0 < self.port < 65536:
             raise TraceError(f"--port {self.port}: between 1 and 65535")
+        if self.sport is not None and not 0 < self.sport < 65536:
+            raise TraceError(f"--sport {self.sport}: between 1 and 65535")
         return self._replace(src=str(src), dst=str(dst))
 
 
@@ -75,6 +78,47 @@ class Step(NamedTuple):
         return out
 
 
+class Pick(NamedTuple):
+    """How a rule on the path picks the endpoint: ``numgen random`` or a ``statistic``
+    cascade (algorithm "random"), or ``jhash`` (algorithm "maglev").
+
+    A slot is drawn from a table of ``size`` slots, each leading to one endpoint
+    (``slots``: how many lead to each); ``size`` is None for iptables, whose cascade
+    spells shares as probabilities. A Maglev hash's slot depends on the packet: unless
+    it could be computed (``slot``, with the packet's source port), every slot is
+    taken to be equally likely, as with random.
+    """
+
+    algorithm: Literal["random", "maglev"]
+    table: str
+    chain: str
+    rule: str  # nft: the rule that picks; iptables: "" (the chain's statistic rules)
+    size: int | None = None
+    seed: int | None = None  # maglev: the hash's seed
+    hash: str = ""  # maglev: "flow" (addresses and ports) or "client" (source address)
+    fields: tuple[str, ...] = ()  # maglev: what the hash reads, as written
+    slot: int | None = None  # the slot the hash gives this packet (0 .. size-1), if known
+    slots: tuple[tuple[str, int], ...] = ()  # (endpoint, slots leading to it)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "algorithm": self.algorithm,
+            "table": self.table,
+            "chain": self.chain,
+        }
+        if self.rule:
+            out["rule"] = self.rule
+        if self.size is not None:
+            out["table_size"] = self.size
+            out["slots"] = dict(self.slots)
+        if self.algorithm == "maglev":
+            out["seed"] = f"0x{self.seed or 0:x}"
+            out["hash"] = self.hash
+            out["fields"] = list(self.fields)
+            out["slot"] = self.slot
+        return out
+
+
 class Affinity(NamedTuple):
     """ClientIP affinity on the path: the first packet picks, and whether a second
     packet from the same client, evaluated with what the first one recorded,
@@ -88,7 +132,8 @@ class Affinity(NamedTuple):
 class Trace:
     """What the rules do with a packet.
 
-    ``endpoints``: where a ``dnat`` verdict may send it, each with its probability.
+    ``endpoints``: where a ``dnat`` verdict may send it, each with its probability;
+    ``balancing``: the rules that pick among them, and how.
     ``masquerade``: masqueraded whichever endpoint is picked; ``masqueraded``: the
     endpoints whose connections are (all of them when ``masquerade``; with a hairpin,
     the client's own address). ``masquerade_reason``: the rules that decided it.
@@ -105,6 +150,7 @@ class Trace:
     affinity: Affinity | None = None
     chains: tuple[Step, ...] = ()
     source: str = ""  # "pod", "node" or "outside", as the rules classify it
+    balancing: tuple[Pick, ...] = ()  # dnat: how the endpoint is picked, in path order
 
     def masqueraded_to(self, endpoint: str) -> bool:
         """Whether a connection that lands on ``endpoint`` is masqueraded."""
@@ -120,6 +166,7 @@ class Trace:
                 "proto": p.proto,
                 "from_node": p.from_node,
                 "source": self.source,
+                "sport": p.sport,
             },
             "backend": self.backend,
             "verdict": self.verdict,
@@ -134,6 +181,7 @@ class Trace:
                 else {"timeout": self.affinity.timeout, "sticky": self.affinity.sticky}
             ),
             "chains": [s.as_json() for s in self.chains],
+            "balancing": [b.as_json() for b in self.balancing],
         }
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svcrules.trace.flow import ENDPOINT, Flow, IPAddress, Outcome, Walker, follow, start, summarize
-from svcrules.trace.model import Packet, Trace, TraceError
+from svcrules.trace.jhash import jhash_slot
+from svcrules.trace.model import PROTOCOLS, Packet, Pick, Trace, TraceError
 
 Value = Any  # an address, a network, an int, a protocol name or a tuple of them
 Element = tuple[Value, ...]
@@ -96,8 +97,9 @@ Getter = Callable[[Flow], Value]
 
 
 def _selector(tokens: list[str], i: int, family: str, where: _Where) -> tuple[Getter, int, str]:
-    """One selector at tokens[i]: (getter, next index, kind). kind "random" marks
-    ``numgen random``, whose value is drawn: only map lookups may use it."""
+    """One selector at tokens[i]: (getter, next index, kind). Kinds "random"
+    (``numgen random``) and "hash" (``jhash``) are drawn: their getter is a ``_Draw``,
+    and only map lookups may use them."""
     t = tokens[i : i + 6]
     if t[:1] == [family] and t[1:2] in (["saddr"], ["daddr"]):
         which = t[1]
@@ -121,16 +123,125 @@ def _selector(tokens: list[str], i: int, family: str, where: _Where) -> tuple[Ge
     if t[:3] == ["numgen", "random", "mod"] and t[4:5] == ["offset"]:
         if not (t[3].isdigit() and t[5].isdigit()) or int(t[3]) < 1:
             raise where.error("numgen random needs a positive modulus and an offset")
-        size, base = int(t[3]), int(t[5])
-        return (lambda f: (size, base)), i + 6, "random"
+        return _Draw(int(t[3]), int(t[5])), i + 6, "random"
+    if t[:1] == ["jhash"]:
+        draw, i = _jhash(tokens, i + 1, family, where)
+        return draw, i, "hash"
     raise where.error(f"unknown expression at {' '.join(t[:3])!r}")
+
+
+# What a Maglev hash reads, as svcrules writes it: the client's address (ClientIP
+# affinity), or the flow's addresses and ports (the payload's protocol: "p").
+HASHED = {
+    ("saddr",): "client",
+    ("saddr", "p sport", "daddr", "p dport"): "flow",
+}
+
+
+def _jhash(tokens: list[str], i: int, family: str, where: _Where) -> tuple[_Draw, int]:
+    """``jhash FIELD[ . FIELD...] mod M seed S [offset B]`` from tokens[i] (after
+    ``jhash``): the fields svcrules hashes (HASHED), in this order."""
+    fields: list[tuple[str, str]] = []
+    while True:
+        what, which = tokens[i], tokens[i + 1]
+        address = what == family and which in ("saddr", "daddr")
+        port = what in PROTOCOLS and which in ("sport", "dport")
+        if address or port:
+            fields.append((what, which))
+        else:
+            raise where.error(f"jhash of {what} {which}: not a field svcrules hashes")
+        i += 2
+        if tokens[i] != ".":
+            break
+        i += 1
+    protocols = {what for what, _ in fields if what in PROTOCOLS}
+    shape = tuple(which if what == family else f"p {which}" for what, which in fields)
+    if shape not in HASHED or len(protocols) > 1:
+        written = " . ".join(f"{a} {b}" for a, b in fields)
+        raise where.error(f"jhash of {written}: svcrules hashes the client address or the flow")
+    if tokens[i] != "mod" or tokens[i + 2] != "seed":
+        raise where.error("jhash needs 'mod M seed S'")
+    size, seed = _number(tokens[i + 1]), _number(tokens[i + 3])
+    i += 4
+    base = 0
+    if i < len(tokens) and tokens[i] == "offset":
+        base = _number(tokens[i + 1])
+        i += 2
+    if size < 1 or seed >= 1 << 32 or base + size > 1 << 32:
+        raise where.error("jhash needs a positive modulus and a 32-bit seed and offset")
+    texts = tuple(f"{a} {b}" for a, b in fields)
+    protocol = protocols.pop() if protocols else ""
+    return _Draw(size, base, seed, HASHED[shape], tuple(fields), texts, protocol), i
+
+
+def _number(token: str) -> int:
+    """A decimal or 0x-hexadecimal number; ValueError otherwise."""
+    value = _value(token)
+    if not isinstance(value, int):
+        raise ValueError(f"{token!r} is not a number")
+    return value
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """A key drawn per packet: ``numgen random`` (a uniformly random slot of ``size``
+    from ``base``), or ``jhash`` (Maglev: a hash of the flow or of the client's
+    address, with ``seed``). A hash's slot is computed where the packet is fully known
+    (its source port given), else every slot is taken to be equally likely."""
+
+    size: int
+    base: int
+    seed: int | None = None  # jhash only, from here on
+    hash: str = ""  # "flow" or "client"
+    fields: tuple[tuple[str, str], ...] = ()  # ("ip", "saddr"), ("tcp", "sport"), ...
+    texts: tuple[str, ...] = ()
+    protocol: str = ""  # a flow hash's payload protocol: the rule matches only it
+
+    def __call__(self, f: Flow) -> list[tuple[float, int]]:
+        """The slots (0 .. size-1) the flow may take, with their probabilities."""
+        if self.seed is not None and self.computed(f):
+            return [(1.0, jhash_slot(self._data(f), self.seed, self.size))]
+        return [(1.0 / self.size, n) for n in range(self.size)]
+
+    def _data(self, f: Flow) -> bytes:
+        """The hash's input as the kernel's registers hold it: each field in network
+        order, padded with zeros to a multiple of 4 bytes."""
+        out = b""
+        for _what, which in self.fields:
+            if which in ("saddr", "daddr"):
+                out += (f.src if which == "saddr" else f.dst).packed
+            else:
+                port = f.sport if which == "sport" else f.port
+                out += (port or 0).to_bytes(2, "big") + bytes(2)
+        return out
+
+    def computed(self, f: Flow) -> bool:
+        """Whether the slot is computed for ``f`` (a hash, with the source port known)."""
+        return self.seed is not None and f.sport is not None
+
+    def pick(self, rule: _Rule, slot: int | None) -> Pick:
+        """The record of this draw in ``rule``; ``slot``: the one computed, if it was."""
+        if self.seed is None:
+            return Pick("random", rule.table, rule.chain, rule.text, self.size)
+        return Pick(
+            "maglev",
+            rule.table,
+            rule.chain,
+            rule.text,
+            self.size,
+            self.seed,
+            self.hash,
+            self.texts,
+            slot,
+        )
 
 
 def _key(
     tokens: list[str], i: int, family: str, where: _Where
-) -> tuple[list[Getter], int, bool, str]:
-    """A selector or a concatenation (``a . b . c``): getters, next index, whether
-    the key is drawn at random, and the kind of its first selector."""
+) -> tuple[list[Getter], int, _Draw | None, str]:
+    """A selector or a concatenation (``a . b . c``): getters, next index, the drawn
+    key (``numgen random``, ``jhash``) when it is one, and the kind of its first
+    selector."""
     getters: list[Getter] = []
     kinds: list[str] = []
     while True:
@@ -140,18 +251,24 @@ def _key(
         if i < len(tokens) and tokens[i] == ".":
             i += 1
             continue
-        random = "random" in kinds
-        if random and len(getters) > 1:
-            raise where.error("numgen random inside a concatenation")
-        return getters, i, random, kinds[0]
+        drawn = [k for k in kinds if k in ("random", "hash")]
+        if drawn and len(getters) > 1:
+            what = "numgen random" if drawn[0] == "random" else "jhash"
+            raise where.error(f"{what} inside a concatenation")
+        draw = getters[0] if drawn else None
+        assert draw is None or isinstance(draw, _Draw)
+        return getters, i, draw, kinds[0]
 
 
-def _keys(getters: list[Getter], flow: Flow, random: bool) -> list[tuple[float, Element]]:
-    """The key a flow presents, with its probability; a random key is every value."""
-    if not random:
-        return [(1.0, tuple(g(flow) for g in getters))]
-    size, base = getters[0](flow)
-    return [(1.0 / size, (base + n,)) for n in range(size)]
+def _keys(
+    rule: _Rule, getters: list[Getter], flow: Flow, draw: _Draw | None
+) -> list[tuple[float, Element, Pick | None]]:
+    """The key a flow presents, with its probability; a drawn key is every slot it
+    may take, each with the pick that drew it."""
+    if draw is None:
+        return [(1.0, tuple(g(flow) for g in getters), None)]
+    exact = draw.computed(flow)
+    return [(p, (draw.base + n,), draw.pick(rule, n if exact else None)) for p, n in draw(flow)]
 
 
 def _set_name(token: str, sets: dict[str, NftSet], where: _Where, width: int, data: str) -> NftSet:
@@ -178,10 +295,19 @@ VERDICT_DATA = re.compile(r"(?:goto|jump) \S+|accept|drop|return|continue")
 class _Rule:
     """One rule: matches that must all hold, then statements in order."""
 
-    def __init__(self, text: str, family: str, sets: dict[str, NftSet], where: _Where) -> None:
+    def __init__(
+        self,
+        text: str,
+        family: str,
+        sets: dict[str, NftSet],
+        where: _Where,
+        table: str = "",
+        chain: str = "",
+    ) -> None:
         self.text = text
         self.family = family
         self.where = where
+        self.table, self.chain = table, chain  # where it is, for the picks it makes
         self.matches: list[Callable[[Flow], bool]] = []
         self.sets_mark = False  # meta mark set meta mark | X: marks for masquerading
         self.statements: list[Callable[[Flow], list[Outcome]]] = []
@@ -202,15 +328,17 @@ class _Rule:
             return self._statement(tokens, i, sets)
         if t == "update" or tokens[i : i + 3] == ["meta", "mark", "set"]:
             return self._statement(tokens, i, sets)
-        getters, i, random, kind = _key(tokens, i, self.family, self.where)
+        getters, i, draw, kind = _key(tokens, i, self.family, self.where)
         op = tokens[i] if i < len(tokens) else ""
         if op == "vmap":
-            width = 1 if random else len(getters)
+            width = 1 if draw else len(getters)
             vmap = _set_name(tokens[i + 1], sets, self.where, width, "verdict")
-            self.statements.append(lambda f: self._vmap(f, getters, random, vmap))
+            self._implied(draw)
+            self.statements.append(lambda f: self._vmap(f, getters, draw, vmap))
             return i + 2
-        if random:
-            raise self.where.error("numgen random outside a map lookup")
+        if draw:
+            what = "numgen random" if draw.seed is None else "jhash"
+            raise self.where.error(f"{what} outside a map lookup")
         negate = op == "!="
         if op in ("!=", "=="):
             i += 1
@@ -282,19 +410,27 @@ class _Rule:
             port = int(m.group("port"))
             self.statements.append(lambda f: [(self._translate(f, addr, port), "accept")])
             return i + 1
-        getters, i, random, _kind = _key(tokens, i, self.family, self.where)
+        getters, i, draw, _kind = _key(tokens, i, self.family, self.where)
         if tokens[i] != "map":
             raise self.where.error("dnat to: an endpoint or a map lookup")
-        width = 1 if random else len(getters)
+        width = 1 if draw else len(getters)
         backends = _set_name(tokens[i + 1], sets, self.where, width, "value")
-        self.statements.append(lambda f: self._dnat_map(f, getters, random, backends))
+        self._implied(draw)
+        self.statements.append(lambda f: self._dnat_map(f, getters, draw, backends))
         return i + 2
+
+    def _implied(self, draw: _Draw | None) -> None:
+        """A hash of ``tcp sport`` (udp, sctp) makes the rule match that protocol only:
+        nft adds the ``meta l4proto`` it lists folded into the payload."""
+        if draw is not None and draw.protocol:
+            protocol = draw.protocol
+            self.matches.append(lambda f: f.proto == protocol)
 
     def _update(self, tokens: list[str], i: int, sets: dict[str, NftSet]) -> int:
         if tokens[i + 2] != "{" or "}" not in tokens[i:]:
             raise self.where.error("update @set { element }")
         end = tokens.index("}", i)
-        getters, j, random, _kind = _key(tokens, i + 3, self.family, self.where)
+        getters, j, draw, _kind = _key(tokens, i + 3, self.family, self.where)
         target = _set_name(tokens[i + 1], sets, self.where, len(getters), "")
         timeout: int | None = None
         if tokens[j : j + 1] == ["timeout"]:
@@ -302,7 +438,7 @@ class _Rule:
                 raise self.where.error("a timeout in seconds (Ns) is all svcrules writes")
             timeout = int(tokens[j + 1][:-1])
             j += 2
-        if j != end or random:
+        if j != end or draw:
             raise self.where.error("update @set { key [timeout Ns] }")
         if not target.dynamic:
             raise self.where.error(f"update of @{target.name}, which is not a dynamic set")
@@ -324,26 +460,33 @@ class _Rule:
         f.dnat(addr, port)
         return f
 
-    def _vmap(self, f: Flow, getters: list[Getter], random: bool, vmap: NftSet) -> list[Outcome]:
+    def _vmap(
+        self, f: Flow, getters: list[Getter], draw: _Draw | None, vmap: NftSet
+    ) -> list[Outcome]:
         out: list[Outcome] = []
-        for prob, key in _keys(getters, f, random):
+        for prob, key, pick in _keys(self, getters, f, draw):
             data = vmap.lookup(key)
+            g = f.fork(prob)
             if data is None:
-                out.append((f.fork(prob), "miss"))
-            else:  # "continue" goes on with the next rule
-                out.append((f.fork(prob), None if data == "continue" else data))
+                out.append((g, "miss"))
+                continue
+            if pick is not None:
+                g.picked(pick)
+            out.append((g, None if data == "continue" else data))  # continue: next rule
         return out
 
     def _dnat_map(
-        self, f: Flow, getters: list[Getter], random: bool, backends: NftSet
+        self, f: Flow, getters: list[Getter], draw: _Draw | None, backends: NftSet
     ) -> list[Outcome]:
         out: list[Outcome] = []
-        for prob, key in _keys(getters, f, random):
+        for prob, key, pick in _keys(self, getters, f, draw):
             data = backends.lookup(key)
             g = f.fork(prob)
             if data is None:
                 out.append((g, "miss"))
                 continue
+            if pick is not None:
+                g.picked(pick)
             addr_text, _dot, port_text = data.partition(" . ")
             try:
                 addr, port = ipaddress.ip_address(addr_text), int(port_text)
@@ -519,7 +662,7 @@ def parse(text: str) -> dict[str, NftTable]:
     if table is not None:
         raise opened.error(f"table {table.label} does not end")
     for where, rule_text, chain, t in pending:  # after every set is known
-        chain.rules.append(_Rule(rule_text, t.family, t.sets, where))
+        chain.rules.append(_Rule(rule_text, t.family, t.sets, where, t.label, chain.name))
     for t in tables.values():
         for chain in t.chains.values():
             for rule in chain.rules:

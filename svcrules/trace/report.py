@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from svcrules.trace.model import Step, Trace
+from svcrules.trace.model import Pick, Step, Trace
 
 SOURCES = {
     "pod": "from a pod (inside clusterCIDRs)",
@@ -23,6 +23,31 @@ def _step(s: Step, width: int) -> str:
     return f"  {where}  {s.rule}{only}"
 
 
+HASHED = {
+    "flow": ("the flow", "a connection takes the same endpoint on every node"),
+    "client": ("the client's address", "a client takes the same endpoint on every node"),
+}
+
+
+def _pick(p: Pick) -> list[str]:
+    """How one rule picks: its algorithm, and for Maglev what the hash reads."""
+    if p.size is None:
+        return [f"picked:     at random, by the statistic rules of {p.table} {p.chain}"]
+    if p.algorithm == "random":
+        return [f"picked:     at random: one of {p.size} slots, each as likely ({p.chain})"]
+    what, meaning = HASHED.get(p.hash, (p.hash, ""))
+    fields = " . ".join(p.fields)
+    taken = (
+        f"slot {p.slot} for this source port"
+        if p.slot is not None
+        else "every slot taken as equally likely"
+    )
+    return [
+        f"picked:     maglev: jhash of {what} ({fields}), seed 0x{p.seed or 0:x}, {p.size} slots",
+        f"            ({meaning}); {taken} ({p.chain})",
+    ]
+
+
 def text(t: Trace) -> str:
     """Several lines: packet, verdict, endpoints, masquerade and why, the path."""
     p = t.packet
@@ -32,11 +57,21 @@ def text(t: Trace) -> str:
     lines.append(f"verdict:    {VERDICTS[t.verdict]}")
     if t.verdict == "dnat":
         lines.append("endpoints:")
+        # Each endpoint's slots, where one table's slots decide all of them and some
+        # endpoint has more than one (weights, Maglev).
+        tables = [p for p in t.balancing if p.slots]
+        slots = dict(tables[0].slots) if len(tables) == 1 else {}
+        if all(n == 1 for n in slots.values()):
+            slots = {}
         for ep in t.endpoints:
             note = ""
+            if ep in slots:
+                note = f"  {slots[ep]} of {tables[0].size} slots"
             if ep in t.masqueraded and not t.masquerade:
-                note = "  masqueraded: the client is this endpoint (hairpin)"
+                note += "  masqueraded: the client is this endpoint (hairpin)"
             lines.append(f"  {ep:<28} {t.probabilities[ep]:>7.2%}{note}")
+        for pick in t.balancing:
+            lines.extend(_pick(pick))
         if t.masquerade:
             masq = "yes: the endpoint sees the node's address as the source"
         elif t.masqueraded:

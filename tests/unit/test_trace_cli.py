@@ -49,9 +49,12 @@ def test_trace_text_for_a_cluster_ip() -> None:
     assert lines[2] == "endpoints:"
     assert lines[3].split() == ["198.51.100.11:8080", "50.00%"]
     assert lines[4].split() == ["198.51.100.12:8080", "50.00%"]
-    assert lines[5] == "masquerade: no: the endpoint sees the client's address"
-    assert lines[6] == "path (rules matched, in order):"
-    assert lines[7].split() == ["ip", "svcrules", "nat-prerouting", "jump", "services"]
+    assert lines[5] == (
+        "picked:     at random: one of 2 slots, each as likely (svc-f49b7503027b-shop-web-http-tcp)"
+    )
+    assert lines[6] == "masquerade: no: the endpoint sees the client's address"
+    assert lines[7] == "path (rules matched, in order):"
+    assert lines[8].split() == ["ip", "svcrules", "nat-prerouting", "jump", "services"]
     assert res.stderr == ""
 
 
@@ -67,6 +70,7 @@ def test_trace_json_for_a_cluster_ip(backend: str) -> None:
         "proto": "tcp",
         "from_node": False,
         "source": "pod",
+        "sport": None,
     }
     assert out["verdict"] == "dnat"
     assert out["endpoints"] == WEB
@@ -141,6 +145,80 @@ def test_node_address_reaches_a_nodeport_where_nodeportaddresses_allow(backend: 
     assert extra["endpoints"] == ["198.51.100.32:8080"]
     assert extra["packet"]["source"] == "outside"
     assert trace_json(*args, "--port", "30040")["verdict"] == "untouched"  # not the node's
+
+
+def weighted(tmp_path: Path, algorithm: str = "random") -> Path:
+    """shop/web with three endpoints in slices of weights 1, 3 and 0 (drained)."""
+    cluster = tmp_path / "cluster.yaml"
+    web = service("web", "203.0.113.10", ports=[{"name": "http", "port": 80}])
+    web["metadata"]["annotations"] = {"svcrules.io/load-balancing": algorithm}
+    slices = []
+    for n, weight in ((11, "1"), (12, "3"), (13, "0")):
+        sl = endpoint_slice("web", [endpoint(f"198.51.100.{n}")], name=f"web-{n}")
+        sl["metadata"]["annotations"] = {"svcrules.io/weight": weight}
+        slices.append(sl)
+    cfg = node_config(clusterCIDRs=["198.51.100.0/24"], maglev={"seed": "0x5eed"})
+    cluster.write_text(dump([cfg, web, *slices]))
+    return cluster
+
+
+ARGS = ["--src", "192.0.2.100", "--dst", "203.0.113.10", "--port", "80"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_shares_on_both_backends(backend: str, tmp_path: Path) -> None:
+    out = trace_json(str(weighted(tmp_path)), *ARGS, "-b", backend)
+    assert out["probabilities"] == {"198.51.100.11:8080": 0.25, "198.51.100.12:8080": 0.75}
+    (pick,) = out["balancing"]
+    assert pick["algorithm"] == "random"
+    if backend == "nftables":
+        assert pick["table_size"] == 4
+        assert pick["slots"] == {"198.51.100.11:8080": 1, "198.51.100.12:8080": 3}
+    else:
+        assert "table_size" not in pick and "slots" not in pick
+
+
+def test_trace_maglev_text_json_and_sport(tmp_path: Path) -> None:
+    cluster = str(weighted(tmp_path, "maglev"))
+    res = runner.invoke(app, ["trace", cluster, *ARGS])
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.splitlines()
+    # (The drained endpoint counts in the default table size: 3 endpoints, 509 slots.)
+    assert lines[3].split() == ["198.51.100.11:8080", "24.95%", "127", "of", "509", "slots"]
+    assert lines[4].split() == ["198.51.100.12:8080", "75.05%", "382", "of", "509", "slots"]
+    assert lines[5] == (
+        "picked:     maglev: jhash of the flow (ip saddr . tcp sport . ip daddr . tcp dport), "
+        "seed 0x5eed, 509 slots"
+    )
+    assert "every slot taken as equally likely" in lines[6]
+    out = trace_json(cluster, *ARGS)
+    (pick,) = out["balancing"]
+    assert {k: pick[k] for k in ("algorithm", "table_size", "seed", "hash", "slot")} == {
+        "algorithm": "maglev",
+        "table_size": 509,
+        "seed": "0x5eed",
+        "hash": "flow",
+        "slot": None,
+    }
+    assert pick["fields"] == ["ip saddr", "tcp sport", "ip daddr", "tcp dport"]
+    assert pick["slots"] == {"198.51.100.11:8080": 127, "198.51.100.12:8080": 382}
+    # With the source port, the one slot the kernel's jhash takes.
+    seen = set()
+    for sport in range(40000, 40012):
+        one = trace_json(cluster, *ARGS, "--sport", str(sport))
+        assert one["packet"]["sport"] == sport
+        (ep,) = one["endpoints"]
+        assert one["probabilities"] == {ep: 1.0}
+        assert one["balancing"][0]["slot"] in range(509)
+        seen.add(ep)
+    assert seen == {"198.51.100.11:8080", "198.51.100.12:8080"}
+    res = runner.invoke(app, ["trace", cluster, *ARGS, "--sport", "40000"])
+    assert "for this source port" in res.stdout
+
+
+def test_sport_out_of_range_is_a_usage_error() -> None:
+    res = runner.invoke(app, ["trace", DEMO, *ARGS, "--sport", "0"])
+    assert res.exit_code == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from svcrules.trace import Packet, Step, Trace, TraceError, trace
-from svcrules.trace.model import Affinity
+from svcrules.trace.model import Affinity, Pick
 
 CIP = "203.0.113.10"
 OUTSIDE = "192.0.2.100"
@@ -155,6 +155,18 @@ def test_statistic_cascade_of_three_endpoints() -> None:
 def test_statistic_uneven_split() -> None:
     t = run(cascade("0.2500000000"))
     assert t.probabilities == {"10.0.0.1:8080": 0.25, "10.0.0.2:8080": 0.75}
+
+
+def test_statistic_cascade_is_a_random_pick_of_its_chain() -> None:
+    """Weights 2, 1, 3 as the renderer spells them (slots / slots left)."""
+    t = run(cascade("0.3333333333", "0.2500000000"))
+    assert t.probabilities == pytest.approx(
+        {"10.0.0.1:8080": 2 / 6, "10.0.0.2:8080": 1 / 6, "10.0.0.3:8080": 3 / 6}, abs=1e-6
+    )
+    assert t.balancing == (Pick("random", "ipv4 nat", "SVC", ""),)
+    assert t.as_json()["balancing"] == [
+        {"algorithm": "random", "table": "ipv4 nat", "chain": "SVC"}
+    ]
 
 
 def test_statistic_rule_with_other_matches_that_fail_does_not_fork() -> None:

@@ -3,10 +3,13 @@ hand-written rulesets, and a clear TraceError (with the line) for anything else.
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from svcrules.trace import Packet, Step, Trace, TraceError, trace
-from svcrules.trace.model import Affinity
+from svcrules.trace.jhash import jhash, jhash_slot
+from svcrules.trace.model import Affinity, Pick
 
 CIP = "203.0.113.10"  # a ClusterIP
 OUTSIDE = "192.0.2.100"  # a client outside the cluster
@@ -949,3 +952,281 @@ def test_protocol_by_number() -> None:
 def test_a_table_declared_twice_keeps_both_blocks() -> None:
     text = table(prerouting("drop")) + table(nset("s", "type ipv4_addr"))
     assert run(text).verdict == "drop"
+
+
+# -- Maglev (jhash) and weighted picks -------------------------------------------------
+
+FLOW_HASH = "jhash ip saddr . tcp sport . ip daddr . tcp dport mod 5 seed 0x5eed offset 7"
+
+
+def maglev(pick: str = FLOW_HASH, *rest: str) -> str:
+    """Five slots of three endpoints: two, two and one (weights, or Maglev's table)."""
+    return table(
+        nmap(
+            "m",
+            "typeof numgen random mod 1 : ip daddr . tcp dport",
+            "7 : 10.0.0.1 . 80",
+            "8 : 10.0.0.2 . 80",
+            "9 : 10.0.0.1 . 80",
+            "10 : 10.0.0.3 . 80",
+            "11 : 10.0.0.2 . 80",
+        ),
+        prerouting(f"dnat ip to {pick} map @m", *rest),
+    )
+
+
+def test_jhash_of_the_flow_weighs_every_slot_alike() -> None:
+    t = run(maglev())
+    assert t.probabilities == {"10.0.0.1:80": 0.4, "10.0.0.2:80": 0.4, "10.0.0.3:80": 0.2}
+    rule = f"dnat ip to {FLOW_HASH} map @m"
+    assert t.chains == (step("pre", rule),)
+    assert t.balancing == (
+        Pick(
+            "maglev",
+            TABLE,
+            "pre",
+            rule,
+            size=5,
+            seed=0x5EED,
+            hash="flow",
+            fields=("ip saddr", "tcp sport", "ip daddr", "tcp dport"),
+            slots=(("10.0.0.1:80", 2), ("10.0.0.2:80", 2), ("10.0.0.3:80", 1)),
+        ),
+    )
+    assert t.as_json()["balancing"] == [
+        {
+            "algorithm": "maglev",
+            "table": TABLE,
+            "chain": "pre",
+            "rule": rule,
+            "table_size": 5,
+            "slots": {"10.0.0.1:80": 2, "10.0.0.2:80": 2, "10.0.0.3:80": 1},
+            "seed": "0x5eed",
+            "hash": "flow",
+            "fields": ["ip saddr", "tcp sport", "ip daddr", "tcp dport"],
+            "slot": None,
+        }
+    ]
+
+
+def test_jhash_of_tcp_ports_matches_only_tcp() -> None:
+    """nft folds the ``meta l4proto tcp`` a ``tcp sport`` payload needs into it."""
+    text = maglev(FLOW_HASH, "dnat ip to 10.0.0.9:53")
+    assert run(text, proto="udp").endpoints == ("10.0.0.9:53",)
+    assert len(run(text, proto="tcp").endpoints) == 3
+
+
+def test_jhash_without_offset_starts_at_slot_0() -> None:
+    text = table(
+        nmap("m", "typeof numgen random mod 1 : ip daddr . tcp dport", "0 : 10.0.0.1 . 80"),
+        prerouting(
+            "dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 1 seed 0x1 map @m"
+        ),
+    )
+    assert run(text).probabilities == {"10.0.0.1:80": 1.0}
+
+
+def test_jhash_of_the_client_address_in_a_verdict_map() -> None:
+    text = table(
+        nmap(
+            "m",
+            "typeof numgen random mod 1 : verdict",
+            "0 : goto a",
+            "1 : goto b",
+            "2 : goto a",
+        ),
+        prerouting("jhash ip saddr mod 3 seed 0xffffffff vmap @m"),
+        chain("a", "dnat ip to 10.0.0.1:80"),
+        chain("b", "dnat ip to 10.0.0.2:80"),
+    )
+    t = run(text, proto="udp")  # no ports hashed: any protocol
+    assert t.probabilities == pytest.approx({"10.0.0.1:80": 2 / 3, "10.0.0.2:80": 1 / 3}, abs=1e-6)
+    (pick,) = t.balancing
+    assert (pick.algorithm, pick.hash, pick.fields, pick.seed, pick.size) == (
+        "maglev",
+        "client",
+        ("ip saddr",),
+        0xFFFFFFFF,
+        3,
+    )
+    assert pick.slots == (("10.0.0.1:80", 2), ("10.0.0.2:80", 1))
+
+
+def test_jhash_over_ipv6_reads_ip6_fields() -> None:
+    text = table(
+        nmap("m", "typeof numgen random mod 1 : ip6 daddr . udp dport", "0 : 2001:db8::1 . 53"),
+        prerouting(
+            "dnat ip6 to jhash ip6 saddr . udp sport . ip6 daddr . udp dport mod 1 seed 0x0 map @m"
+        ),
+        family="ip6",
+    )
+    t = run(text, src="2001:db8:9::1", dst="2001:db8:3::10", port=53, proto="udp")
+    assert t.endpoints == ("[2001:db8::1]:53",)
+    assert t.balancing[0].fields == ("ip6 saddr", "udp sport", "ip6 daddr", "udp dport")
+
+
+def test_weighted_numgen_random_sums_the_slots_of_each_endpoint() -> None:
+    text = maglev("numgen random mod 5 offset 7")
+    t = run(text)
+    assert t.probabilities == {"10.0.0.1:80": 0.4, "10.0.0.2:80": 0.4, "10.0.0.3:80": 0.2}
+    (pick,) = t.balancing
+    assert (pick.algorithm, pick.size, pick.seed, pick.hash, pick.fields) == (
+        "random",
+        5,
+        None,
+        "",
+        (),
+    )
+    assert dict(pick.slots) == {"10.0.0.1:80": 2, "10.0.0.2:80": 2, "10.0.0.3:80": 1}
+    assert "seed" not in t.as_json()["balancing"][0]
+
+
+def test_no_pick_no_balancing() -> None:
+    assert run(table(prerouting("dnat ip to 10.0.0.1:80"))).balancing == ()
+    assert run(table(prerouting("drop"))).as_json()["balancing"] == []
+
+
+# The kernel's answers, read from conntrack (tests/kernel/test_trace_maglev.py checks
+# the same computation against a live kernel): the slot of a flow with its source port.
+def test_jhash_with_the_source_port_takes_one_slot() -> None:
+    text = maglev(
+        "jhash ip saddr . tcp sport . ip daddr . tcp dport mod 5 seed 0x5eed1234 offset 7"
+    )
+    slots = set()
+    for sport in range(40000, 40020):
+        t = trace(text, "nftables", Packet(POD, CIP, 80, "tcp", sport=sport))
+        (pick,) = t.balancing
+        assert pick.slot is not None and 0 <= pick.slot < 5
+        assert len(t.endpoints) == 1 and t.probabilities == {t.endpoints[0]: 1.0}
+        assert pick.slots == ()
+        slots.add(pick.slot)
+    assert len(slots) > 2  # the port moves the flow
+
+
+def test_jhash_is_lookup3() -> None:
+    """Bob Jenkins' own test vectors of hashlittle (lookup3.c, driver5), which the
+    kernel's jhash is on a little-endian machine."""
+    assert jhash(b"", 0) == 0xDEADBEEF
+    assert jhash(b"", 0xDEADBEEF) == 0xBD5B7DDE
+    assert jhash(b"Four score and seven years ago", 0) == 0x17770551
+    assert jhash(b"Four score and seven years ago", 1) == 0xCD628161
+
+
+@pytest.mark.parametrize(
+    ("src", "sport", "dst", "dport", "slot"),
+    [
+        # mod 251, seed 0x5eed1234: regression values of the computation that
+        # tests/kernel/test_trace_maglev.py checks against a live kernel's picks.
+        ("198.51.100.12", 40000, "203.0.113.10", 80, 192),
+        ("192.0.2.100", 20011, "203.0.113.10", 80, 89),
+        ("2001:db8:1::100", 20048, "2001:db8:3::10", 80, 63),
+    ],
+)
+def test_jhash_slot_of_a_flow(src: str, sport: int, dst: str, dport: int, slot: int) -> None:
+    data = b"".join(
+        [
+            ipaddress.ip_address(src).packed,
+            sport.to_bytes(2, "big") + bytes(2),
+            ipaddress.ip_address(dst).packed,
+            dport.to_bytes(2, "big") + bytes(2),
+        ]
+    )
+    assert jhash_slot(data, 0x5EED1234, 251) == slot
+
+
+def test_jhash_slot_of_a_client_address() -> None:
+    assert jhash_slot(ipaddress.ip_address("192.0.2.100").packed, 0x5EED1234, 251) == 187
+
+
+JHASH_MAP = nmap("m", "typeof numgen random mod 1 : ip daddr . tcp dport", "0 : 10.0.0.1 . 80")
+JHASH_VMAP = nmap("v", "typeof numgen random mod 1 : verdict", "0 : drop")
+FLOW = "ip saddr . tcp sport . ip daddr . tcp dport"
+
+
+def jhash_rule(rule: str, pick_map: str = JHASH_MAP) -> str:
+    return table(pick_map, prerouting(rule))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment", "why"),
+    [
+        pytest.param(
+            jhash_rule(f"dnat ip to jhash {FLOW} mod 3 map @m"),
+            "jhash",
+            "mod M seed S",
+            id="no-seed",
+        ),
+        pytest.param(
+            jhash_rule(f"dnat ip to jhash {FLOW} mod 0 seed 0x1 map @m"),
+            "mod 0",
+            "positive modulus",
+            id="modulus-0",
+        ),
+        pytest.param(
+            jhash_rule(f"dnat ip to jhash {FLOW} mod 3 seed 0x100000000 map @m"),
+            "seed 0x1000",
+            "32-bit seed",
+            id="seed-too-wide",
+        ),
+        pytest.param(
+            jhash_rule(f"dnat ip to jhash {FLOW} mod 3 seed zz map @m"),
+            "seed zz",
+            "not a rule svcrules writes",
+            id="seed-not-a-number",
+        ),
+        pytest.param(
+            jhash_rule(f"dnat ip to jhash {FLOW} mod 3 seed 0x1 offset map @m"),
+            "offset map",
+            "not a rule svcrules writes",
+            id="offset-without-value",
+        ),
+        pytest.param(
+            jhash_rule("dnat ip to jhash ip daddr . tcp dport mod 3 seed 0x1 map @m"),
+            "jhash ip daddr",
+            "client address or the flow",
+            id="other-fields",
+        ),
+        pytest.param(
+            jhash_rule(
+                "dnat ip to jhash ip saddr . tcp sport . ip daddr . udp dport mod 3 seed 0x1 map @m"
+            ),
+            "udp dport",
+            "client address or the flow",
+            id="two-protocols",
+        ),
+        pytest.param(
+            jhash_rule("dnat ip to jhash ip saddr . th sport mod 3 seed 0x1 map @m"),
+            "th sport",
+            "jhash of th sport",
+            id="unknown-field",
+        ),
+        pytest.param(
+            jhash_rule("dnat ip to jhash ip6 saddr mod 3 seed 0x1 map @m"),
+            "ip6 saddr",
+            "jhash of ip6 saddr",
+            id="other-family",
+        ),
+        pytest.param(
+            jhash_rule("jhash ip saddr mod 1 seed 0x1 @v drop", JHASH_VMAP),
+            "@v drop",
+            "jhash outside a map lookup",
+            id="outside-a-map",
+        ),
+        pytest.param(
+            jhash_rule("jhash ip saddr mod 1 seed 0x1 . ip daddr vmap @v", JHASH_VMAP),
+            ". ip daddr vmap",
+            "jhash inside a concatenation",
+            id="in-a-concatenation",
+        ),
+        pytest.param(
+            jhash_rule("dnat ip to jhash ip saddr mod", JHASH_MAP),
+            "jhash ip saddr mod",
+            "not a rule svcrules writes",
+            id="truncated",
+        ),
+    ],
+)
+def test_malformed_jhash_is_refused_with_the_line(text: str, fragment: str, why: str) -> None:
+    with pytest.raises(TraceError, match=why) as info:
+        run(text)
+    assert_names_line(info.value, text, fragment)
