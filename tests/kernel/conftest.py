@@ -73,9 +73,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for backend in sorted({b for b, _verdict in checked}):
         verdicts = {v: n for (b, v), n in sorted(checked.items()) if b == backend}
         detail = ", ".join(f"{v} {n}" for v, n in verdicts.items())
+        picks = Counter(getattr(observe, "PICKS", {}))
+        dnat = ", ".join(f"{k} {n}" for (b, k), n in sorted(picks.items()) if b == backend)
         terminalreporter.write_line(
             f"trace differential: {sum(verdicts.values())} (cluster, packet) pairs checked"
-            f" on {backend} ({detail})"
+            f" on {backend} ({detail})" + (f"; of the dnat ones: {dnat}" if dnat else "")
         )
 
 

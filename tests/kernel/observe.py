@@ -48,6 +48,9 @@ NOT_DNAT_CONNECTIONS = 2  # dropped, rejected, untouched: sent at once
 # (cluster, packet) pairs compared, per (backend, predicted verdict); printed in the
 # terminal summary (conftest.py).
 CHECKED: Counter[tuple[str, str]] = Counter()
+# Of the dnat pairs, per backend: how many a Maglev pick decided, how many had endpoints
+# of unequal shares (weights, Maglev's table).
+PICKS: Counter[tuple[str, str]] = Counter()
 
 _KV = re.compile(r"(src|dst|sport|dport)=(\S+)")
 

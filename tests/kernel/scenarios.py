@@ -10,11 +10,17 @@ Every address and port is one the lab can really answer or swallow (see lab.py):
   5353), on node-a (local) or node-b (remote);
 - NodePorts come from a small pool, and a packet to one of the node's own addresses
   only ever uses a port of :data:`NODE_SERVER_PORTS`, on which the differential test
-  runs a server in the node: a packet the rules leave alone is answered by the node.
+  runs a server in the node: a packet the rules leave alone is answered by the node;
+- a Service's slices sometimes carry small weights (:data:`WEIGHTS`: 0 drains, and a
+  share stays large enough that a few dozen connections reach every endpoint), and
+  Services use Maglev
+  by annotation or by the NodeConfig's default, with a small table (iptables refuses
+  Maglev: ``Case.without_maglev`` is the same cluster with random picks).
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +51,11 @@ NODE_PORTS = tuple(range(30000, 30008))
 # The node's server listens on every port a packet to a node address may use.
 NODE_SERVER_PORTS = (*SERVICE_PORTS, *NODE_PORTS)
 PROTOCOLS = ("TCP", "UDP")  # the lab has no SCTP sockets
+# A weighted Service's slices' svcrules.io/weight (0 drains their endpoints). Never
+# mixed with unweighted slices (100): the smallest share, 1 of 1+2+2+2, is still
+# reached in 64 connections but once in 20,000.
+WEIGHTS = ("1", "2", "1", "2", "0")
+LOAD_BALANCING = "svcrules.io/load-balancing"
 
 SOURCE_RANGES: tuple[tuple[str, ...], ...] = (
     ("192.0.2.100/32",),  # the client only
@@ -132,6 +143,17 @@ class Case:
     objs: list[Obj]
     probes: list[Probe]
 
+    def without_maglev(self) -> Case:
+        """The same cluster with random picks, for a backend that refuses Maglev."""
+        objs: list[Obj] = []
+        for o in self.objs:
+            o = copy.deepcopy(o)
+            if o["kind"] == "NodeConfig":
+                o["spec"].pop("loadBalancing", None)
+            o.get("metadata", {}).get("annotations", {}).pop(LOAD_BALANCING, None)
+            objs.append(o)
+        return Case(objs, self.probes)
+
     def has_affinity(self) -> bool:
         return any(o["spec"].get("sessionAffinity") == "ClientIP" for o in self.services())
 
@@ -149,6 +171,11 @@ def lab_clusters(draw: st.DrawFn, max_services: int = 3) -> list[Obj]:
         spec["nodePortAddresses"] = list(npa)
     if rarely(draw, 5):
         spec["clusterCIDRs"] = []  # no way to tell pods apart
+    if rarely(draw, 2):
+        seed = draw(st.integers(0, 2**32 - 1))
+        spec["maglev"] = {"tableSize": 251, "seed": f"0x{seed:x}"}
+        if draw(st.booleans()):
+            spec["loadBalancing"] = "maglev"
     objs: list[Obj] = [cfg(**spec)]
     n = draw(st.integers(1, max_services))
 
@@ -222,9 +249,13 @@ def _service(
     svc = service(
         name, [cluster_ip(host, f) for f in families], ports=ports, type=kind, lb_ips=lb, **spec
     )
+    algorithm = draw(st.sampled_from([None, "maglev", "maglev", "random"]))
+    if algorithm:
+        svc["metadata"]["annotations"] = {LOAD_BALANCING: algorithm}
     if lb and len(lb) > 1 and rarely(draw, 3):
         svc["status"]["loadBalancer"]["ingress"][-1]["ipMode"] = "Proxy"
     out = [svc]
+    weighted = draw(st.booleans())
     # Slices per family, sometimes of a family the Service does not have (ignored).
     for fam in (4, 6):
         if fam not in families and not rarely(draw, 3):
@@ -233,15 +264,23 @@ def _service(
         if not rarely(draw, 5):
             count = draw(st.sampled_from([2, 3, 1, 4]))
             pods = list(draw(st.permutations(PODS))[:count])
-        split = draw(st.integers(0, len(pods))) if draw(st.booleans()) else len(pods)
+        split = draw(st.integers(0, len(pods)))  # two slices, of their own weights
         for k, group in enumerate((pods[:split], pods[split:])):
             if not group and k == 1:
                 continue
-            out.append(_slice(draw, name, fam, k, group, ports))
+            out.append(_slice(draw, name, fam, k, group, ports, weighted))
     return out
 
 
-def _slice(draw: st.DrawFn, name: str, fam: int, k: int, pods: list[str], ports: list[Obj]) -> Obj:
+def _slice(
+    draw: st.DrawFn,
+    name: str,
+    fam: int,
+    k: int,
+    pods: list[str],
+    ports: list[Obj],
+    weighted: bool,
+) -> Obj:
     eps: list[Obj] = []
     for pod in pods:
         state = draw(st.sampled_from(["ready"] * 4 + ["unset", "not-ready", "terminating", "gone"]))
@@ -260,7 +299,10 @@ def _slice(draw: st.DrawFn, name: str, fam: int, k: int, pods: list[str], ports:
         if not rarely(draw, 7)  # rarely, a slice without this port
     ]
     family = "IPv4" if fam == 4 else "IPv6"
-    return endpoint_slice(name, eps, ports=slice_ports, name=f"{name}-{fam}-{k}", family=family)
+    sl = endpoint_slice(name, eps, ports=slice_ports, name=f"{name}-{fam}-{k}", family=family)
+    if weighted:
+        sl["metadata"]["annotations"] = {"svcrules.io/weight": draw(st.sampled_from(WEIGHTS))}
+    return sl
 
 
 def _frontends(objs: list[Obj]) -> list[tuple[str, str, int, str]]:
