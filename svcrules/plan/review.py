@@ -6,8 +6,9 @@ state directory; the next run compares the saved summary with the new plan's
 (``compare``): endpoints added and removed (and those that became local, terminating
 or unused by cluster routes), frontends added and removed, and every policy decision
 that differs (traffic routes, masquerade, the eTP Local short-circuit, source ranges,
-session affinity, load balancing); an endpoint's weight is one of its qualities. Words come from here, at the time of the review, so the saved
-summary holds codes, not sentences.
+session affinity, load balancing); an endpoint's weight is one of its qualities. Words
+come from here, at the time of the review, so the saved summary holds codes, not
+sentences.
 
 A summary is a short JSON text (see ``summarize``); a missing one (a state written by
 an earlier svcrules) gives a review without details.
@@ -19,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcrules.plan.explain import MASQUERADE, hostport
 from svcrules.inputs.model import DEFAULT_WEIGHT
+from svcrules.plan.explain import MASQUERADE, hostport
 from svcrules.plan.node import Algorithm, Masquerade, PortPlan, Route
 
 # Flags of an endpoint in a summary: picked by cluster routes, by local routes (on
