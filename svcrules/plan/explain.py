@@ -89,8 +89,12 @@ def _balancing(p: PortPlan) -> list[str]:
     elif lb.cluster_slots or lb.local_slots:
         lines.append("  balancing  random, by weight")
     if lines:
-        for which, backends in (("cluster", p.cluster_backends), ("local", p.local_backends)):
-            if backends:
+        used = (
+            ("cluster", p.cluster_backends, p.uses_cluster_backends()),
+            ("local", p.local_backends, Route.LOCAL in (p.internal_route, p.external_route)),
+        )
+        for which, backends, picked in used:
+            if backends and picked:
                 table = lb.slots(which, len(backends))
                 lines.append(f"  shares     {which}: {_shares(backends, table)}")
     if p.drained:
