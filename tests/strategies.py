@@ -12,8 +12,10 @@ PROTOCOLS = ["TCP", "UDP", "SCTP"]
 
 
 @st.composite
-def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
-    """A NodeConfig plus Services and EndpointSlices that compile without error."""
+def clusters(draw: st.DrawFn, max_services: int = 6, maglev: bool = True) -> list[Obj]:
+    """A NodeConfig plus Services and EndpointSlices that compile without error; with
+    ``maglev``, some Services use Maglev (the iptables backend refuses it). Slices carry
+    weights either way."""
     n = draw(st.integers(min_value=0, max_value=max_services))
     cluster_ips = draw(st.lists(st.integers(2, 120), min_size=n, max_size=n, unique=True))
     node_ports = iter(
@@ -27,6 +29,7 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
             nodePortAddresses=draw(st.sampled_from([["primary"], ["0.0.0.0/0"], ["192.0.2.0/24"]])),
             masqueradeAll=draw(st.booleans()),
             zone=draw(st.sampled_from(["", "z1"])),
+            **draw(balancing(maglev)),
         )
     ]
     for i, last in enumerate(cluster_ips):
@@ -64,7 +67,12 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
                 spec["loadBalancerSourceRanges"] = draw(
                     st.sampled_from([["192.0.2.0/24"], ["10.0.0.0/8", "2001:db8::/32"]])
                 )
-        objs.append(service(name, ips, ports=ports, type=kind, lb_ips=lb, **spec))
+        svc = service(name, ips, ports=ports, type=kind, lb_ips=lb, **spec)
+        algorithms = [None, "random", "maglev"] if maglev else [None, "random"]
+        algorithm = draw(st.sampled_from(algorithms))
+        if algorithm:
+            svc["metadata"]["annotations"] = {"svcrules.io/load-balancing": algorithm}
+        objs.append(svc)
         for fam, prefix in (("IPv4", "198.51.100."), ("IPv6", "2001:db8:2::")):
             if fam == "IPv6" and not dual:
                 continue
@@ -85,8 +93,36 @@ def clusters(draw: st.DrawFn, max_services: int = 6) -> list[Obj]:
                 {"name": p["name"], "port": 9000 + k, "protocol": p["protocol"]}
                 for k, p in enumerate(ports)
             ]
-            objs.append(endpoint_slice(name, eps, ports=ep_ports, family=fam))
+            sl = endpoint_slice(name, eps, ports=ep_ports, family=fam)
+            weight = draw(WEIGHTS)
+            if weight:
+                sl["metadata"]["annotations"] = dict([weight])
+            objs.append(sl)
     return objs
+
+
+# A slice's weight annotation, or none (weight 100): 0 drains its endpoints.
+WEIGHTS = st.sampled_from(
+    [
+        None,
+        None,
+        ("svcrules.io/weight", "0"),
+        ("svcrules.io/weight", "1"),
+        ("svcrules.io/weight", "300"),
+        ("service.cilium.io/weight", "50"),
+    ]
+)
+
+
+@st.composite
+def balancing(draw: st.DrawFn, maglev: bool) -> dict[str, Any]:
+    """NodeConfig fields choosing the default algorithm and Maglev's table (kept small:
+    251 slots, so that random clusters stay quick to load)."""
+    if not maglev or not draw(st.booleans()):
+        return {}
+    seed = draw(st.integers(0, 2**32 - 1))
+    table = {"tableSize": 251, "seed": f"0x{seed:x}"}
+    return {"loadBalancing": draw(st.sampled_from(["random", "maglev"])), "maglev": table}
 
 
 @st.composite

@@ -84,9 +84,19 @@ class ObjectMeta(K8sModel):
         return next((k for k in PROXY_SKIP_LABELS if k in self.labels), None)
 
 
+# How a Service's endpoints are chosen (svcrules/plan/balancing.py): per Service by
+# annotation, per node by NodeConfig spec.loadBalancing.
+LOAD_BALANCING = "svcrules.io/load-balancing"
+Algorithm = Literal["random", "maglev"]
+
+
 class ServiceMeta(ObjectMeta):
     # Decides which of two Services claiming one frontend keeps it (on_invalid="skip").
     creation_timestamp: datetime | None = None
+    # Of all annotations, only the one svcrules reads is kept.
+    load_balancing: Algorithm | None = Field(
+        default=None, validation_alias=AliasPath("annotations", LOAD_BALANCING)
+    )
 
     @field_validator("creation_timestamp", mode="before")
     @classmethod
@@ -294,12 +304,46 @@ def _annotation_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+# An EndpointSlice's endpoints' weight (0 = drain: no new connections). Cilium's
+# spelling is accepted too, so that one set of manifests serves both.
+WEIGHT = "svcrules.io/weight"
+CILIUM_WEIGHT = "service.cilium.io/weight"
+DEFAULT_WEIGHT = 100  # Cilium's default: a canary slice of weight 10 gets 10/110
+
+
+def _weight(value: Any) -> Any:
+    """An annotation's text as a weight: annotations are strings ("90"); a YAML integer
+    is accepted too, a boolean or anything else is not."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isdigit() or not text.isascii():
+            raise ValueError(f"{value!r} is not a weight (an integer from 0 to 65535)")
+        return int(text)
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a weight (an integer from 0 to 65535)")
+    return value
+
+
+Weight = Annotated[StrictInt, BeforeValidator(_weight), Field(ge=0, le=65535)]
+
+
 class SliceMeta(ObjectMeta):
-    # Of all annotations, only the trigger time is kept (others, such as kubectl's
+    # Of all annotations, only those svcrules reads are kept (others, such as kubectl's
     # last-applied-configuration, can be large).
     trigger_time: Annotated[str, BeforeValidator(_annotation_text)] = Field(
         default="", validation_alias=AliasPath("annotations", TRIGGER_TIME)
     )
+    weight: Weight | None = Field(default=None, validation_alias=AliasPath("annotations", WEIGHT))
+    cilium_weight: Weight | None = Field(
+        default=None, validation_alias=AliasPath("annotations", CILIUM_WEIGHT)
+    )
+
+    @property
+    def endpoint_weight(self) -> int:
+        """The weight of this slice's endpoints: svcrules' annotation, else Cilium's."""
+        if self.weight is not None:
+            return self.weight
+        return DEFAULT_WEIGHT if self.cilium_weight is None else self.cilium_weight
 
 
 # Conditions seen, by value: a handful of combinations, shared by every endpoint.
@@ -373,6 +417,42 @@ class OwnModel(K8sModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Cilium's Maglev table sizes (docs.cilium.io, "Maglev Consistent Hashing"): primes,
+# each about twice the one before. svcrules picks the default from them.
+MAGLEV_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+
+
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def _table_size(value: int | None) -> int | None:
+    if value is None:
+        return value
+    low, high = MAGLEV_SIZES[0], MAGLEV_SIZES[-1]
+    if not low <= value <= high or not _is_prime(value):
+        sizes = ", ".join(map(str, MAGLEV_SIZES))
+        raise ValueError(f"{value} is not a prime from {low} to {high} (for example {sizes})")
+    return value
+
+
+def _seed(value: Any) -> Any:
+    """A 32-bit seed written in hex ("0x5eed1234" or "5eed1234"); jhash takes 32 bits."""
+    if value is None or (type(value) is int and 0 <= value < 1 << 32):
+        return value  # YAML reads an unquoted 0x5eed1234 as an integer
+    if not isinstance(value, str) or not re.fullmatch(r"(0[xX])?[0-9a-fA-F]{1,8}", value.strip()):
+        raise ValueError(f'{value!r} is not a 32-bit seed in hex (such as "0x5eed1234")')
+    return int(value.strip(), 16)
+
+
+class MaglevConfig(OwnModel):
+    """spec.maglev: the same on every node, or nodes pick different endpoints for one
+    flow (docs/design.md, "Consistent hashing")."""
+
+    table_size: Annotated[StrictInt | None, AfterValidator(_table_size)] = None
+    seed: Annotated[int | None, BeforeValidator(_seed)] = None
+
+
 class NodeConfigSpec(OwnModel):
     node_ips: list[IP] = Field(default_factory=list, alias="nodeIPs")
     cluster_cidrs: list[CIDR] = Field(default_factory=list, alias="clusterCIDRs")
@@ -382,6 +462,8 @@ class NodeConfigSpec(OwnModel):
     masquerade_bit: Annotated[StrictInt, Field(ge=0, le=31)] = 14
     zone: str = ""
     table_name: str = "svcrules"
+    load_balancing: Algorithm = "random"
+    maglev: MaglevConfig = Field(default_factory=lambda: MaglevConfig())
 
     @field_validator(
         "node_ips", "cluster_cidrs", "service_cidrs", "node_port_addresses", mode="before"

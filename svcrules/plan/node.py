@@ -42,6 +42,33 @@ class Backend(NamedTuple):
     port: int
     node: str = ""
     terminating: bool = False
+    weight: int = 100  # its EndpointSlice's svcrules.io/weight (balancing.py)
+
+
+class Algorithm(StrEnum):
+    """How a new connection's endpoint is chosen among a selection's (balancing.py)."""
+
+    RANDOM = "random"  # a uniformly random slot of the selection's slot table
+    MAGLEV = "maglev"  # the slot a hash of the flow names: the same on every node
+
+
+class Balancing(NamedTuple):
+    """How a port's selections pick. The slot tables hold, per slot, an index into
+    cluster_backends / local_backends; an empty table is one slot per endpoint in order
+    (random with equal weights: the common case, kept small)."""
+
+    algorithm: Algorithm = Algorithm.RANDOM
+    seed: int = 0  # Maglev's hash seed (NodeConfig spec.maglev.seed)
+    cluster_slots: tuple[int, ...] = ()
+    local_slots: tuple[int, ...] = ()
+
+    def slots(self, which: str, endpoints: int) -> tuple[int, ...]:
+        """The slot table of the "cluster" or "local" selection."""
+        table = self.cluster_slots if which == "cluster" else self.local_slots
+        return table or tuple(range(endpoints))
+
+
+RANDOM = Balancing()
 
 
 class PortPlan(NamedTuple):
@@ -73,6 +100,10 @@ class PortPlan(NamedTuple):
     pod_shortcut: bool  # eTP Local: pod sources go to cluster endpoints unmasqueraded
     affinity_timeout: int | None
     notes: tuple[str, ...] = ()
+    balancing: Balancing = RANDOM
+    # Usable endpoints of weight 0: no new connections, but they still count as the
+    # port's endpoints (their UDP conntrack entries are kept, explain lists them).
+    drained: tuple[Backend, ...] = ()
 
     @property
     def service(self) -> str:

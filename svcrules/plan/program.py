@@ -24,7 +24,15 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from svcrules.inputs.addr import Family, ip_sort_key, packed
-from svcrules.plan.node import Backend, FamilyPlan, Masquerade, NodePlan, PortPlan, Route
+from svcrules.plan.node import (
+    Algorithm,
+    Backend,
+    FamilyPlan,
+    Masquerade,
+    NodePlan,
+    PortPlan,
+    Route,
+)
 
 
 class Role(StrEnum):
@@ -75,9 +83,17 @@ class Shortcut(NamedTuple):
     masquerade: bool
 
 
+class Hash(StrEnum):
+    """What a Maglev pick hashes (svcrules/plan/balancing.py)."""
+
+    FLOW = "flow"  # source and destination address and port (the protocol is the port's)
+    CLIENT = "client"  # the source address only: with ClientIP affinity
+
+
 class Selection(NamedTuple):
-    """A set of endpoints a chain picks from uniformly at random (or, with ClientIP
-    affinity, first the endpoint the client is pinned to)."""
+    """A set of endpoints a chain picks from by a table of slots: a uniformly random
+    slot, or the slot a hash names (Maglev); with ClientIP affinity, first the endpoint
+    the client is pinned to."""
 
     key: str  # Service port key + "#cluster" or "#local": stable identity
     port_key: str
@@ -85,6 +101,9 @@ class Selection(NamedTuple):
     endpoints: tuple[Backend, ...]
     hairpin: tuple[bool, ...]  # per endpoint: may be its own client through this node
     affinity: int | None  # ClientIP affinity timeout in seconds
+    slots: tuple[int, ...]  # per slot, the index of its endpoint (weights decide how many)
+    hash: Hash | None = None  # None: a random slot; else what the Maglev hash covers
+    seed: int = 0  # the hash's seed
 
 
 class Pick(NamedTuple):
@@ -209,7 +228,13 @@ class _Builder:
             # only this node's endpoints (or those of unknown node) can hairpin here.
             here = self.here
             hairpin = tuple([b.node in here for b in backends])
-            sel = Selection(key, self.key, self.proto, backends, hairpin, p.affinity_timeout)
+            lb = p.balancing
+            slots = lb.slots(which, len(backends))
+            affinity = p.affinity_timeout
+            sel = Selection(key, self.key, self.proto, backends, hairpin, affinity, slots)
+            if lb.algorithm is Algorithm.MAGLEV:
+                how = Hash.FLOW if affinity is None else Hash.CLIENT
+                sel = sel._replace(hash=how, seed=lb.seed)
             self.selections[key] = sel
         return sel
 

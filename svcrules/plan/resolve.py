@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
 
-from svcrules.errors import Origin, Problem
+from svcrules.errors import InputError, Origin, Problem
 from svcrules.inputs.addr import (
     Family,
     canonical_ip,
@@ -30,9 +30,13 @@ from svcrules.inputs.model import (
     Service,
     ServicePort,
 )
+from svcrules.plan.balancing import default_table_size, maglev_table, random_slots
 from svcrules.plan.claims import check_claims
 from svcrules.plan.node import (
+    RANDOM,
+    Algorithm,
     Backend,
+    Balancing,
     FamilyPlan,
     HealthCheck,
     IgnoredSlice,
@@ -150,6 +154,7 @@ def _merge_endpoints(
     chosen: dict[tuple[str, int], tuple[Backend, Endpoint]] = {}
     ordered = sorted(slices, key=lambda s: s.metadata.name)
     for sl in ordered:
+        weight = sl.metadata.endpoint_weight
         ep_port = next(
             (p.port for p in sl.ports if p.name == port.name and p.protocol == port.protocol),
             None,
@@ -163,6 +168,7 @@ def _merge_endpoints(
                 port=ep_port,
                 node=ep.get("nodeName") or "",
                 terminating=_conditions(ep).get("terminating") is True,
+                weight=weight,
             )
             key = (ip, ep_port)
             old = chosen.get(key)
@@ -228,6 +234,12 @@ def _plan_port(
     spec = svc.spec
     cluster = _cluster_backends(pairs, node.metadata.name, node.spec.zone)
     local = _local_backends(pairs, node.metadata.name)
+    drained = tuple(dict.fromkeys(b for b in (*cluster, *local) if not b.weight))
+    if drained:
+        cluster = tuple(b for b in cluster if b.weight)
+        local = tuple(b for b in local if b.weight)
+        if not cluster:
+            notes.append("every usable endpoint has weight 0 (drained): no new connections")
     external_ips = _in_family(spec.external_ips, family)
     lb_ips: tuple[str, ...] = ()
     if spec.type == "LoadBalancer":
@@ -300,7 +312,56 @@ def _plan_port(
         pod_shortcut=etp_local and bool(pod_cidrs),
         affinity_timeout=spec.affinity_timeout(),
         notes=tuple(notes),
+        balancing=_balancing(svc, node, len(pairs), cluster, local),
+        drained=drained,
     )
+
+
+def _balancing(
+    svc: Service,
+    node: NodeConfig,
+    listed: int,
+    cluster: tuple[Backend, ...],
+    local: tuple[Backend, ...],
+) -> Balancing:
+    """How the port's selections pick: the Service's annotation, else the NodeConfig's
+    default; Maglev's table is as large as spec.maglev.tableSize or, by default, from
+    the number of endpoints the slices list (whatever their state, so that every node
+    and every readiness change keep one size)."""
+    algorithm = Algorithm(svc.metadata.load_balancing or node.spec.load_balancing)
+    if algorithm is Algorithm.RANDOM:
+        if len({b.weight for b in (*cluster, *local)}) <= 1:
+            return RANDOM
+        return Balancing(
+            algorithm,
+            0,
+            random_slots([b.weight for b in cluster]),
+            random_slots([b.weight for b in local]),
+        )
+    maglev = node.spec.maglev
+    seed = maglev.seed or 0
+    size = maglev.table_size or default_table_size(listed)
+    if max(len(cluster), len(local)) > size:
+        raise InputError(
+            [
+                Problem(
+                    None,
+                    "spec.maglev.tableSize",
+                    f"{size} slots are fewer than the {max(len(cluster), len(local))} "
+                    f"endpoints of Service {svc.metadata.namespace}/{svc.metadata.name}: "
+                    f"use at least {default_table_size(len(cluster))} "
+                    "(100 slots per endpoint keep shares within 1 %)",
+                )
+            ]
+        )
+
+    def table(backends: tuple[Backend, ...]) -> tuple[int, ...]:
+        names = [f"{b.ip},{b.port}" for b in backends]
+        return maglev_table(names, [b.weight for b in backends], size, seed)
+
+    cluster_slots = table(cluster)
+    local_slots = cluster_slots if local == cluster else table(local)
+    return Balancing(algorithm, seed, cluster_slots, local_slots)
 
 
 def needs_health_check(svc: Service) -> int:

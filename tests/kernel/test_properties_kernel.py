@@ -35,7 +35,7 @@ def test_random_clusters_load_and_reload_to_the_same_state(lab: Lab, objs: list[
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(objs=clusters())
+@given(objs=clusters(maglev=False))
 def test_random_clusters_load_with_iptables_and_reload_to_the_same_state(
     lab: Lab, objs: list[Obj]
 ) -> None:

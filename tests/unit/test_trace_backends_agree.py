@@ -45,7 +45,7 @@ def destinations(objs: list[Obj]) -> list[tuple[str, int, str]]:
 
 @st.composite
 def cluster_and_packets(draw: st.DrawFn) -> tuple[list[Obj], list[Packet]]:
-    objs = draw(clusters(max_services=4))
+    objs = draw(clusters(max_services=4, maglev=False))
     dests = destinations(objs)
     packets = []
     for _ in range(draw(st.integers(4, 12))):

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import NamedTuple
 
-from svcrules.errors import SvcrulesError
+from svcrules.errors import InputError, Problem, SvcrulesError
 from svcrules.inputs.addr import ip_in_cidr
 from svcrules.inputs.owned import RESERVED, reserved_message
 from svcrules.plan.node import Backend, NodePlan
@@ -197,10 +198,13 @@ def chain_prefix(table_name: str) -> str:
 
 
 @cache
-def _cascade(i: int, n: int) -> str:
-    """The match of the i-th of n cascade rules: each endpoint ends up with 1/n
-    (kube-proxy's formatting: ten decimals); the last takes what is left."""
-    return "" if i == n - 1 else f"-m statistic --mode random --probability {1.0 / (n - i):0.10f} "
+def _cascade(slots: int, left: int) -> str:
+    """The match of a cascade rule whose endpoint has ``slots`` of the ``left`` slots not
+    taken by the rules before it: each endpoint ends up with its share of the selection's
+    slot table (kube-proxy's formatting: ten decimals); the last takes what is left."""
+    if slots == left:
+        return ""
+    return f"-m statistic --mode random --probability {slots / left:0.10f} "
 
 
 KIND = {Role.SERVICE: "SVC", Role.EXTERNAL: "EXT", Role.CLUSTER_SHORTCUT: "CLU"}
@@ -240,8 +244,14 @@ class _Speller:
         if sel.affinity is not None:
             check = f" --rcheck --seconds {sel.affinity} --reap "
             rules.extend((f"-m recent --name {sep}{check}", "-g ", sep) for sep in seps)
-        n = len(seps)
-        rules.extend((_cascade(i, n), "-g ", sep) for i, sep in enumerate(seps))
+        counts = [0] * len(seps)
+        for i in sel.slots:
+            counts[i] += 1
+        left = len(sel.slots)
+        for sep, count in zip(seps, counts, strict=True):
+            if count:  # a weight too small for one slot of the table gets none
+                rules.append((_cascade(count, left), "-g ", sep))
+                left -= count
         return tuple(rules)
 
     def _endpoint(self, name: str, sel: Selection, b: Backend, hairpin: bool) -> Endpoint:
@@ -353,7 +363,32 @@ def layout_family(fp: FamilyProgram, node_name: str, owners: bool = False) -> Fa
 
 
 def layout(plan: NodePlan, owners: bool = False) -> list[FamilyRules]:
-    return [layout_family(f, plan.node_name, owners) for f in program(plan).families]
+    families = program(plan).families
+    refuse_maglev(families)
+    return [layout_family(f, plan.node_name, owners) for f in families]
+
+
+def refuse_maglev(families: Sequence[FamilyProgram]) -> None:
+    """Maglev needs a hash of the flow that selects a slot in one lookup; iptables has
+    none (HMARK's mark would need a rule per slot to dispatch): refuse, naming each
+    Service (docs/backends.md)."""
+    services = sorted(
+        {s.port_key.split(":", 1)[0] for f in families for s in f.selections if s.hash}
+    )
+    if services:
+        raise InputError(
+            [
+                Problem(
+                    None,
+                    "",
+                    f"Service {svc}: Maglev load balancing (annotation "
+                    "svcrules.io/load-balancing, or NodeConfig spec.loadBalancing) is not "
+                    "supported by the iptables backend: use the nftables backend, or "
+                    "load balancing 'random'",
+                )
+                for svc in services
+            ]
+        )
 
 
 _STATE = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')

@@ -47,6 +47,7 @@ from svcrules.render.nftables.rules import (
     Remember,
     Rule,
     SetMark,
+    Slot,
     Verdict,
 )
 from svcrules.render.nftables.sets import SetDecl, affinity_map, backends_map, fixed_sets
@@ -66,6 +67,9 @@ BLOCK_BITS = 19  # slots stay below 2**31: nft -j prints offsets as signed 32-bi
 # at its slot (svcrules/kernel/nft/slots.py); the compiled order stays canonical.
 BACKENDS_MAP, AFFINITY_MAP = "backends-", "affinity-endpoints-"
 PICK_MAPS = (BACKENDS_MAP, AFFINITY_MAP)
+# Maglev's maps: which slot holds which endpoint is the decision itself (the same flow
+# must find the same endpoint on every node), so these are never permuted.
+MAGLEV_MAP, MAGLEV_AFFINITY_MAP = "maglev-", "maglev-affinity-"
 CHAIN_PREFIX = {Role.SERVICE: "svc", Role.EXTERNAL: "ext", Role.CLUSTER_SHORTCUT: "clu"}
 TERMINAL_VERDICT = {Terminal.REJECT: "goto no-endpoints", Terminal.DROP: "drop"}
 
@@ -268,7 +272,7 @@ class _Picks:
         # The golden form: the selection whose endpoint each slot holds.
         self.slot_owners: dict[int, str] | None = None
         self.bases = _allocate(
-            [(s.key, len(s.endpoints)) for s in fp.selections], SLOT_BITS, 1 << BLOCK_BITS
+            [(s.key, len(s.slots)) for s in fp.selections], SLOT_BITS, 1 << BLOCK_BITS
         )
         self.affinity_ids = _allocate(
             [(f"{key}|{ip}|{port}", 1) for key, ip, port in fp.affinity_pairs], 0, 1 << 31
@@ -285,25 +289,30 @@ class _Picks:
     def _spell(self, sel: Selection) -> tuple[Rule, ...]:
         base = self.bases[sel.key]
         bucket = (base >> SLOT_BITS) % BUCKETS
-        size = len(sel.endpoints)
+        size = len(sel.slots)
         if self.slot_owners is not None:
             label = _label(sel.port_key)
             if sel.key.endswith("#local"):
                 label += " (local endpoints)"
             self.slot_owners.update(dict.fromkeys(range(base, base + size), label))
+        hashed = sel.hash is not None
+        slot = Slot(size, base, sel.hash or "", sel.protocol, sel.seed)
         if sel.affinity is None:
-            name = f"{BACKENDS_MAP}{sel.protocol}-{bucket:04d}"
+            prefix = MAGLEV_MAP if hashed else BACKENDS_MAP
+            name = f"{prefix}{sel.protocol}-{bucket:04d}"
             entries = self.table.backends.setdefault(name, (sel.protocol, []))[1]
-            entries.extend((base + i, b.ip, b.port) for i, b in enumerate(sel.endpoints))
-            return (PickDnat(sel.protocol, size, base, name),)
-        name = f"{AFFINITY_MAP}{bucket:04d}"
+            eps = sel.endpoints
+            entries.extend((base + j, eps[i].ip, eps[i].port) for j, i in enumerate(sel.slots))
+            return (PickDnat(sel.protocol, slot, name),)
+        name = f"{MAGLEV_AFFINITY_MAP if hashed else AFFINITY_MAP}{bucket:04d}"
         slots = self.table.affinity_slots.setdefault(name, [])
         rules: list[Rule] = []
-        for i, b in enumerate(sel.endpoints):
+        aeps: list[str] = []
+        for b in sel.endpoints:
             aep = "aep-" + digest(sel.port_key, b.ip, str(b.port))
             key = self.affinity_ids[f"{sel.port_key}|{b.ip}|{b.port}"]
             rules.append(Pinned(key, aep))
-            slots.append((base + i, aep))
+            aeps.append(aep)
             if aep not in self.endpoint_chains:
                 self.endpoint_chains[aep] = NftChain(
                     aep,
@@ -311,7 +320,8 @@ class _Picks:
                     None,
                     (Remember(key, sel.affinity), Dnat(sel.protocol, b.ip, b.port)),
                 )
-        rules.append(PickChain(size, base, name))
+        slots.extend((base + j, aeps[i]) for j, i in enumerate(sel.slots))
+        rules.append(PickChain(slot, name))
         return tuple(rules)
 
 
@@ -403,9 +413,9 @@ def layout_family(fp: FamilyProgram, node_name: str, owners: bool = False) -> Ta
     table.backends = {k: (v[0], sorted(v[1])) for k, v in sorted(table.backends.items())}
     table.affinity_slots = {k: sorted(v) for k, v in sorted(table.affinity_slots.items())}
     for name, (protocol, _) in table.backends.items():
-        table.decls[name] = backends_map(fam, name, protocol)
+        table.decls[name] = backends_map(fam, name, protocol, name.startswith(MAGLEV_MAP))
     for name in table.affinity_slots:
-        table.decls[name] = affinity_map(name)
+        table.decls[name] = affinity_map(name, name.startswith(MAGLEV_AFFINITY_MAP))
     if picks.slot_owners is not None:
         table.owners = _owners(table, fp, picks.slot_owners)
     return table

@@ -293,35 +293,75 @@ class Pinned(NamedTuple):
         return [pinned, verdict(f"goto {self.chain}")]
 
 
-class PickChain(NamedTuple):
-    """Random slot of a verdict map: go to that endpoint's chain."""
+class Slot(NamedTuple):
+    """The slot a pick takes: ``numgen random`` over the selection's block of slots, or
+    (Maglev) ``jhash`` of the flow or of the client address, with the seed every node
+    shares. nft lists a jhash offset of 0 as no offset, and folds ``meta l4proto`` into
+    the ``tcp sport`` payloads the flow hash reads, so neither is written."""
 
     size: int
     base: int
+    hash: str = ""  # "" (random), "flow" or "client"
+    protocol: str = ""  # the flow hash's payload protocol
+    seed: int = 0
+
+    def text(self, f: Fam) -> str:
+        if not self.hash:
+            return f"numgen random mod {self.size} offset {self.base}"
+        offset = f" offset {self.base}" if self.base else ""
+        return f"jhash {self._fields_text(f)} mod {self.size} seed 0x{self.seed:x}{offset}"
+
+    def _fields_text(self, f: Fam) -> str:
+        if self.hash == "client":
+            return f"{f.name} saddr"
+        p = self.protocol
+        return f"{f.name} saddr . {p} sport . {f.name} daddr . {p} dport"
+
+    def json(self, f: Fam) -> Obj:
+        if not self.hash:
+            return numgen(self.size, self.base)
+        expr: Obj = _saddr(f)
+        if self.hash == "flow":
+            p = self.protocol
+            expr = concat(_saddr(f), payload(p, "sport"), _daddr(f), payload(p, "dport"))
+        body: Obj = {"mod": self.size, "seed": self.seed}
+        if self.base:
+            body["offset"] = self.base
+        body["expr"] = expr
+        return {"jhash": body}
+
+
+class PickChain(NamedTuple):
+    """A slot of a verdict map: go to that endpoint's chain."""
+
+    slot: Slot
     map: str
 
     def text(self, f: Fam) -> str:
-        return f"numgen random mod {self.size} offset {self.base} vmap @{self.map}"
+        return f"{self.slot.text(f)} vmap @{self.map}"
 
     def json(self, f: Fam) -> Exprs:
-        return [vmap(numgen(self.size, self.base), self.map)]
+        return [vmap(self.slot.json(f), self.map)]
 
 
 class PickDnat(NamedTuple):
-    """Random slot of a backends map: DNAT to that address and port."""
+    """A slot of a backends map: DNAT to that address and port."""
 
     protocol: str
-    size: int
-    base: int
+    slot: Slot
     map: str
 
     def text(self, f: Fam) -> str:
-        pick = f"numgen random mod {self.size} offset {self.base} map @{self.map}"
+        pick = f"{self.slot.text(f)} map @{self.map}"
+        if self.slot.hash == "flow":  # the hash's payloads imply the protocol
+            return f"dnat {f.name} to {pick}"
         return f"meta l4proto {self.protocol} dnat {f.name} to {pick}"
 
     def json(self, f: Fam) -> Exprs:
-        addr: Obj = {"map": {"key": numgen(self.size, self.base), "data": ref(self.map)}}
+        addr: Obj = {"map": {"key": self.slot.json(f), "data": ref(self.map)}}
         dnat: Obj = {"dnat": {"family": f.name, "addr": addr}}
+        if self.slot.hash == "flow":
+            return [dnat]
         return [match(meta("l4proto"), self.protocol), dnat]
 
 

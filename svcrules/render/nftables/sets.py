@@ -112,23 +112,24 @@ def fixed_sets(f: Fam) -> dict[str, SetDecl]:
     return {d.name: d for d in decls}
 
 
-def backends_map(f: Fam, name: str, protocol: str) -> SetDecl:
+def backends_map(f: Fam, name: str, protocol: str, maglev: bool = False) -> SetDecl:
     """A bucket of endpoint slots: slot -> address . port."""
     return SetDecl(
         name,
         ("integer",),
-        "slot : endpoint address . port",
+        "Maglev slot : endpoint address . port" if maglev else "slot : endpoint address . port",
         f"{f.addr_type} . inet_service",
         f"numgen random mod 1 : {f.name} daddr . {protocol} dport",
     )
 
 
-def affinity_map(name: str) -> SetDecl:
+def affinity_map(name: str, maglev: bool = False) -> SetDecl:
     """A bucket of endpoint slots of Services with ClientIP affinity: slot -> chain."""
+    what = "Maglev slot" if maglev else "slot"
     return SetDecl(
         name,
         ("integer",),
-        "slot : endpoint chain, for Services with ClientIP affinity",
+        f"{what} : endpoint chain, for Services with ClientIP affinity",
         "verdict",
         "numgen random mod 1 : verdict",
     )
