@@ -1,4 +1,4 @@
-"""Maglev consistent hashing and endpoint weights, with real packets (docs/semantics.md).
+"""Maglev consistent hashing and endpoint weights, with real packets.
 
 A private lab with ten pods (pod1..pod10 = 198.51.100.11..20). The Service under test
 is a LoadBalancer at 203.0.113.200, reached from the client as an outside load balancer
