@@ -287,6 +287,12 @@ def _plan_port(
         internal_masq = Masquerade.NEVER
     etp_local = spec.external_traffic_policy == "Local"
     external_masq = Masquerade.NODE_ONLY if etp_local else Masquerade.ALWAYS
+    balancing = _balancing(svc, node, len(pairs), cluster, local)
+    if balancing.algorithm is Algorithm.MAGLEV and node.spec.maglev.seed is None:
+        notes.append(
+            "Maglev seed not set (NodeConfig spec.maglev.seed): the default 0x0 is public; "
+            "set one, the same on every node"
+        )
 
     return PortPlan(
         namespace=svc.metadata.namespace,
@@ -312,7 +318,7 @@ def _plan_port(
         pod_shortcut=etp_local and bool(pod_cidrs),
         affinity_timeout=spec.affinity_timeout(),
         notes=tuple(notes),
-        balancing=_balancing(svc, node, len(pairs), cluster, local),
+        balancing=balancing,
         drained=drained,
     )
 
