@@ -201,6 +201,10 @@ def latency_rows(results: dict[str, list[tuple[int, Any]]]) -> Row:
         row = run.latency_row(rs)
         counts = Counter(str(r.backend) for r in rs if r.outcome == "ok")
         row["pods"] = dict(sorted(counts.items()))
+        row["p50_ms_by_pod"] = {
+            pod: round(statistics.median(r.elapsed for r in rs if str(r.backend) == pod) * 1000, 3)
+            for pod in row["pods"]
+        }
         row["p50_ms_per_round"] = [
             round(statistics.median(ok) * 1000, 3)
             for k in sorted({i for i, _ in pairs})
