@@ -81,7 +81,7 @@ def _balancing(p: PortPlan) -> list[str]:
     lines = []
     if lb.algorithm is Algorithm.MAGLEV:
         size = len(lb.cluster_slots or lb.local_slots)
-        what = "client address" if p.affinity_timeout is not None else "flow"
+        what = "client address" if p.maglev_hash == "client" else "flow"
         lines.append(
             f"  balancing  maglev: hash of the {what}, seed 0x{lb.seed:08x}"
             + (f", {size} slots per table" if size else "")

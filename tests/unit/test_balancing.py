@@ -110,7 +110,7 @@ def test_removing_one_of_ten_moves_about_a_tenth() -> None:
     assert moved[0] >= 0.1 - 0.005  # at least the endpoint's own tenth
     assert sum(moved) / len(moved) <= 0.13
     assert moved[int(0.9 * len(moved))] <= 0.13
-    assert moved[-1] <= 0.2  # random selection without conntrack moves 90 %
+    assert moved[-1] <= 0.25  # random selection without conntrack moves 90 %
 
 
 def test_the_seed_changes_the_table() -> None:
@@ -119,10 +119,11 @@ def test_the_seed_changes_the_table() -> None:
 
 
 def test_default_table_size_gives_every_endpoint_a_hundred_slots() -> None:
-    assert default_table_size(0) == default_table_size(1) == default_table_size(2) == 251
-    assert default_table_size(3) == 509
-    assert default_table_size(10) == 1021
-    assert default_table_size(11) == 2039
+    """At least 4,093 slots, so that a rolling update (a few endpoints more, then fewer)
+    keeps the table; beyond 40 endpoints, 100 slots each."""
+    assert {default_table_size(n) for n in range(41)} == {4093}
+    assert default_table_size(41) == 8191
+    assert default_table_size(82) == 16381
     assert default_table_size(10**6) == MAGLEV_SIZES[-1]
 
 
@@ -197,7 +198,7 @@ def test_every_endpoint_drained_rejects_new_connections() -> None:
 
 def test_nft_spells_maglev_as_one_hash_and_one_lookup() -> None:
     nft = compile_objs(_cluster("maglev", weights=("3", "1"))).nft
-    assert "dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 509 seed 0x0" in nft
+    assert "dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 4093 seed 0x0" in nft
     assert "map @maglev-tcp-" in nft
     chain = nft.split("chain svc-", 1)[1].split("}", 1)[0]
     assert "numgen" not in chain
@@ -208,7 +209,7 @@ def test_nft_with_affinity_hashes_the_client_address() -> None:
     objs = _cluster("maglev")
     objs[1]["spec"]["sessionAffinity"] = "ClientIP"
     nft = compile_objs(objs).nft
-    assert "jhash ip saddr mod 251 seed 0x0" in nft
+    assert "jhash ip saddr mod 4093 seed 0x0" in nft
     assert "vmap @maglev-affinity-" in nft
 
 
@@ -279,8 +280,8 @@ def test_explain_shows_algorithm_seed_table_and_shares() -> None:
     objs = _cluster("maglev", weights=("90", "10", "0"))
     objs[0]["spec"]["maglev"] = {"seed": "0x5eed"}
     text = explain_text(compile_objs(objs).plan)
-    assert "balancing  maglev: hash of the flow, seed 0x00005eed, 1021 slots per table" in text
-    assert "198.51.100.10:8080 45.1% (weight 90)" in text
+    assert "balancing  maglev: hash of the flow, seed 0x00005eed, 4093 slots per table" in text
+    assert "198.51.100.10:8080 45.0% (weight 90)" in text
     assert "198.51.100.12:8080 5.0% (weight 10)" in text
     assert "drained    198.51.100.14:8080, 198.51.100.15:8080" in text
     assert "Maglev seed not set" not in text
