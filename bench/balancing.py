@@ -7,9 +7,9 @@
 The same synthetic cluster (bench/generate.py, seed 1) is compiled twice: with the default
 NodeConfig (random selection) and with `spec.loadBalancing: maglev`, which makes every
 Service pick its endpoint with Maglev, and `spec.maglev.tableSize: --table-size` (251 by
-default, the smallest table: with the default size, at least 100 x the endpoints of a
-port, every port of the cluster carries a 1,021-slot table and the 10k ruleset about four
-times as many map elements).
+default, the smallest table; 0 leaves svcrules' default, at least 4,093 slots, with which
+the 10k ruleset would hold 44 million map elements, more than nft can load in the bench
+machine's memory: docs/performance.md).
 
 Everything is measured in the same run, the two variants alternated, so that their ratio
 means something on a machine whose speed varies from day to day:
