@@ -112,6 +112,47 @@ def cluster(services: int, endpoints: int, seed: int = 1) -> list[Obj]:
     return objs
 
 
+# The pods of the netns lab (tests/kernel/lab.py), on the benchmarked node.
+LAB_PODS = [f"198.51.100.{10 + i}" for i in range(1, 5)]
+
+
+def lab_service(objs: list[Obj], index: int = 0, weights: tuple[int, ...] = ()) -> str:
+    """Make Service ``index`` of a generated cluster (in place) one that the netns lab
+    answers: a ClusterIP with one TCP port (80) whose endpoints are the lab's four pods.
+    With ``weights``, the pods are split evenly into one EndpointSlice per weight, each
+    annotated ``svcrules.io/weight`` (two weights: pods 1-2 and pods 3-4); the objects
+    after it then move by one place. Returns the ClusterIP."""
+    svc, sl = objs[2 * index], objs[2 * index + 1]
+    assert svc["kind"] == "Service" and sl["kind"] == "EndpointSlice"
+    spec = svc["spec"]
+    spec["type"] = "ClusterIP"
+    spec.pop("sessionAffinity", None)
+    spec.pop("externalTrafficPolicy", None)
+    spec.pop("internalTrafficPolicy", None)
+    spec.pop("loadBalancerSourceRanges", None)
+    svc.pop("status", None)
+    spec["ports"] = spec["ports"][:1]
+    for p in spec["ports"]:
+        p.pop("nodePort", None)
+    sl["ports"] = sl["ports"][:1]
+    eps = [
+        {"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node-0"} for ip in LAB_PODS
+    ]
+    if not weights:
+        sl["endpoints"] = eps
+        return str(spec["clusterIP"])
+    per = len(eps) // len(weights)
+    slices = []
+    for k, weight in enumerate(weights):
+        part = _copy(sl)
+        part["metadata"]["name"] = f"{sl['metadata']['name']}-{k}"
+        part["metadata"]["annotations"] = {"svcrules.io/weight": str(weight)}
+        part["endpoints"] = eps[k * per : (k + 1) * per]
+        slices.append(part)
+    objs[2 * index + 1 : 2 * index + 2] = slices
+    return str(spec["clusterIP"])
+
+
 def write(path: Path, objs: list[Obj]) -> None:
     path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
 

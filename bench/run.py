@@ -293,17 +293,7 @@ def latency(n: int, endpoints: int, connections: int, backend: str) -> Row:
     from tests.kernel.lab import Lab
 
     objs = generate.cluster(n, endpoints)
-    svc, sl = objs[0], objs[1]
-    svc["spec"]["type"] = "ClusterIP"
-    svc["spec"].pop("sessionAffinity", None)
-    svc["spec"]["ports"] = svc["spec"]["ports"][:1]
-    for p in svc["spec"]["ports"]:
-        p.pop("nodePort", None)
-    sl["endpoints"] = [
-        {"addresses": [f"198.51.100.{10 + i}"], "conditions": {"ready": True}, "nodeName": "node-0"}
-        for i in range(1, 5)
-    ]
-    sl["ports"] = sl["ports"][:1]
+    cluster_ip = generate.lab_service(objs)
     import svcrules
 
     ruleset = svcrules.compile(
@@ -313,8 +303,13 @@ def latency(n: int, endpoints: int, connections: int, backend: str) -> Row:
     lab_backend = backend if backend == "nftables" else f"iptables-{iptables_variant(backend)}"
     with Lab() as lab:
         backends.install(lab, ruleset, lab_backend)
-        lab.probe("client", svc["spec"]["clusterIP"], 80, count=50)  # warm up
-        results = lab.probe("client", svc["spec"]["clusterIP"], 80, count=connections, timeout=2.0)
+        lab.probe("client", cluster_ip, 80, count=50)  # warm up
+        results = lab.probe("client", cluster_ip, 80, count=connections, timeout=2.0)
+    return latency_row(results)
+
+
+def latency_row(results: list[Any]) -> Row:
+    """p50 (median) and p99 (nearest rank) of the connections that succeeded (lab Results)."""
     ok = sorted(r.elapsed for r in results if r.outcome == "ok")
     return {
         "connections": len(results),

@@ -73,7 +73,8 @@ class UdpPort:
 
     @classmethod
     def of(cls, p: PortPlan) -> UdpPort:
-        eps = sorted({b.ip for b in (*p.cluster_backends, *p.local_backends)})
+        # Drained endpoints (weight 0) keep their connections: their entries stay.
+        eps = sorted({b.ip for b in (*p.cluster_backends, *p.local_backends, *p.drained)})
         return cls([p.cluster_ip, *p.lb_ips, *p.external_ips], p.port, p.node_port, eps)
 
 

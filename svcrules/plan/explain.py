@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from svcrules.plan.node import Backend, Masquerade, NodePlan, PortPlan, Route
+from svcrules.plan.balancing import shares
+from svcrules.plan.node import Algorithm, Backend, Masquerade, NodePlan, PortPlan, Route
 
 MASQUERADE: dict[str, str] = {
     Masquerade.ALWAYS: "masquerade every source",
@@ -60,7 +61,45 @@ def _block(p: PortPlan) -> list[str]:
         lines.append(f"  sources    LB IPs allow {allowed}{self_ok}; others DROP")
     if p.affinity_timeout is not None:
         lines.append(f"  affinity   ClientIP, {p.affinity_timeout}s")
+    lines += _balancing(p)
     lines += [f"  note       {n}" for n in p.notes]
+    return lines
+
+
+def _shares(backends: tuple[Backend, ...], slots: tuple[int, ...]) -> str:
+    """Each endpoint's share of new connections, with its weight."""
+    return ", ".join(
+        f"{hostport(b.ip, b.port)} {share:.1%} (weight {b.weight})"
+        for b, share in zip(backends, shares(slots, len(backends)), strict=True)
+    )
+
+
+def _balancing(p: PortPlan) -> list[str]:
+    """How endpoints are chosen, when it is not a uniform random pick: the algorithm,
+    Maglev's table and seed, and every endpoint's share."""
+    lb = p.balancing
+    lines = []
+    if lb.algorithm is Algorithm.MAGLEV:
+        size = len(lb.cluster_slots or lb.local_slots)
+        what = "client address" if p.maglev_hash == "client" else "flow"
+        lines.append(
+            f"  balancing  maglev: hash of the {what}, seed 0x{lb.seed:08x}"
+            + (f", {size} slots per table" if size else "")
+        )
+    elif lb.cluster_slots or lb.local_slots:
+        lines.append("  balancing  random, by weight")
+    if lines:
+        used = (
+            ("cluster", p.cluster_backends, p.uses_cluster_backends()),
+            ("local", p.local_backends, Route.LOCAL in (p.internal_route, p.external_route)),
+        )
+        for which, backends, picked in used:
+            if backends and picked:
+                table = lb.slots(which, len(backends))
+                lines.append(f"  shares     {which}: {_shares(backends, table)}")
+    if p.drained:
+        eps = ", ".join(hostport(b.ip, b.port) for b in p.drained)
+        lines.append(f"  drained    {eps} (weight 0: no new connections)")
     return lines
 
 

@@ -118,6 +118,15 @@ class PortPlan(NamedTuple):
     def has_external(self) -> bool:
         return bool(self.node_port or self.external_ips or self.lb_ips)
 
+    @property
+    def maglev_hash(self) -> str | None:
+        """What a Maglev pick hashes: "client" (the source address) with ClientIP affinity,
+        so that the client sticks on every node, else "flow" (the 5-tuple); None when
+        the port picks at random."""
+        if self.balancing.algorithm is not Algorithm.MAGLEV:
+            return None
+        return "flow" if self.affinity_timeout is None else "client"
+
     def uses_cluster_backends(self) -> bool:
         return (
             self.internal_route is Route.CLUSTER

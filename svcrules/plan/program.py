@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 from svcrules.inputs.addr import Family, ip_sort_key, packed
 from svcrules.plan.node import (
-    Algorithm,
     Backend,
     FamilyPlan,
     Masquerade,
@@ -232,9 +231,8 @@ class _Builder:
             slots = lb.slots(which, len(backends))
             affinity = p.affinity_timeout
             sel = Selection(key, self.key, self.proto, backends, hairpin, affinity, slots)
-            if lb.algorithm is Algorithm.MAGLEV:
-                how = Hash.FLOW if affinity is None else Hash.CLIENT
-                sel = sel._replace(hash=how, seed=lb.seed)
+            if p.maglev_hash is not None:
+                sel = sel._replace(hash=Hash(p.maglev_hash), seed=lb.seed)
             self.selections[key] = sel
         return sel
 

@@ -287,6 +287,16 @@ def _plan_port(
         internal_masq = Masquerade.NEVER
     etp_local = spec.external_traffic_policy == "Local"
     external_masq = Masquerade.NODE_ONLY if etp_local else Masquerade.ALWAYS
+    if Route.LOCAL not in (internal_route, external_route):
+        local_picked: tuple[Backend, ...] = ()  # no selection picks from them
+    else:
+        local_picked = local
+    balancing = _balancing(svc, node, len(pairs), cluster, local_picked)
+    if balancing.algorithm is Algorithm.MAGLEV and node.spec.maglev.seed is None:
+        notes.append(
+            "Maglev seed not set (NodeConfig spec.maglev.seed): the default 0x0 is public; "
+            "set one, the same on every node"
+        )
 
     return PortPlan(
         namespace=svc.metadata.namespace,
@@ -312,7 +322,7 @@ def _plan_port(
         pod_shortcut=etp_local and bool(pod_cidrs),
         affinity_timeout=spec.affinity_timeout(),
         notes=tuple(notes),
-        balancing=_balancing(svc, node, len(pairs), cluster, local),
+        balancing=balancing,
         drained=drained,
     )
 
@@ -327,7 +337,8 @@ def _balancing(
     """How the port's selections pick: the Service's annotation, else the NodeConfig's
     default; Maglev's table is as large as spec.maglev.tableSize or, by default, from
     the number of endpoints the slices list (whatever their state, so that every node
-    and every readiness change keep one size)."""
+    and every readiness change keep one size). ``local`` is empty when no route picks
+    from the local endpoints: their table would go unused."""
     algorithm = Algorithm(svc.metadata.load_balancing or node.spec.load_balancing)
     if algorithm is Algorithm.RANDOM:
         if len({b.weight for b in (*cluster, *local)}) <= 1:

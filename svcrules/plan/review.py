@@ -6,8 +6,9 @@ state directory; the next run compares the saved summary with the new plan's
 (``compare``): endpoints added and removed (and those that became local, terminating
 or unused by cluster routes), frontends added and removed, and every policy decision
 that differs (traffic routes, masquerade, the eTP Local short-circuit, source ranges,
-session affinity). Words come from here, at the time of the review, so the saved
-summary holds codes, not sentences.
+session affinity, load balancing); an endpoint's weight is one of its qualities. Words
+come from here, at the time of the review, so the saved summary holds codes, not
+sentences.
 
 A summary is a short JSON text (see ``summarize``); a missing one (a state written by
 an earlier svcrules) gives a review without details.
@@ -19,12 +20,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from svcrules.inputs.model import DEFAULT_WEIGHT
 from svcrules.plan.explain import MASQUERADE, hostport
-from svcrules.plan.node import Masquerade, PortPlan, Route
+from svcrules.plan.node import Algorithm, Masquerade, PortPlan, Route
 
 # Flags of an endpoint in a summary: picked by cluster routes, by local routes (on
-# this node), terminating.
-CLUSTER, LOCAL, TERMINATING = "c", "l", "t"
+# this node), terminating, drained (weight 0: no new connections). A weight other than
+# the default follows the flags after a "/".
+CLUSTER, LOCAL, TERMINATING, DRAINED = "c", "l", "t", "d"
 
 ROUTE = {
     Route.CLUSTER.value: "to cluster endpoints",
@@ -54,16 +57,20 @@ def summarize(p: PortPlan) -> str:
     masquerade (``x`` only with external frontends); ``s`` the eTP Local short-circuit
     for pods; ``w`` the source ranges when loadBalancerSourceRanges filter the LB IPs,
     ``ws`` when the LB IPs are allowed as sources too; ``a`` the ClientIP affinity
-    timeout."""
+    timeout; ``b`` Maglev's seed and table size (random: left out)."""
     flags: dict[tuple[str, int], str] = {}
     terminating: dict[tuple[str, int], bool] = {}
-    for which, backends in ((CLUSTER, p.cluster_backends), (LOCAL, p.local_backends)):
+    weight: dict[tuple[str, int], int] = {}
+    drained = ((DRAINED, p.drained),)
+    for which, backends in ((CLUSTER, p.cluster_backends), (LOCAL, p.local_backends), *drained):
         for b in backends:
             key = (b.ip, b.port)
             flags[key] = flags.get(key, "") + which
             terminating[key] = terminating.get(key, False) or b.terminating
+            weight[key] = b.weight
     endpoints = [
         f"{hostport(ip, port)} {flags[(ip, port)]}{TERMINATING if terminating[(ip, port)] else ''}"
+        + ("" if weight[(ip, port)] in (DEFAULT_WEIGHT, 0) else f"/{weight[(ip, port)]}")
         for ip, port in flags
     ]
     out: dict[str, Any] = {
@@ -81,6 +88,9 @@ def summarize(p: PortPlan) -> str:
             out["ws"] = 1
     if p.affinity_timeout is not None:
         out["a"] = p.affinity_timeout
+    lb = p.balancing
+    if lb.algorithm is Algorithm.MAGLEV:
+        out["b"] = [lb.seed, len(lb.cluster_slots or lb.local_slots)]
     return json.dumps(out, separators=(",", ":"))
 
 
@@ -92,15 +102,22 @@ class Endpoint:
     cluster: bool  # picked by cluster routes
     local: bool  # on this node, picked by local routes
     terminating: bool
+    weight: int = DEFAULT_WEIGHT  # 0: drained
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         where, _, flags = text.rpartition(" ")
-        return cls(where, CLUSTER in flags, LOCAL in flags, TERMINATING in flags)
+        flags, _, weight = flags.partition("/")
+        if DRAINED in flags:
+            return cls(where, False, False, TERMINATING in flags, 0)
+        w = int(weight) if weight.isdigit() else DEFAULT_WEIGHT
+        return cls(where, CLUSTER in flags, LOCAL in flags, TERMINATING in flags, w)
 
     @property
     def qualities(self) -> str:
         """How it is used, in words ("" for a ready cluster endpoint elsewhere)."""
+        if not self.weight:
+            return "drained: weight 0, no new connections"
         words = []
         if self.local:
             words.append("local")
@@ -108,6 +125,8 @@ class Endpoint:
             words.append("local routes only")
         if self.terminating:
             words.append("terminating")
+        if self.weight != DEFAULT_WEIGHT:
+            words.append(f"weight {self.weight}")
         return ", ".join(words)
 
     def json(self) -> dict[str, Any]:
@@ -116,6 +135,7 @@ class Endpoint:
             "cluster": self.cluster,
             "local": self.local,
             "terminating": self.terminating,
+            "weight": self.weight,
         }
 
 
@@ -176,6 +196,10 @@ def _policies(raw: dict[str, Any]) -> dict[str, str]:
         out["source ranges"] = allowed
     timeout = raw.get("a")
     out["session affinity"] = "none" if timeout is None else f"ClientIP, {timeout}s"
+    maglev = raw.get("b")
+    out["load balancing"] = "random"
+    if isinstance(maglev, list) and len(maglev) == 2:
+        out["load balancing"] = f"maglev, seed 0x{int(maglev[0]):08x}, {maglev[1]} slots"
     return out
 
 

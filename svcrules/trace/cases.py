@@ -14,6 +14,7 @@ The file is YAML (or JSON)::
       fromNode: false                # default false
       verdict: dnat                  # dnat | reject | drop | untouched
       endpoints: [198.51.100.11:8080, 198.51.100.12:8080]   # optional: exactly these
+      shares: {198.51.100.12:8080: 0.1}   # optional: these endpoints' shares, +-0.005
       masquerade: false              # optional
 
 The fields are the words of ``svcrules trace`` and of its JSON form.
@@ -34,6 +35,7 @@ from svcrules.trace.backends import tracer
 from svcrules.trace.model import Packet, Trace, TraceError
 
 Backend = Literal["nftables", "iptables"]
+SHARE_TOLERANCE = 0.005
 
 
 class Case(BaseModel):
@@ -47,6 +49,9 @@ class Case(BaseModel):
     from_node: bool = Field(False, alias="fromNode")
     verdict: Literal["dnat", "reject", "drop", "untouched"]
     endpoints: list[str] | None = None
+    # Each listed endpoint's share of new connections (weights, Maglev's table), as
+    # trace reports it: within SHARE_TOLERANCE, so that a table's rounding passes.
+    shares: dict[str, float] | None = Field(None, strict=False)
     masquerade: bool | None = None
 
     def label(self, index: int) -> str:
@@ -96,6 +101,10 @@ def _compare(case: Case, t: Trace) -> list[tuple[str, str, str]]:
         out.append(("verdict", case.verdict, t.verdict))
     if case.endpoints is not None and sorted(case.endpoints) != sorted(t.endpoints):
         out.append(("endpoints", ", ".join(case.endpoints), ", ".join(t.endpoints) or "none"))
+    for endpoint, want in (case.shares or {}).items():
+        got = t.probabilities.get(endpoint, 0.0)
+        if abs(got - want) > SHARE_TOLERANCE:
+            out.append((f"share of {endpoint}", f"{want:.1%}", f"{got:.1%}"))
     if case.masquerade is not None and case.masquerade != t.masquerade:
         out.append(("masquerade", str(case.masquerade).lower(), str(t.masquerade).lower()))
     return out

@@ -79,6 +79,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"trace differential: {sum(verdicts.values())} (cluster, packet) pairs checked"
             f" on {backend} ({detail})" + (f"; of the dnat ones: {dnat}" if dnat else "")
         )
+    # What the load-balancing tests measured (only if they ran).
+    flows = sys.modules.get(f"{__package__}.flows")
+    for line in getattr(flows, "FIGURES", []):
+        terminalreporter.write_line(f"load balancing: {line}")
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -143,6 +143,27 @@ def test_routes_masquerade_local_and_terminating() -> None:
     ]
 
 
+def test_weights_drains_and_load_balancing() -> None:
+    old = web(endpoint("198.51.100.11"), endpoint("198.51.100.12", node="node-b"))
+    canary = web(endpoint("198.51.100.11"), endpoint("198.51.100.12", node="node-b"))
+    canary[1]["metadata"]["annotations"] = {"svcrules.io/weight": "10"}
+    assert change_of(old, canary) == [
+        "endpoint 198.51.100.11:8080: local -> local, weight 10",
+        "endpoint 198.51.100.12:8080: cluster -> weight 10",
+    ]
+    drained = web(endpoint("198.51.100.11"))
+    drained[1]["metadata"]["annotations"] = {"service.cilium.io/weight": "0"}
+    assert change_of(web(endpoint("198.51.100.11")), drained) == [
+        "endpoint 198.51.100.11:8080: local -> drained: weight 0, no new connections",
+        "clusterIP traffic: to cluster endpoints -> REJECT (no usable endpoint)",
+    ]
+    maglev = web(endpoint("198.51.100.11"), endpoint("198.51.100.12", node="node-b"))
+    maglev[0]["metadata"]["annotations"] = {"svcrules.io/load-balancing": "maglev"}
+    assert change_of(old, maglev, {}, maglev={"seed": "0x5eed"}) == [
+        "load balancing: random -> maglev, seed 0x00005eed, 4093 slots"
+    ]
+
+
 def test_many_endpoints_are_cut_in_text_not_in_json() -> None:
     new = web(*(endpoint(f"198.51.100.{i}") for i in range(1, 31)))
     p = ports_of(*new)["shop/web:http/TCP"]
@@ -192,7 +213,13 @@ def test_diff_reviews_each_service_port(kernel: str, tmp_path: Path) -> None:
     assert doc["service_ports"] == {"total": 2, "added": 1, "removed": 1, "changed": 1}
     web_change = next(c for c in doc["changes"] if c["port"] == "shop/web:http/TCP")
     assert web_change["endpoints"]["removed"] == [
-        {"endpoint": "198.51.100.12:8080", "cluster": True, "local": True, "terminating": False}
+        {
+            "endpoint": "198.51.100.12:8080",
+            "cluster": True,
+            "local": True,
+            "terminating": False,
+            "weight": 100,
+        }
     ]
     assert web_change["frontends"]["added"] == [
         {"type": "externalIP", "address": "192.0.2.80", "port": 80}
