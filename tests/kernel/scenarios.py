@@ -171,11 +171,12 @@ def lab_clusters(draw: st.DrawFn, max_services: int = 3) -> list[Obj]:
         spec["nodePortAddresses"] = list(npa)
     if rarely(draw, 5):
         spec["clusterCIDRs"] = []  # no way to tell pods apart
-    if rarely(draw, 2):
-        seed = draw(st.integers(0, 2**32 - 1))
-        spec["maglev"] = {"tableSize": 251, "seed": f"0x{seed:x}"}
-        if draw(st.booleans()):
-            spec["loadBalancing"] = "maglev"
+    # Maglev's table kept small (251 slots, not the default 4,093): quick to load and
+    # to trace. Maglev is the default of some nodes, and some Services' by annotation.
+    seed = draw(st.integers(0, 2**32 - 1))
+    spec["maglev"] = {"tableSize": 251, "seed": f"0x{seed:x}"}
+    if rarely(draw, 3):
+        spec["loadBalancing"] = "maglev"
     objs: list[Obj] = [cfg(**spec)]
     n = draw(st.integers(1, max_services))
 
@@ -255,7 +256,7 @@ def _service(
     if lb and len(lb) > 1 and rarely(draw, 3):
         svc["status"]["loadBalancer"]["ingress"][-1]["ipMode"] = "Proxy"
     out = [svc]
-    weighted = draw(st.booleans())
+    weighted = not rarely(draw, 2)
     # Slices per family, sometimes of a family the Service does not have (ignored).
     for fam in (4, 6):
         if fam not in families and not rarely(draw, 3):

@@ -157,7 +157,8 @@ def weighted(tmp_path: Path, algorithm: str = "random") -> Path:
         sl = endpoint_slice("web", [endpoint(f"198.51.100.{n}")], name=f"web-{n}")
         sl["metadata"]["annotations"] = {"svcrules.io/weight": weight}
         slices.append(sl)
-    cfg = node_config(clusterCIDRs=["198.51.100.0/24"], maglev={"seed": "0x5eed"})
+    maglev = {"seed": "0x5eed", "tableSize": 251}
+    cfg = node_config(clusterCIDRs=["198.51.100.0/24"], maglev=maglev)
     cluster.write_text(dump([cfg, web, *slices]))
     return cluster
 
@@ -183,25 +184,24 @@ def test_trace_maglev_text_json_and_sport(tmp_path: Path) -> None:
     res = runner.invoke(app, ["trace", cluster, *ARGS])
     assert res.exit_code == 0, res.stderr
     lines = res.stdout.splitlines()
-    # (The drained endpoint counts in the default table size: 3 endpoints, 509 slots.)
-    assert lines[3].split() == ["198.51.100.11:8080", "24.95%", "127", "of", "509", "slots"]
-    assert lines[4].split() == ["198.51.100.12:8080", "75.05%", "382", "of", "509", "slots"]
+    assert lines[3].split() == ["198.51.100.11:8080", "25.10%", "63", "of", "251", "slots"]
+    assert lines[4].split() == ["198.51.100.12:8080", "74.90%", "188", "of", "251", "slots"]
     assert lines[5] == (
         "picked:     maglev: jhash of the flow (ip saddr . tcp sport . ip daddr . tcp dport), "
-        "seed 0x5eed, 509 slots"
+        "seed 0x5eed, 251 slots"
     )
     assert "every slot taken as equally likely" in lines[6]
     out = trace_json(cluster, *ARGS)
     (pick,) = out["balancing"]
     assert {k: pick[k] for k in ("algorithm", "table_size", "seed", "hash", "slot")} == {
         "algorithm": "maglev",
-        "table_size": 509,
+        "table_size": 251,
         "seed": "0x5eed",
         "hash": "flow",
         "slot": None,
     }
     assert pick["fields"] == ["ip saddr", "tcp sport", "ip daddr", "tcp dport"]
-    assert pick["slots"] == {"198.51.100.11:8080": 127, "198.51.100.12:8080": 382}
+    assert pick["slots"] == {"198.51.100.11:8080": 63, "198.51.100.12:8080": 188}
     # With the source port, the one slot the kernel's jhash takes.
     seen = set()
     for sport in range(40000, 40012):
@@ -209,7 +209,7 @@ def test_trace_maglev_text_json_and_sport(tmp_path: Path) -> None:
         assert one["packet"]["sport"] == sport
         (ep,) = one["endpoints"]
         assert one["probabilities"] == {ep: 1.0}
-        assert one["balancing"][0]["slot"] in range(509)
+        assert one["balancing"][0]["slot"] in range(251)
         seen.add(ep)
     assert seen == {"198.51.100.11:8080", "198.51.100.12:8080"}
     res = runner.invoke(app, ["trace", cluster, *ARGS, "--sport", "40000"])
