@@ -140,8 +140,8 @@ def trace_cmd(
           --dst 203.0.113.10 --port 80
       svcrules trace fixtures/demo --from-node --dst 192.0.2.1 \\
           --port 30080 -o json
-      svcrules trace fixtures/demo --src 198.51.100.12 \\
-          --dst 203.0.113.10 --port 80 --sport 40000   # a Maglev pick, exactly
+      svcrules trace fixtures/balancing --src 192.0.2.100 \\
+          --dst 198.18.0.40 --port 443 --sport 40000   # a Maglev pick, exactly
       svcrules trace --kernel --src 192.0.2.100 \\
           --dst 203.0.113.10 --port 80          # as root, on the node
     """

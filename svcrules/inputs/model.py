@@ -437,20 +437,32 @@ def _table_size(value: int | None) -> int | None:
 
 
 def _seed(value: Any) -> Any:
-    """A 32-bit seed written in hex ("0x5eed1234" or "5eed1234"); jhash takes 32 bits."""
-    if value is None or (type(value) is int and 0 <= value < 1 << 32):
-        return value  # YAML reads an unquoted 0x5eed1234 as an integer
+    """A 32-bit seed written as a hex string ("0x5eed1234" or "5eed1234"); jhash takes
+    32 bits. A number is refused: YAML reads an unquoted 0x10 and 16 as the same number,
+    so two nodes whose files differ only in quoting would hash differently."""
+    if value is None:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f"{value} is a number: write the seed as a quoted hex string, such as "
+            f'"0x{value:x}" (YAML reads an unquoted 0x10 and 16 alike)'
+        )
     if not isinstance(value, str) or not re.fullmatch(r"(0[xX])?[0-9a-fA-F]{1,8}", value.strip()):
         raise ValueError(f'{value!r} is not a 32-bit seed in hex (such as "0x5eed1234")')
-    return int(value.strip(), 16)
+    return f"0x{int(value.strip(), 16):x}"  # one spelling: nft's
 
 
 class MaglevConfig(OwnModel):
     """spec.maglev: the same on every node, or nodes pick different endpoints for one
-    flow (docs/design.md, "Consistent hashing")."""
+    flow (docs/design.md, "Weights and consistent hashing")."""
 
     table_size: Annotated[StrictInt | None, AfterValidator(_table_size)] = None
-    seed: Annotated[int | None, BeforeValidator(_seed)] = None
+    seed: Annotated[str | None, BeforeValidator(_seed)] = None  # "0x5eed1234"
+
+    @property
+    def seed_value(self) -> int:
+        """The seed as jhash takes it; 0 when unset."""
+        return int(self.seed, 16) if self.seed else 0
 
 
 class NodeConfigSpec(OwnModel):

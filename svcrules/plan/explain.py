@@ -83,7 +83,7 @@ def _balancing(p: PortPlan) -> list[str]:
         size = len(lb.cluster_slots or lb.local_slots)
         what = "client address" if p.maglev_hash == "client" else "flow"
         lines.append(
-            f"  balancing  maglev: hash of the {what}, seed 0x{lb.seed:08x}"
+            f"  balancing  maglev: hash of the {what}, seed 0x{lb.seed:x}"
             + (f", {size} slots per table" if size else "")
         )
     elif lb.cluster_slots or lb.local_slots:

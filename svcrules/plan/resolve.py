@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
 
-from svcrules.errors import InputError, Origin, Problem
+from svcrules.errors import Origin, Problem
 from svcrules.inputs.addr import (
     Family,
     canonical_ip,
@@ -23,6 +23,7 @@ from svcrules.inputs.addr import (
 )
 from svcrules.inputs.load import Inputs
 from svcrules.inputs.model import (
+    MAGLEV_SIZES,
     Endpoint,
     EndpointConditions,
     EndpointSlice,
@@ -133,6 +134,11 @@ def _is_ready(ep: Endpoint) -> bool:
     return (c.get("terminating") is not True) if ready is None else ready
 
 
+def _is_serving(ep: Endpoint) -> bool:
+    """Ready, or serving while terminating: what a route could use."""
+    return _is_ready(ep) or _is_serving_terminating(ep)
+
+
 def _is_serving_terminating(ep: Endpoint) -> bool:
     c = _conditions(ep)
     serving = c.get("serving")
@@ -232,14 +238,17 @@ def _plan_port(
     notes: list[str],
 ) -> PortPlan:
     spec = svc.spec
-    cluster = _cluster_backends(pairs, node.metadata.name, node.spec.zone)
-    local = _local_backends(pairs, node.metadata.name)
-    drained = tuple(dict.fromkeys(b for b in (*cluster, *local) if not b.weight))
-    if drained:
-        cluster = tuple(b for b in cluster if b.weight)
-        local = tuple(b for b in local if b.weight)
-        if not cluster:
-            notes.append("every usable endpoint has weight 0 (drained): no new connections")
+    # Drained endpoints (weight 0) take no new connection: they are left out before
+    # hints and the ready/terminating fallback, as if they were not listed, and kept
+    # apart (explain lists them; their UDP conntrack entries stay).
+    live = [p for p in pairs if p[0].weight]
+    drained: tuple[Backend, ...] = ()
+    if len(live) < len(pairs):
+        drained = tuple(b for b, ep in pairs if not b.weight and _is_serving(ep))
+    cluster = _cluster_backends(live, node.metadata.name, node.spec.zone)
+    local = _local_backends(live, node.metadata.name)
+    if drained and not cluster:
+        notes.append("every usable endpoint has weight 0 (drained): no new connections")
     external_ips = _in_family(spec.external_ips, family)
     lb_ips: tuple[str, ...] = ()
     if spec.type == "LoadBalancer":
@@ -291,7 +300,7 @@ def _plan_port(
         local_picked: tuple[Backend, ...] = ()  # no selection picks from them
     else:
         local_picked = local
-    balancing = _balancing(svc, node, len(pairs), cluster, local_picked)
+    balancing = _balancing(svc, node, len(pairs), cluster, local_picked, notes)
     if balancing.algorithm is Algorithm.MAGLEV and node.spec.maglev.seed is None:
         notes.append(
             "Maglev seed not set (NodeConfig spec.maglev.seed): the default 0x0 is public; "
@@ -333,6 +342,7 @@ def _balancing(
     listed: int,
     cluster: tuple[Backend, ...],
     local: tuple[Backend, ...],
+    notes: list[str],
 ) -> Balancing:
     """How the port's selections pick: the Service's annotation, else the NodeConfig's
     default; Maglev's table is as large as spec.maglev.tableSize or, by default, from
@@ -350,20 +360,16 @@ def _balancing(
             random_slots([b.weight for b in local]),
         )
     maglev = node.spec.maglev
-    seed = maglev.seed or 0
+    seed = maglev.seed_value
     size = maglev.table_size or default_table_size(listed)
-    if max(len(cluster), len(local)) > size:
-        raise InputError(
-            [
-                Problem(
-                    None,
-                    "spec.maglev.tableSize",
-                    f"{size} slots are fewer than the {max(len(cluster), len(local))} "
-                    f"endpoints of Service {svc.metadata.namespace}/{svc.metadata.name}: "
-                    f"use at least {default_table_size(len(cluster))} "
-                    "(100 slots per endpoint keep shares within 1 %)",
-                )
-            ]
+    most = max(len(cluster), len(local))
+    if most > size:
+        # A Service that outgrew spec.maglev.tableSize must not stop the node's updates:
+        # it gets the smallest size that holds its endpoints, and explain says so.
+        size = next(m for m in MAGLEV_SIZES if m >= most)
+        notes.append(
+            f"{most} endpoints do not fit spec.maglev.tableSize {maglev.table_size}: "
+            f"this port's table has {size} slots"
         )
 
     def table(backends: tuple[Backend, ...]) -> tuple[int, ...]:
@@ -392,7 +398,11 @@ def local_ready_endpoints(
     serving-terminating one does not count, see ``HealthCheck``), each address once
     over all of the Service's ports."""
     me = node.metadata.name
-    return len({b.ip for pairs in per_port for b, ep in pairs if b.node == me and _is_ready(ep)})
+    # A drained endpoint (weight 0) takes no new connection: it does not count either,
+    # or a load balancer would send connections that this node drops.
+    ready = {b.ip for pairs in per_port for b, ep in pairs if b.node == me and _is_ready(ep)}
+    drained = {b.ip for pairs in per_port for b, _ in pairs if b.node == me and not b.weight}
+    return len(ready - drained)
 
 
 def pod_cidrs(node: NodeConfig, family: Family) -> tuple[str, ...]:

@@ -199,7 +199,7 @@ def _policies(raw: dict[str, Any]) -> dict[str, str]:
     maglev = raw.get("b")
     out["load balancing"] = "random"
     if isinstance(maglev, list) and len(maglev) == 2:
-        out["load balancing"] = f"maglev, seed 0x{int(maglev[0]):08x}, {maglev[1]} slots"
+        out["load balancing"] = f"maglev, seed 0x{int(maglev[0]):x}, {maglev[1]} slots"
     return out
 
 

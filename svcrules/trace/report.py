@@ -24,8 +24,11 @@ def _step(s: Step, width: int) -> str:
 
 
 HASHED = {
-    "flow": ("the flow", "a connection takes the same endpoint on every node"),
-    "client": ("the client's address", "a client takes the same endpoint on every node"),
+    "flow": ("the flow", "a flow takes the same endpoint on every node with this table"),
+    "client": (
+        "the client's address",
+        "a client takes the same endpoint on every node with this table",
+    ),
 }
 
 

@@ -312,6 +312,81 @@ CASES: dict[str, list[Obj]] = {
             ports=[{"name": "sig", "port": 3868, "protocol": "SCTP"}],
         ),
     ],
+    "maglev-and-weights": [
+        node_config(maglev={"tableSize": 251, "seed": "0x5eed1234"}),
+        {
+            **service(
+                "lb",
+                ["203.0.113.70", "2001:db8:3::70"],
+                type="LoadBalancer",
+                lb_ips=["198.18.1.70"],
+                ports=[
+                    {"name": "http", "port": 80, "nodePort": 30070},
+                    {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30071},
+                ],
+                **DUAL,
+            ),
+            "metadata": {
+                "name": "lb",
+                "namespace": "default",
+                "annotations": {"svcrules.io/load-balancing": "maglev"},
+            },
+        },
+        _slice(
+            "lb",
+            [endpoint(f"198.51.100.{h}") for h in (70, 71)],
+            ports=[
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 5353, "protocol": "UDP"},
+            ],
+        ),
+        _slice(
+            "lb",
+            [endpoint("2001:db8:2::70")],
+            family="IPv6",
+            ports=[
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 5353, "protocol": "UDP"},
+            ],
+        ),
+        {
+            **service(
+                "sticky-maglev",
+                "203.0.113.71",
+                ports=[{"name": "sig", "port": 3868, "protocol": "SCTP"}],
+                sessionAffinity="ClientIP",
+            ),
+            "metadata": {
+                "name": "sticky-maglev",
+                "namespace": "default",
+                "annotations": {"svcrules.io/load-balancing": "maglev"},
+            },
+        },
+        _slice(
+            "sticky-maglev",
+            [endpoint(f"198.51.100.{h}") for h in (72, 73)],
+            ports=[{"name": "sig", "port": 3868, "protocol": "SCTP"}],
+        ),
+        service("canary", "203.0.113.72", ports=[{"name": "http", "port": 80}]),
+        {
+            **_slice("canary", [endpoint("198.51.100.74"), endpoint("198.51.100.75")]),
+            "metadata": {
+                "name": "canary-v1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "canary"},
+                "annotations": {"svcrules.io/weight": "90"},
+            },
+        },
+        {
+            **_slice("canary", [endpoint("198.51.100.76")]),
+            "metadata": {
+                "name": "canary-v2",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "canary"},
+                "annotations": {"service.cilium.io/weight": "10"},
+            },
+        },
+    ],
     "ipv6-only": [
         node_config(nodeIPs=["2001:db8:1::1"], clusterCIDRs=["2001:db8:2::/64"]),
         service(
@@ -371,6 +446,14 @@ FEATURES: dict[str, tuple[str, ...]] = {
         "2001:db8:ff::40/128",
     ),
     "affinity": ("timeout 60s", "meta l4proto sctp dnat ip to 198.51.100.5", "vmap @affinity-"),
+    "maglev-and-weights": (
+        "dnat ip to jhash ip saddr . tcp sport . ip daddr . tcp dport mod 251 seed 0x5eed1234",
+        "dnat ip to jhash ip saddr . udp sport . ip daddr . udp dport mod 251",
+        "dnat ip6 to jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 251",
+        "jhash ip saddr mod 251 seed 0x5eed1234",
+        "vmap @maglev-affinity-",
+        "numgen random mod 19 offset",
+    ),
     "ipv6-only": ("2001:db8:2::60 . 8080", "2001:db8:fe::60 . udp . 53", "tcp . 30060 : goto"),
 }
 

@@ -261,18 +261,32 @@ def test_bad_settings_name_the_field(where: str, value: Any, message: str) -> No
     assert message in str(err.value)
 
 
-def test_a_table_smaller_than_the_endpoints_is_refused() -> None:
+def test_a_table_smaller_than_the_endpoints_grows_for_that_port_only() -> None:
+    """A Service that outgrew spec.maglev.tableSize must not stop every update of the
+    node: its table grows to the smallest size that holds its endpoints."""
     objs = _cluster("maglev")
     objs[2]["endpoints"] = [endpoint(f"198.51.100.{i}") for i in range(2, 254)]
     objs[0]["spec"]["maglev"] = {"tableSize": 251}
-    with pytest.raises(svcrules.InputError) as err:
-        compile_objs(objs)
-    assert "spec.maglev.tableSize: 251 slots are fewer than the 252 endpoints" in str(err.value)
+    port = _port(objs)
+    assert len(port.balancing.cluster_slots) == 509
+    assert (
+        "252 endpoints do not fit spec.maglev.tableSize 251: this port's table has 509 slots"
+        in port.notes
+    )
 
 
-def test_seed_accepts_yaml_hex_integers() -> None:
+def test_seed_must_be_a_string_not_a_number() -> None:
+    """YAML reads an unquoted 0x10 and 16 as one number: a numeric seed is refused so
+    that two nodes cannot hash differently over quoting."""
     objs = _cluster("maglev")
     objs[0]["spec"]["maglev"] = {"seed": 0x5EED}
+    with pytest.raises(svcrules.InputError) as err:
+        compile_objs(objs)
+    assert (
+        "spec.maglev.seed: 24301 is a number: write the seed as a quoted hex string, "
+        'such as "0x5eed"' in str(err.value)
+    )
+    objs[0]["spec"]["maglev"] = {"seed": "5eed"}
     assert _port(objs).balancing.seed == 0x5EED
 
 
@@ -280,7 +294,7 @@ def test_explain_shows_algorithm_seed_table_and_shares() -> None:
     objs = _cluster("maglev", weights=("90", "10", "0"))
     objs[0]["spec"]["maglev"] = {"seed": "0x5eed"}
     text = explain_text(compile_objs(objs).plan)
-    assert "balancing  maglev: hash of the flow, seed 0x00005eed, 4093 slots per table" in text
+    assert "balancing  maglev: hash of the flow, seed 0x5eed, 4093 slots per table" in text
     assert "198.51.100.10:8080 45.0% (weight 90)" in text
     assert "198.51.100.12:8080 5.0% (weight 10)" in text
     assert "drained    198.51.100.14:8080, 198.51.100.15:8080" in text
@@ -303,3 +317,64 @@ def test_drained_endpoints_keep_their_udp_conntrack_entries() -> None:
     port = _port(objs)
     assert "198.51.100.12" in UdpPort.of(port).endpoints
     assert "198.51.100.12" not in {b.ip for b in port.cluster_backends}
+
+
+def _two_slices(first: list[Obj], second: list[Obj], weights: tuple[str, str]) -> list[Obj]:
+    objs = _cluster(weights=weights)
+    objs[2]["endpoints"], objs[3]["endpoints"] = first, second
+    return objs
+
+
+def test_drained_endpoints_leave_before_topology_hints() -> None:
+    """A zone whose only hinted endpoint is drained must not reject: the drained endpoint
+    is left out before hints apply, as if it were not listed."""
+    objs = _two_slices(
+        [endpoint("198.51.100.10", node="node-b", zone="z1", for_zones=["z1"])],
+        [endpoint("198.51.100.12", node="node-c", zone="z2", for_zones=["z2"])],
+        ("0", "100"),
+    )
+    objs[0]["spec"]["zone"] = "z1"
+    port = _port(objs)
+    assert [b.ip for b in port.cluster_backends] == ["198.51.100.12"]
+    assert port.internal_route.value == "cluster"
+
+
+def test_all_ready_endpoints_drained_falls_back_to_serving_terminating_ones() -> None:
+    objs = _two_slices(
+        [endpoint("198.51.100.10")],
+        [endpoint("198.51.100.12", ready=False, serving=True, terminating=True)],
+        ("0", "100"),
+    )
+    port = _port(objs)
+    assert [b.ip for b in port.cluster_backends] == ["198.51.100.12"]
+    assert [b.ip for b in port.drained] == ["198.51.100.10"]
+
+
+def test_a_drained_local_endpoint_fails_the_health_check() -> None:
+    """externalTrafficPolicy Local: a node whose only local endpoint is drained drops
+    external traffic, so its healthCheckNodePort must not report it."""
+    objs = _two_slices(
+        [endpoint("198.51.100.10", node="node-a")],
+        [endpoint("198.51.100.12", node="node-b")],
+        ("0", "100"),
+    )
+    objs[1]["spec"].update(
+        type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000
+    )
+    objs[1]["spec"]["ports"][0]["nodePort"] = 30080
+    objs[1]["status"] = {"loadBalancer": {"ingress": [{"ip": "198.18.0.10"}]}}
+    plan = compile_objs(objs).plan
+    (check,) = plan.health_checks
+    assert check.local_endpoints == 0
+    (port,) = [p for f in plan.families for p in f.ports]
+    assert port.external_route.value == "drop"
+
+
+def test_iptables_refuses_maglev_whatever_the_endpoints() -> None:
+    """The refusal follows the annotation, not the endpoints: a Maglev Service without
+    endpoints today would otherwise fail every compile once pods appear."""
+    objs = _cluster("maglev")
+    objs[2]["endpoints"] = []
+    with pytest.raises(svcrules.InputError) as err:
+        compile_objs(objs, backend="iptables")
+    assert "Service default/web: Maglev load balancing" in str(err.value)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import NamedTuple
@@ -34,7 +33,7 @@ from typing import NamedTuple
 from svcrules.errors import InputError, Problem, SvcrulesError
 from svcrules.inputs.addr import ip_in_cidr
 from svcrules.inputs.owned import RESERVED, reserved_message
-from svcrules.plan.node import Backend, NodePlan
+from svcrules.plan.node import Algorithm, Backend, NodePlan
 from svcrules.plan.program import Chain as ProgramChain
 from svcrules.plan.program import (
     ChainId,
@@ -363,32 +362,37 @@ def layout_family(fp: FamilyProgram, node_name: str, owners: bool = False) -> Fa
 
 
 def layout(plan: NodePlan, owners: bool = False) -> list[FamilyRules]:
-    families = program(plan).families
-    refuse_maglev(families)
-    return [layout_family(f, plan.node_name, owners) for f in families]
+    refuse_maglev(plan)
+    return [layout_family(f, plan.node_name, owners) for f in program(plan).families]
 
 
-def refuse_maglev(families: Sequence[FamilyProgram]) -> None:
+REFUSALS_SHOWN = 10  # Services named one by one; NodeConfig's default may ask for all
+
+
+def refuse_maglev(plan: NodePlan) -> None:
     """Maglev needs a hash of the flow that selects a slot in one lookup; iptables has
-    none (HMARK's mark would need a rule per slot to dispatch): refuse, naming each
-    Service (docs/backends.md)."""
+    none (HMARK overwrites the whole packet mark and would need a rule per slot): refuse
+    every Service that asks for it, whatever its endpoints (docs/backends.md)."""
     services = sorted(
-        {s.port_key.split(":", 1)[0] for f in families for s in f.selections if s.hash}
+        {
+            p.service
+            for f in plan.families
+            for p in f.ports
+            if p.balancing.algorithm is Algorithm.MAGLEV
+        }
     )
-    if services:
-        raise InputError(
-            [
-                Problem(
-                    None,
-                    "",
-                    f"Service {svc}: Maglev load balancing (annotation "
-                    "svcrules.io/load-balancing, or NodeConfig spec.loadBalancing) is not "
-                    "supported by the iptables backend: use the nftables backend, or "
-                    "load balancing 'random'",
-                )
-                for svc in services
-            ]
-        )
+    if not services:
+        return
+    why = (
+        "Maglev load balancing (annotation svcrules.io/load-balancing, or NodeConfig "
+        "spec.loadBalancing) is not supported by the iptables backend: use the nftables "
+        "backend, or load balancing 'random'"
+    )
+    problems = [Problem(None, "", f"Service {svc}: {why}") for svc in services[:REFUSALS_SHOWN]]
+    if len(services) > REFUSALS_SHOWN:
+        more = len(services) - REFUSALS_SHOWN
+        problems.append(Problem(None, "", f"... and {more} more Services asking for Maglev"))
+    raise InputError(problems)
 
 
 _STATE = re.compile(r'--comment "svcrules ([0-9a-f]{32})"')
