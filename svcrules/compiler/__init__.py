@@ -183,6 +183,7 @@ class Job:
                     ruleset = Ruleset(
                         done.plan, done.skipped, done.cache, done.port_digests, done.triggers
                     )
+                    ruleset = leave_out_unsupported(ruleset, backend, on_invalid)
                     _ = ruleset.text(backend)
                     return ruleset
             with phase("validating objects") as p:
@@ -199,12 +200,45 @@ class Job:
                 raise InputError(exc.problems + empty) from None
             if empty:
                 raise InputError(empty)
-            ruleset = compile(inputs, node, on_invalid)
+            ruleset = leave_out_unsupported(compile(inputs, node, on_invalid), backend, on_invalid)
             # The validated objects are not needed to render: freed first, the largest
             # compiles peak lower.
             del inputs, config_inputs
             _ = ruleset.text(backend)  # render here too: it allocates as much as loading
         return ruleset
+
+
+def leave_out_unsupported(ruleset: Ruleset, backend: str, on_invalid: OnInvalid) -> Ruleset:
+    """With ``on_invalid="skip"``, the ruleset without the Services the backend cannot
+    spell (the iptables backend and Maglev), each reported in ``skipped``: one such
+    Service must not stop a node's updates. With "fail" the backend refuses them."""
+    from dataclasses import replace
+
+    from svcrules.render.backends import RENDERERS
+
+    renderer = RENDERERS.get(backend)
+    if on_invalid != "skip" or renderer is None or renderer.unsupported is None:
+        return ruleset
+    refused = dict(renderer.unsupported(ruleset.plan))
+    if not refused:
+        return ruleset
+    services = set(refused)
+    plan = ruleset.plan
+    families = tuple(
+        replace(f, ports=tuple(p for p in f.ports if p.service not in services))
+        for f in plan.families
+    )
+    health = tuple(h for h in plan.health_checks if h.service not in services)
+    left_out = tuple(
+        Problem(None, "", f"Service {svc}: left out: {why}") for svc, why in sorted(refused.items())
+    )
+    return Ruleset(
+        replace(plan, families=families, health_checks=health),
+        ruleset.skipped + left_out,
+        ruleset.next_cache,
+        ruleset.port_digests,
+        ruleset.triggers,
+    )
 
 
 EMPTY_HINT = (

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 from svcrules.plan.node import NodePlan
 from svcrules.render.golden import normalize
-from svcrules.render.iptables.layout import family_section, render_iptables, render_iptables_golden
+from svcrules.render.iptables.layout import (
+    family_section,
+    render_iptables,
+    render_iptables_golden,
+    unsupported,
+)
 from svcrules.render.nftables.json_form import render_json
 from svcrules.render.nftables.layout import render_nft, render_nft_golden
 
@@ -26,6 +31,10 @@ class Renderer:
     # The text as a golden file keeps it (svcrules.render.golden); None: the text with
     # its volatile parts normalized.
     golden: Callable[[NodePlan], str] | None = None
+    # (Service, why) for each Service (namespace/name) whose plan this backend cannot
+    # spell: ``text`` refuses the plan while any is in it (``on_invalid="skip"`` leaves
+    # them out instead, svcrules.compiler.leave_out_unsupported).
+    unsupported: Callable[[NodePlan], list[tuple[str, str]]] | None = None
 
     def golden_text(self, plan: NodePlan, text: str) -> str:
         """The golden form of ``text``, the backend's text of ``plan``."""
@@ -35,6 +44,9 @@ class Renderer:
 RENDERERS: dict[str, Renderer] = {
     "nftables": Renderer(render_nft, json=render_json, golden=render_nft_golden),
     "iptables": Renderer(
-        render_iptables, family_section=family_section, golden=render_iptables_golden
+        render_iptables,
+        family_section=family_section,
+        golden=render_iptables_golden,
+        unsupported=unsupported,
     ),
 }

@@ -154,3 +154,35 @@ def test_verbose_names_the_kernel_phases(tmp_path: Path, kernels: dict[str, Any]
     assert lines[-1]["event"] == "applied"
     res = runner.invoke(app, ["cleanup", "-v", *state])
     assert res.exit_code == 0 and "info: removing svcrules' nftables rules: " in res.stderr
+
+
+def test_sync_skip_leaves_out_maglev_services_on_iptables(
+    tmp_path: Path, kernels: dict[str, Any]
+) -> None:
+    """A Maglev Service on a node with the iptables backend: with --on-invalid skip it is
+    left out and reported (exit 3) while the other Services are kept in sync; without,
+    nothing is applied (exit 2)."""
+    maglev = service("lb", "203.0.113.20")
+    maglev["metadata"]["annotations"] = {"svcrules.io/load-balancing": "maglev"}
+    objs = [
+        node_config(),
+        service("web", "203.0.113.10"),
+        endpoint_slice("web", [endpoint("198.51.100.11")]),
+        maglev,
+        endpoint_slice("lb", [endpoint("198.51.100.21")]),
+    ]
+    inputs = tmp_path / "in.yaml"
+    inputs.write_text(dump(objs))
+    state = ["--state-dir", str(tmp_path / "state"), "-b", "iptables", "--iptables", "nft"]
+    res = runner.invoke(app, ["apply", str(inputs), *state])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert "Service default/lb: Maglev load balancing" in res.stderr
+    for _ in range(2):  # the first run applies, the second finds nothing to do
+        res = runner.invoke(app, ["sync", str(inputs), *state, "--on-invalid", "skip"])
+        assert res.exit_code == 3, res.stderr
+        assert "Service default/lb: left out: Maglev load balancing" in res.stderr
+    res = runner.invoke(app, ["diff", str(inputs), *state, "--on-invalid", "skip", "-o", "nft"])
+    assert res.exit_code == 0, res.stdout + res.stderr
+    ((fake, _),) = [v for k, v in kernels["fakes"].items() if k[0] == "iptables"]
+    listing = fake.save("ipv4", "nat")
+    assert "-d 203.0.113.10/32" in listing and "203.0.113.20" not in listing

@@ -369,11 +369,9 @@ def layout(plan: NodePlan, owners: bool = False) -> list[FamilyRules]:
 REFUSALS_SHOWN = 10  # Services named one by one; NodeConfig's default may ask for all
 
 
-def refuse_maglev(plan: NodePlan) -> None:
-    """Maglev needs a hash of the flow that selects a slot in one lookup; iptables has
-    none (HMARK overwrites the whole packet mark and would need a rule per slot): refuse
-    every Service that asks for it, whatever its endpoints (docs/backends.md)."""
-    services = sorted(
+def maglev_services(plan: NodePlan) -> list[str]:
+    """The Services (namespace/name) that ask for Maglev, whatever their endpoints."""
+    return sorted(
         {
             p.service
             for f in plan.families
@@ -381,14 +379,30 @@ def refuse_maglev(plan: NodePlan) -> None:
             if p.balancing.algorithm is Algorithm.MAGLEV
         }
     )
+
+
+MAGLEV_REFUSED = (
+    "Maglev load balancing (annotation svcrules.io/load-balancing, or NodeConfig "
+    "spec.loadBalancing) is not supported by the iptables backend: use the nftables "
+    "backend, or load balancing 'random'"
+)
+
+
+def unsupported(plan: NodePlan) -> list[tuple[str, str]]:
+    """(Service, why) for each Service this backend cannot program."""
+    return [(svc, MAGLEV_REFUSED) for svc in maglev_services(plan)]
+
+
+def refuse_maglev(plan: NodePlan) -> None:
+    """Maglev needs a hash of the flow that selects a slot in one lookup; iptables has
+    none (HMARK overwrites the whole packet mark and would need a rule per slot): refuse
+    every Service that asks for it (docs/backends.md)."""
+    services = maglev_services(plan)
     if not services:
         return
-    why = (
-        "Maglev load balancing (annotation svcrules.io/load-balancing, or NodeConfig "
-        "spec.loadBalancing) is not supported by the iptables backend: use the nftables "
-        "backend, or load balancing 'random'"
-    )
-    problems = [Problem(None, "", f"Service {svc}: {why}") for svc in services[:REFUSALS_SHOWN]]
+    problems = [
+        Problem(None, "", f"Service {svc}: {MAGLEV_REFUSED}") for svc in services[:REFUSALS_SHOWN]
+    ]
     if len(services) > REFUSALS_SHOWN:
         more = len(services) - REFUSALS_SHOWN
         problems.append(Problem(None, "", f"... and {more} more Services asking for Maglev"))
