@@ -460,33 +460,39 @@ class _Rule:
         f.dnat(addr, port)
         return f
 
+    def _lookups(
+        self, f: Flow, getters: list[Getter], draw: _Draw | None, found: NftSet
+    ) -> list[tuple[Flow, str | None]]:
+        """Each key the flow may present, looked up in ``found``: the flow forked with
+        that key's probability (and the pick that drew it), and the data (None: a miss)."""
+        out: list[tuple[Flow, str | None]] = []
+        for prob, key, pick in _keys(self, getters, f, draw):
+            g = f.fork(prob)
+            data = found.lookup(key)
+            if data is not None and pick is not None:
+                g.picked(pick)
+            out.append((g, data))
+        return out
+
     def _vmap(
         self, f: Flow, getters: list[Getter], draw: _Draw | None, vmap: NftSet
     ) -> list[Outcome]:
         out: list[Outcome] = []
-        for prob, key, pick in _keys(self, getters, f, draw):
-            data = vmap.lookup(key)
-            g = f.fork(prob)
+        for g, data in self._lookups(f, getters, draw, vmap):
             if data is None:
                 out.append((g, "miss"))
-                continue
-            if pick is not None:
-                g.picked(pick)
-            out.append((g, None if data == "continue" else data))  # continue: next rule
+            else:
+                out.append((g, None if data == "continue" else data))  # continue: next rule
         return out
 
     def _dnat_map(
         self, f: Flow, getters: list[Getter], draw: _Draw | None, backends: NftSet
     ) -> list[Outcome]:
         out: list[Outcome] = []
-        for prob, key, pick in _keys(self, getters, f, draw):
-            data = backends.lookup(key)
-            g = f.fork(prob)
+        for g, data in self._lookups(f, getters, draw, backends):
             if data is None:
                 out.append((g, "miss"))
                 continue
-            if pick is not None:
-                g.picked(pick)
             addr_text, _dot, port_text = data.partition(" . ")
             try:
                 addr, port = ipaddress.ip_address(addr_text), int(port_text)
