@@ -91,7 +91,7 @@ def _balancing(p: PortPlan) -> list[str]:
     if lines:
         used = (
             ("cluster", p.cluster_backends, p.uses_cluster_backends()),
-            ("local", p.local_backends, Route.LOCAL in (p.internal_route, p.external_route)),
+            ("local", p.local_backends, p.uses_local_backends()),
         )
         for which, backends, picked in used:
             if backends and picked:

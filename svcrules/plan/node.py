@@ -71,6 +71,12 @@ class Balancing(NamedTuple):
 RANDOM = Balancing()
 
 
+def picks_local(internal: Route, external: Route) -> bool:
+    """Whether routes this port takes pick from its local endpoints (the selection, and
+    its slot table, exist only then)."""
+    return Route.LOCAL in (internal, external)
+
+
 class PortPlan(NamedTuple):
     """One Service port in one family, with every decision made (a NamedTuple for the
     same reason as Backend: one per Service port, tens of thousands)."""
@@ -126,6 +132,10 @@ class PortPlan(NamedTuple):
         if self.balancing.algorithm is not Algorithm.MAGLEV:
             return None
         return "flow" if self.affinity_timeout is None else "client"
+
+    def uses_local_backends(self) -> bool:
+        """Whether a route picks from this node's endpoints (a Local traffic policy)."""
+        return picks_local(self.internal_route, self.external_route)
 
     def uses_cluster_backends(self) -> bool:
         return (

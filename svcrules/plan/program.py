@@ -256,7 +256,7 @@ class _Builder:
         # Endpoint sets get their place in the order the plan names them.
         if p.uses_cluster_backends():
             self.selection(p, "cluster")
-        if Route.LOCAL in (p.internal_route, p.external_route):
+        if p.uses_local_backends():
             self.selection(p, "local")
         self.internal(p, proto)
         if p.has_external:

@@ -46,6 +46,7 @@ from svcrules.plan.node import (
     PlannedService,
     PortPlan,
     Route,
+    picks_local,
 )
 
 
@@ -296,7 +297,7 @@ def _plan_port(
         internal_masq = Masquerade.NEVER
     etp_local = spec.external_traffic_policy == "Local"
     external_masq = Masquerade.NODE_ONLY if etp_local else Masquerade.ALWAYS
-    if Route.LOCAL not in (internal_route, external_route):
+    if not picks_local(internal_route, external_route):
         local_picked: tuple[Backend, ...] = ()  # no selection picks from them
     else:
         local_picked = local
